@@ -1,0 +1,28 @@
+"""Fixtures every test directory shares: a real nats-server on a free loopback port."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from visionyard.shared.bus import Bus
+from visionyard.shared.natsserver import NatsServer
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
+    """A fresh nats-server with JetStream, its file store under the test's tmp dir."""
+    server = NatsServer(store_dir=tmp_path / "nats").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def bus(nats_server: NatsServer) -> AsyncIterator[Bus]:
+    """A connected bus with the whole topology declared."""
+    connected = await Bus.connect(nats_server.url, service="test")
+    await connected.ensure_topology()
+    yield connected
+    await connected.close()

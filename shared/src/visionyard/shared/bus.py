@@ -1,0 +1,361 @@
+"""The one NATS/JetStream adapter every service uses.
+
+It publishes with a message id and awaits the PubAck (so a retried publish is stored once), runs
+durable pull consumers with explicit acks, and holds the one place that maps a handler's error to
+an ack decision: a permanent error is dead-lettered and terminated, anything else is nak'ed with a
+backoff that grows with the delivery count, and the last allowed delivery is dead-lettered rather
+than silently dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import nats
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js import JetStreamContext, api
+from nats.js.errors import BadRequestError, NotFoundError
+from nats.js.kv import KeyValue
+from nats.js.object_store import ObjectStore
+from pydantic import BaseModel
+
+from visionyard.shared import streams, subjects
+from visionyard.shared.messages import Message
+
+log = logging.getLogger("visionyard.bus")
+
+
+class PermanentError(Exception):
+    """The message can never succeed (bad payload, violated invariant): dead-letter it now."""
+
+
+class TransientError(Exception):
+    """A dependency is unavailable; retry the message later."""
+
+
+class AckAction(StrEnum):
+    """What to tell JetStream about a delivered message."""
+
+    ACK = "ack"
+    NAK = "nak"
+    TERM = "term"
+
+
+@dataclass(frozen=True)
+class AckDecision:
+    """An ack action, with the redelivery delay of a nak and whether to dead-letter first."""
+
+    action: AckAction
+    delay: float = 0.0
+    dead_letter: bool = False
+
+
+def decide_ack(error: BaseException | None, *, delivered: int, spec: streams.ConsumerSpec) -> AckDecision:
+    """Map a handler outcome to an ack decision; the only place that does so."""
+    if error is None:
+        return AckDecision(AckAction.ACK)
+    if isinstance(error, PermanentError):
+        return AckDecision(AckAction.TERM, dead_letter=True)
+    if spec.max_deliver > 0 and delivered >= spec.max_deliver:
+        return AckDecision(AckAction.TERM, dead_letter=True)
+    delay = min(spec.backoff_base * (2 ** max(delivered - 1, 0)), spec.backoff_cap)
+    return AckDecision(AckAction.NAK, delay=delay)
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+MessageHandler = Callable[[Msg], Awaitable[None]]
+BatchHandler = Callable[[list[Msg]], Awaitable[None]]
+
+
+class Bus:
+    """A connection to NATS with JetStream, and the operations services need on it."""
+
+    def __init__(self, nc: NatsClient, *, service: str) -> None:
+        self.nc = nc
+        self.js: JetStreamContext = nc.jetstream(timeout=10.0)
+        self.service = service
+        self._object_store: ObjectStore | None = None
+        self._kv: dict[str, KeyValue] = {}
+
+    @classmethod
+    async def connect(cls, url: str, *, service: str, **options: Any) -> Bus:
+        """Connect and keep reconnecting for ever: an outage costs latency, never the process."""
+        async def on_error(error: Exception) -> None:
+            log.warning("nats error: %s", error, extra={"service": service})
+
+        nc = await nats.connect(
+            url,
+            name=service,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.5,
+            connect_timeout=5,
+            allow_reconnect=True,
+            error_cb=on_error,
+            **options,
+        )
+        return cls(nc, service=service)
+
+    async def close(self) -> None:
+        """Drain (so buffered publishes reach the server) and close."""
+        if not self.nc.is_closed:
+            try:
+                await self.nc.drain()
+            except Exception:  # pragma: no cover - best effort on shutdown
+                await self.nc.close()
+
+    # -- topology --------------------------------------------------------------------------------
+
+    async def ensure_topology(self, *, replicas: int = 1) -> None:
+        """Declare every stream, consumer, KV bucket and the staging object store (idempotent)."""
+        for spec in streams.STREAMS:
+            config = streams.stream_config(spec, replicas=replicas)
+            try:
+                await self.js.add_stream(config)
+            except BadRequestError:
+                await self.js.update_stream(config)
+        for consumer in streams.CONSUMERS:
+            await self.js.add_consumer(consumer.stream, config=streams.consumer_config(consumer))
+        for bucket in streams.KV_BUCKETS:
+            await self.kv(bucket, replicas=replicas)
+        await self.object_store(replicas=replicas)
+
+    async def kv(self, bucket: str, *, replicas: int = 1) -> KeyValue:
+        """A KV bucket, created on first use."""
+        if bucket not in self._kv:
+            try:
+                self._kv[bucket] = await self.js.key_value(bucket)
+            except Exception:
+                self._kv[bucket] = await self.js.create_key_value(
+                    api.KeyValueConfig(bucket=bucket, history=1, replicas=replicas)
+                )
+        return self._kv[bucket]
+
+    async def object_store(self, *, replicas: int = 1) -> ObjectStore:
+        """The staging object store, created on first use."""
+        if self._object_store is None:
+            try:
+                self._object_store = await self.js.object_store(streams.OBJECT_STAGING)
+            except Exception:
+                self._object_store = await self.js.create_object_store(
+                    streams.OBJECT_STAGING,
+                    config=api.ObjectStoreConfig(
+                        ttl=streams.OBJECT_STAGING_TTL,
+                        storage=api.StorageType.FILE,
+                        replicas=replicas,
+                    ),
+                )
+        return self._object_store
+
+    # -- publishing ------------------------------------------------------------------------------
+
+    async def publish(self, message: Message, *, subject: str | None = None) -> api.PubAck:
+        """Publish a message to JetStream, de-duplicated by its `message_id`, awaiting the PubAck."""
+        target = subject or _subject_of(message)
+        return await self.publish_raw(target, message.to_bytes(), message_id=message.message_id)
+
+    async def publish_raw(
+        self, subject: str, data: bytes, *, message_id: str, headers: dict[str, str] | None = None
+    ) -> api.PubAck:
+        """Publish bytes to JetStream with `Nats-Msg-Id`, awaiting the PubAck."""
+        all_headers = {"Nats-Msg-Id": message_id, **(headers or {})}
+        return await self.js.publish(subject, data, headers=all_headers)
+
+    # -- files -----------------------------------------------------------------------------------
+
+    async def put_file(self, name: str, path: Path) -> tuple[str, int]:
+        """Put a file into the staging object store; returns its sha256 and size."""
+        store = await self.object_store()
+        sha256 = await asyncio.to_thread(sha256_file, path)
+        with path.open("rb") as handle:
+            await store.put(name, handle)
+        return sha256, path.stat().st_size
+
+    async def get_file(self, name: str, destination: Path, *, sha256: str | None = None) -> Path:
+        """Fetch a staged object into `destination`, verifying its sha256 when given."""
+        store = await self.object_store()
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        partial = destination.with_name(destination.name + ".part")
+        with partial.open("wb") as handle:
+            await store.get(name, writeinto=handle)
+        if sha256 is not None:
+            actual = await asyncio.to_thread(sha256_file, partial)
+            if actual != sha256:
+                partial.unlink(missing_ok=True)
+                raise PermanentError(f"staged object {name} has sha256 {actual}, expected {sha256}")
+        partial.replace(destination)
+        return destination
+
+    async def has_object(self, name: str) -> bool:
+        """Whether the staging object store holds `name`."""
+        store = await self.object_store()
+        try:
+            info = await store.get_info(name)
+        except NotFoundError:
+            return False
+        except Exception:
+            return False
+        return not getattr(info, "deleted", False)
+
+    # -- request-reply ---------------------------------------------------------------------------
+
+    async def request(self, subject: str, payload: BaseModel, *, timeout: float = 10.0) -> bytes:
+        """Core request-reply; raises `TransientError` when nobody answers in time."""
+        try:
+            reply = await self.nc.request(subject, payload.model_dump_json().encode(), timeout=timeout)
+        except (NatsTimeoutError, nats.errors.NoRespondersError) as error:
+            raise TransientError(f"no reply on {subject}: {type(error).__name__}") from error
+        return reply.data
+
+    async def serve(
+        self, subject: str, handler: Callable[[bytes], Awaitable[bytes]], *, queue: str
+    ) -> Any:
+        """Answer requests on `subject` as one member of a queue group (so replicas share load)."""
+
+        async def on_request(msg: Msg) -> None:
+            try:
+                answer = await handler(msg.data)
+            except Exception as error:  # the caller gets the reason instead of a time-out
+                log.exception("request handler failed", extra={"subject": subject})
+                answer = _error_reply(error)
+            await msg.respond(answer)
+
+        return await self.nc.subscribe(subject, queue=queue, cb=on_request)
+
+    # -- consuming -------------------------------------------------------------------------------
+
+    async def consume(
+        self,
+        spec: streams.ConsumerSpec,
+        handler: MessageHandler,
+        *,
+        stop: asyncio.Event,
+        batch: int = 100,
+    ) -> None:
+        """Pull from a durable consumer until `stop` is set, one handler call per message."""
+
+        async def each(messages: list[Msg]) -> None:
+            for msg in messages:
+                await self._settle(msg, spec, await _outcome(handler(msg)))
+
+        await self._pull_loop(spec, each, stop=stop, batch=batch)
+
+    async def consume_batches(
+        self,
+        spec: streams.ConsumerSpec,
+        handler: BatchHandler,
+        *,
+        stop: asyncio.Event,
+        batch: int = 500,
+    ) -> None:
+        """Pull from a durable consumer until `stop` is set, one handler call per fetched batch.
+
+        The handler settles poison messages itself (with `dead_letter`); if it raises, every
+        message of the batch is nak'ed with backoff, so a batch is applied all-or-nothing.
+        """
+
+        async def whole(messages: list[Msg]) -> None:
+            error = await _outcome(handler(messages))
+            for msg in messages:
+                if not msg.is_acked:
+                    await self._settle(msg, spec, error)
+
+        await self._pull_loop(spec, whole, stop=stop, batch=batch)
+
+    async def _pull_loop(
+        self,
+        spec: streams.ConsumerSpec,
+        on_messages: Callable[[list[Msg]], Awaitable[None]],
+        *,
+        stop: asyncio.Event,
+        batch: int,
+    ) -> None:
+        subscription = await self.js.pull_subscribe_bind(durable=spec.durable, stream=spec.stream)
+        while not stop.is_set():
+            try:
+                messages = await subscription.fetch(batch, timeout=1.0)
+            except NatsTimeoutError:
+                continue
+            except Exception as error:  # broker away: wait and try again, never exit
+                log.warning("fetch from %s failed: %s", spec.durable, error)
+                await asyncio.sleep(0.5)
+                continue
+            await on_messages(messages)
+        await subscription.unsubscribe()
+
+    async def _settle(self, msg: Msg, spec: streams.ConsumerSpec, error: BaseException | None) -> None:
+        delivered = msg.metadata.num_delivered if msg.metadata else 1
+        decision = decide_ack(error, delivered=delivered, spec=spec)
+        if error is not None:
+            log.warning(
+                "handler failed: %s -> %s",
+                error,
+                decision.action,
+                extra={"subject": msg.subject, "delivery": delivered, "consumer": spec.durable},
+            )
+        if decision.dead_letter:
+            await self.dead_letter(msg, consumer=spec.durable, reason=str(error))
+        try:
+            if decision.action is AckAction.ACK:
+                await msg.ack()
+            elif decision.action is AckAction.TERM:
+                await msg.term()
+            else:
+                await msg.nak(delay=decision.delay)
+        except Exception as settle_error:  # the broker will redeliver after ack_wait
+            log.warning("could not settle message: %s", settle_error)
+
+    async def dead_letter(self, msg: Msg, *, consumer: str, reason: str) -> None:
+        """Park a poison message in the DEADLETTERS stream, keeping its subject and the reason."""
+        stream_seq = msg.metadata.sequence.stream if msg.metadata else 0
+        await self.publish_raw(
+            subjects.dead_letter(consumer),
+            msg.data,
+            message_id=f"dlq-{consumer}-{stream_seq}",
+            headers={
+                "Visionyard-Original-Subject": msg.subject,
+                "Visionyard-Reason": reason[:1000],
+                "Visionyard-Stream-Seq": str(stream_seq),
+            },
+        )
+
+
+async def _outcome(awaitable: Awaitable[None]) -> BaseException | None:
+    try:
+        await awaitable
+    except asyncio.CancelledError:
+        raise
+    except Exception as error:
+        return error
+    return None
+
+
+def _subject_of(message: Message) -> str:
+    subject = getattr(message, "subject", None)
+    if callable(subject):
+        return str(subject())
+    if isinstance(subject, str):
+        return subject
+    raise TypeError(f"{type(message).__name__} has no subject; pass one")
+
+
+def _error_reply(error: BaseException) -> bytes:
+    import json
+
+    return json.dumps({"ok": False, "error": f"{type(error).__name__}: {error}"}).encode()

@@ -1,0 +1,154 @@
+"""Every JetStream stream, consumer, KV bucket and object store, declared once.
+
+Each service calls `ensure_topology` at start-up: declaring is idempotent, so any replica of any
+service may come up first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from nats.js import api
+
+from visionyard.shared import subjects
+
+DAY = 24 * 3600.0
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """One stream."""
+
+    name: str
+    subjects: tuple[str, ...]
+    retention: api.RetentionPolicy
+    max_age: float | None = None
+    duplicate_window: float = 120.0
+
+
+@dataclass(frozen=True)
+class ConsumerSpec:
+    """One durable pull consumer, shared by all replicas of the service that owns it.
+
+    `max_deliver` bounds redelivery; the last failed delivery is dead-lettered, never dropped.
+    `ack_wait` is how long a silent holder keeps a message before JetStream hands it to another.
+    """
+
+    stream: str
+    durable: str
+    filter_subjects: tuple[str, ...]
+    ack_wait: float = 30.0
+    max_deliver: int = 20
+    max_ack_pending: int = 1000
+    backoff_base: float = 0.5
+    backoff_cap: float = 30.0
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+COMMANDS = StreamSpec(
+    name="COMMANDS",
+    subjects=("cmd.>",),
+    retention=api.RetentionPolicy.WORK_QUEUE,
+)
+EVENTS = StreamSpec(
+    name="EVENTS",
+    subjects=("evt.>",),
+    retention=api.RetentionPolicy.LIMITS,
+    max_age=7 * DAY,
+)
+DEADLETTERS = StreamSpec(
+    name="DEADLETTERS",
+    subjects=("dlq.>",),
+    retention=api.RetentionPolicy.LIMITS,
+    max_age=30 * DAY,
+)
+STREAMS: tuple[StreamSpec, ...] = (COMMANDS, EVENTS, DEADLETTERS)
+
+# The API projects every event into its database.
+API_PROJECTOR = ConsumerSpec(
+    stream=EVENTS.name,
+    durable="api-projector",
+    filter_subjects=(subjects.EVT_ALL,),
+    ack_wait=30.0,
+    max_deliver=50,
+)
+# The tracker mirrors job events into MLflow; MLflow outages are waited out with backoff.
+TRACKER = ConsumerSpec(
+    stream=EVENTS.name,
+    durable="tracker",
+    filter_subjects=(subjects.EVT_JOB_ALL,),
+    ack_wait=60.0,
+    max_deliver=200,
+    backoff_cap=30.0,
+)
+# Storage keeps staged checkpoints.
+STORAGE_ARTIFACTS = ConsumerSpec(
+    stream=EVENTS.name,
+    durable="storage-artifacts",
+    filter_subjects=(subjects.EVT_JOB_CHECKPOINT,),
+    ack_wait=120.0,
+    max_deliver=200,
+)
+# Storage ingests dataset uploads.
+STORAGE_INGEST = ConsumerSpec(
+    stream=COMMANDS.name,
+    durable="storage-ingest",
+    filter_subjects=(subjects.CMD_DATASET_INGEST,),
+    ack_wait=120.0,
+    max_deliver=10,
+)
+# Runners hold a training command unacknowledged (with in-progress heartbeats) while the trainer
+# runs; if a runner dies, JetStream redelivers it to another runner after `ack_wait`.
+RUNNER = ConsumerSpec(
+    stream=COMMANDS.name,
+    durable="runner",
+    filter_subjects=(subjects.CMD_TRAIN,),
+    ack_wait=30.0,
+    max_deliver=5,
+    max_ack_pending=10_000,
+)
+CONSUMERS: tuple[ConsumerSpec, ...] = (
+    API_PROJECTOR,
+    TRACKER,
+    STORAGE_ARTIFACTS,
+    STORAGE_INGEST,
+    RUNNER,
+)
+
+# KV: a cancel is recorded here (durably) so a runner that claims a job later still sees it.
+KV_CANCELLATIONS = "job_cancellations"
+# KV: each runner publishes the capability manifests of the trainers it can run.
+KV_CAPABILITIES = "trainer_capabilities"
+KV_BUCKETS: tuple[str, ...] = (KV_CANCELLATIONS, KV_CAPABILITIES)
+
+# Object store: files cross service boundaries here, never inside events.
+OBJECT_STAGING = "staging"
+OBJECT_STAGING_TTL = 2 * DAY
+
+
+def stream_config(spec: StreamSpec, *, replicas: int) -> api.StreamConfig:
+    """The JetStream configuration of one stream."""
+    return api.StreamConfig(
+        name=spec.name,
+        subjects=list(spec.subjects),
+        retention=spec.retention,
+        storage=api.StorageType.FILE,
+        max_age=spec.max_age,
+        duplicate_window=spec.duplicate_window,
+        num_replicas=replicas,
+    )
+
+
+def consumer_config(spec: ConsumerSpec) -> api.ConsumerConfig:
+    """The JetStream configuration of one durable pull consumer (explicit acks, always)."""
+    filters = list(spec.filter_subjects)
+    return api.ConsumerConfig(
+        durable_name=spec.durable,
+        ack_policy=api.AckPolicy.EXPLICIT,
+        deliver_policy=api.DeliverPolicy.ALL,
+        ack_wait=spec.ack_wait,
+        max_deliver=spec.max_deliver,
+        max_ack_pending=spec.max_ack_pending,
+        filter_subject=filters[0] if len(filters) == 1 else None,
+        filter_subjects=filters if len(filters) > 1 else None,
+    )

@@ -1,0 +1,66 @@
+"""Every NATS subject Visionyard uses, defined once.
+
+Commands (`cmd.*`) and events (`evt.*`) are stored in JetStream; control and request-reply subjects
+are core NATS and are not stored.
+"""
+
+from __future__ import annotations
+
+# Commands (stream COMMANDS, work-queue retention)
+CMD_TRAIN = "cmd.train"
+CMD_INFER = "cmd.infer"
+CMD_EXPORT = "cmd.export"
+CMD_DATASET_INGEST = "cmd.dataset.ingest"
+
+# Events (stream EVENTS, limits retention)
+EVT_ALL = "evt.>"
+EVT_JOB_ALL = "evt.job.>"
+EVT_DATASET_ALL = "evt.dataset.>"
+
+
+def job_event(job_id: str, kind: str) -> str:
+    """Subject of one job event, e.g. `evt.job.<job_id>.progress`."""
+    return f"evt.job.{job_id}.{kind}"
+
+
+def job_events(job_id: str) -> str:
+    """Wildcard over every event of one job."""
+    return f"evt.job.{job_id}.>"
+
+
+def job_event_kind(subject: str) -> str:
+    """The kind (last token) of an event subject."""
+    return subject.rsplit(".", 1)[-1]
+
+
+def dataset_event(dataset_id: str, kind: str) -> str:
+    """Subject of one dataset event, e.g. `evt.dataset.<id>.ready`."""
+    return f"evt.dataset.{dataset_id}.{kind}"
+
+
+# Checkpoint events are the storage service's input from runners.
+EVT_JOB_CHECKPOINT = "evt.job.*.checkpoint"
+
+# Control (core NATS): immediate nudge; the durable record of a cancel is the KV bucket below.
+def job_cancel(job_id: str) -> str:
+    """Core subject a runner listens on to stop a job now."""
+    return f"ctl.job.{job_id}.cancel"
+
+
+CTL_JOB_CANCEL_ALL = "ctl.job.*.cancel"
+
+# Request-reply (core NATS)
+TRACKER_METRICS = "tracker.metrics"
+TRACKER_SUMMARY = "tracker.summary"
+STORAGE_PRESIGN = "storage.presign"
+STORAGE_STAGE = "storage.stage"
+
+# Dead letters: `dlq.<consumer>`; kept in the DEADLETTERS stream.
+def dead_letter(consumer: str) -> str:
+    """Subject a poison message is parked on after bounded redelivery."""
+    return f"dlq.{consumer}"
+
+
+def kv_put(bucket: str, key: str) -> str:
+    """Raw subject of a JetStream KV put, so an outbox row can write a KV entry durably."""
+    return f"$KV.{bucket}.{key}"

@@ -1,0 +1,2 @@
+"""Placeholder; replaced by the trainer implementation."""
+MANIFEST: dict = {}
