@@ -1,0 +1,280 @@
+"""Live job feeds for WebSocket clients, read straight from the EVENTS stream.
+
+Each subscription is an ordered JetStream consumer on `evt.job.<job_id>.>`, so the feed works the same
+behind any number of API replicas (no in-process broadcast, no sticky sessions). A message's `seq` is
+the event's EVENTS stream sequence: monotonic for the job across every producer (API, runner, storage,
+tracker), which is what lets a client that reconnects with `last_seq` resume with no gap and no
+duplicate. The feed replays the job's events from the start to rebuild the status it reports as
+`old_status`, and sends only what lies after `last_seq`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from nats.aio.msg import Msg
+from nats.js import api
+
+from visionyard.shared import subjects
+from visionyard.shared.bus import Bus
+from visionyard.shared.events import (
+    ArtifactStored,
+    JobCancelled,
+    JobCancelRequested,
+    JobCompleted,
+    JobEvent,
+    JobFailed,
+    JobQueued,
+    JobStarted,
+    JobTracked,
+    LogEmitted,
+    ProgressReported,
+    decode_job_event,
+)
+
+log = logging.getLogger("visionyard.api.live")
+
+WsMessage = dict[str, Any]
+
+_STATUS_OF: dict[type[JobEvent], str] = {
+    JobQueued: "queued",
+    JobStarted: "running",
+    JobCancelRequested: "cancelling",
+    JobCompleted: "completed",
+    JobFailed: "failed",
+    JobCancelled: "cancelled",
+}
+
+
+@dataclass
+class JobView:
+    """What a feed knows of a job from the events it has read so far."""
+
+    job_id: str
+    status: str = "pending"
+    attempt: int = 0
+    total_epochs: int | None = None
+    checkpoints: dict[str, str] = field(default_factory=dict)
+    mlflow_run_id: str | None = None
+
+
+def _timestamp(moment: datetime) -> str:
+    return moment.isoformat()
+
+
+def translate(event: JobEvent, *, seq: int, view: JobView) -> list[WsMessage]:
+    """The WebSocket messages (API.md) one event produces, updating `view`; [] for stale attempts."""
+    if event.attempt < view.attempt:
+        return []  # fencing: a superseded attempt must not move the job shown to users
+    view.attempt = event.attempt
+    messages: list[WsMessage] = []
+    new_status = _STATUS_OF.get(type(event))
+    if new_status is not None and new_status != view.status:
+        messages.append(
+            {
+                "type": "training_status_change",
+                "job_id": event.job_id,
+                "old_status": view.status,
+                "new_status": new_status,
+                "attempt": event.attempt,
+                "timestamp": _timestamp(event.occurred_at),
+            }
+        )
+        view.status = new_status
+    if isinstance(event, ProgressReported):
+        view.total_epochs = event.total_epochs
+        percent = round(100.0 * event.epoch / event.total_epochs, 2) if event.total_epochs else None
+        messages.append(
+            {
+                "type": "training_progress",
+                "job_id": event.job_id,
+                "status": view.status,
+                "current_epoch": event.epoch,
+                "total_epochs": event.total_epochs,
+                "progress_percent": percent,
+                "metrics": event.metrics,
+                "checkpoint_path": view.checkpoints.get("last"),
+                "best_checkpoint_path": view.checkpoints.get("best"),
+            }
+        )
+        messages.append(
+            {"type": "training_metrics", "job_id": event.job_id, "epoch": event.epoch, "step": event.step,
+             "metrics": event.metrics}
+        )
+    elif isinstance(event, LogEmitted):
+        messages.append(
+            {
+                "type": "training_log",
+                "job_id": event.job_id,
+                "level": event.level,
+                "event_type": event.event_type,
+                "message": event.message,
+                "timestamp": _timestamp(event.occurred_at),
+            }
+        )
+    elif isinstance(event, ArtifactStored):
+        view.checkpoints[event.checkpoint_kind] = event.uri
+    elif isinstance(event, JobTracked):
+        view.mlflow_run_id = event.run_id
+    elif isinstance(event, JobCompleted):
+        messages.append(_terminal("training_complete", event, view, epochs=event.total_epochs_completed,
+                                  final=event.final_metrics, best=event.best_metrics, best_epoch=event.best_epoch,
+                                  error=None))
+    elif isinstance(event, JobFailed):
+        messages.append(_terminal("training_error", event, view, epochs=None, final={}, best={}, best_epoch=None,
+                                  error=f"{event.reason.value}: {event.error_message}"))
+    elif isinstance(event, JobCancelled):
+        messages.append(_terminal("training_error", event, view, epochs=None, final={}, best={}, best_epoch=None,
+                                  error="cancelled"))
+    for message in messages:
+        message["seq"] = seq
+    return messages
+
+
+def _terminal(
+    kind: str,
+    event: JobEvent,
+    view: JobView,
+    *,
+    epochs: int | None,
+    final: dict[str, float],
+    best: dict[str, float],
+    best_epoch: int | None,
+    error: str | None,
+) -> WsMessage:
+    return {
+        "type": kind,
+        "job_id": event.job_id,
+        "status": view.status,
+        "total_epochs_completed": epochs,
+        "final_metrics": final,
+        "best_metrics": best,
+        "best_epoch": best_epoch,
+        "best_checkpoint_path": view.checkpoints.get("best"),
+        "mlflow_run_id": view.mlflow_run_id,
+        "error_message": error,
+    }
+
+
+Send = Callable[[WsMessage], Awaitable[None]]
+
+
+class JobFeed:
+    """One client's subscription to one job: replay, then live, in stream order."""
+
+    def __init__(self, *, bus: Bus, job_id: str, last_seq: int | None, send: Send) -> None:
+        self.job_id = job_id
+        self._bus = bus
+        self._last_seq = last_seq or 0
+        self._send = send
+        self._view = JobView(job_id=job_id)
+        self._subscription: Any = None
+
+    async def start(self) -> None:
+        """Open the ordered consumer over the job's events, from the first one."""
+        self._subscription = await self._bus.js.subscribe(
+            subjects.job_events(self.job_id),
+            cb=self._on_message,
+            ordered_consumer=True,
+            deliver_policy=api.DeliverPolicy.ALL,
+        )
+
+    async def _on_message(self, msg: Msg) -> None:
+        seq = msg.metadata.sequence.stream
+        try:
+            event = decode_job_event(msg.subject, msg.data)
+        except ValueError:
+            log.warning("undecodable event on live feed", extra={"subject": msg.subject, "seq": seq})
+            return
+        messages = translate(event, seq=seq, view=self._view)
+        if seq <= self._last_seq:
+            return  # the client has it already; it only rebuilt the view
+        self._last_seq = seq
+        for message in messages:
+            await self._send(message)
+
+    async def stop(self) -> None:
+        """Close the consumer."""
+        if self._subscription is not None:
+            try:
+                await self._subscription.unsubscribe()
+            except Exception:  # the connection may already be gone
+                pass
+            self._subscription = None
+
+
+@dataclass
+class LiveStats:
+    """Counters for `/api/v1/ws/stats`."""
+
+    connections: int = 0
+    subscriptions: int = 0
+    messages_sent: int = 0
+    dropped_slow_clients: int = 0
+
+
+class LiveConnection:
+    """One WebSocket client: its feeds and a bounded send queue drained by one writer task.
+
+    A client that cannot keep up is disconnected (it reconnects with `last_seq`) rather than being
+    allowed to grow the API's memory without bound.
+    """
+
+    def __init__(self, *, bus: Bus, write: Send, stats: LiveStats, max_queue: int = 10_000) -> None:
+        self._bus = bus
+        self._write = write
+        self._stats = stats
+        self._queue: asyncio.Queue[WsMessage | None] = asyncio.Queue(maxsize=max_queue)
+        self._feeds: dict[str, JobFeed] = {}
+        self._writer = asyncio.create_task(self._drain())
+        self.overflowed = asyncio.Event()
+        stats.connections += 1
+
+    async def enqueue(self, message: WsMessage) -> None:
+        """Queue a message for this client; overflow marks the client as too slow."""
+        try:
+            self._queue.put_nowait(message)
+        except asyncio.QueueFull:
+            self._stats.dropped_slow_clients += 1
+            self.overflowed.set()
+
+    async def _drain(self) -> None:
+        while True:
+            message = await self._queue.get()
+            if message is None:
+                return
+            await self._write(message)
+            self._stats.messages_sent += 1
+
+    async def subscribe(self, job_id: str, *, last_seq: int | None) -> None:
+        """Start (or restart) the feed of one job."""
+        await self.unsubscribe(job_id)
+        feed = JobFeed(bus=self._bus, job_id=job_id, last_seq=last_seq, send=self.enqueue)
+        self._feeds[job_id] = feed
+        self._stats.subscriptions += 1
+        await feed.start()
+
+    async def unsubscribe(self, job_id: str) -> bool:
+        """Stop the feed of one job; whether there was one."""
+        feed = self._feeds.pop(job_id, None)
+        if feed is None:
+            return False
+        self._stats.subscriptions -= 1
+        await feed.stop()
+        return True
+
+    async def close(self) -> None:
+        """Stop every feed and the writer."""
+        for job_id in list(self._feeds):
+            await self.unsubscribe(job_id)
+        self._writer.cancel()
+        try:
+            await self._writer
+        except (asyncio.CancelledError, Exception):
+            pass
+        self._stats.connections -= 1

@@ -1,0 +1,123 @@
+"""WebSocket endpoint `/api/v1/ws/training` and `/api/v1/ws/stats` (API.md contract).
+
+Thin adapter: authenticate, accept, then route client messages (ping, subscribe, unsubscribe) to a
+`LiveConnection`, whose feeds read the EVENTS stream directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from fastapi import APIRouter, Request, WebSocket, WebSocketDisconnect
+
+from visionyard.api.auth import resolve_principal
+from visionyard.api.live import LiveConnection, LiveStats
+
+router = APIRouter()
+
+# Close code for a client too slow to keep up: it should reconnect with `last_seq`.
+CLOSE_TRY_AGAIN_LATER = 1013
+CLOSE_POLICY_VIOLATION = 1008
+
+
+def _stats(app: Any) -> LiveStats:
+    if not hasattr(app.state, "live_stats"):
+        app.state.live_stats = LiveStats()
+    stats: LiveStats = app.state.live_stats
+    return stats
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat()
+
+
+def _bearer(websocket: WebSocket, token: str | None) -> str | None:
+    if token:
+        return token
+    header = websocket.headers.get("authorization", "")
+    if header.lower().startswith("bearer "):
+        return header[7:]
+    return websocket.headers.get("x-api-key")
+
+
+@router.websocket("/api/v1/ws/training")
+async def training_socket(
+    websocket: WebSocket,
+    job_id: str | None = None,
+    session_id: str | None = None,
+    last_seq: int | None = None,
+    token: str | None = None,
+) -> None:
+    """Live job events: `connected`, then the subscribed jobs' messages, each with its `seq`."""
+    app = websocket.app
+    try:
+        resolve_principal(_bearer(websocket, token), app.state.settings)
+    except PermissionError as refused:
+        await websocket.close(code=CLOSE_POLICY_VIOLATION, reason=str(refused)[:120])
+        return
+    await websocket.accept()
+    session = session_id or uuid.uuid4().hex
+    connection = LiveConnection(bus=app.state.bus, write=websocket.send_json, stats=_stats(app))
+    # Everything after accept goes through the connection's single writer, so messages never interleave.
+    await connection.enqueue({"type": "connected", "session_id": session, "timestamp": _now()})
+    if job_id:
+        await connection.enqueue({"type": "subscribed", "job_id": job_id, "timestamp": _now()})
+        await connection.subscribe(job_id, last_seq=last_seq)
+    receiver = asyncio.create_task(_receive(websocket, connection))
+    overflow = asyncio.create_task(connection.overflowed.wait())
+    try:
+        done, _ = await asyncio.wait({receiver, overflow}, return_when=asyncio.FIRST_COMPLETED)
+        if overflow in done:
+            await websocket.close(code=CLOSE_TRY_AGAIN_LATER, reason="client too slow; reconnect with last_seq")
+    finally:
+        for task in (receiver, overflow):
+            task.cancel()
+        await connection.close()
+
+
+async def _receive(websocket: WebSocket, connection: LiveConnection) -> None:
+    try:
+        while True:
+            raw = await websocket.receive_text()
+            try:
+                message = json.loads(raw)
+                if not isinstance(message, dict):
+                    raise ValueError("a message must be a JSON object")
+                kind = message.get("type")
+            except ValueError as error:
+                await connection.enqueue({"type": "error", "message": f"invalid JSON message: {error}"})
+                continue
+            if kind == "ping":
+                await connection.enqueue({"type": "pong", "timestamp": _now()})
+            elif kind == "subscribe":
+                target = message.get("job_id")
+                if not isinstance(target, str) or not target:
+                    await connection.enqueue({"type": "error", "message": "subscribe needs a job_id string"})
+                    continue
+                last = message.get("last_seq")
+                await connection.enqueue({"type": "subscribed", "job_id": target, "timestamp": _now()})
+                await connection.subscribe(target, last_seq=last if isinstance(last, int) else None)
+            elif kind == "unsubscribe":
+                target = str(message.get("job_id", ""))
+                await connection.unsubscribe(target)
+                await connection.enqueue({"type": "unsubscribed", "job_id": target, "timestamp": _now()})
+            else:
+                await connection.enqueue({"type": "error", "message": f"unknown message type {kind!r}"})
+    except WebSocketDisconnect:
+        return
+
+
+@router.get("/api/v1/ws/stats")
+async def websocket_stats(request: Request) -> dict[str, int]:
+    """Connection, subscription and message counts of this API instance."""
+    stats = _stats(request.app)
+    return {
+        "active_connections": stats.connections,
+        "active_subscriptions": stats.subscriptions,
+        "messages_sent": stats.messages_sent,
+        "dropped_slow_clients": stats.dropped_slow_clients,
+    }

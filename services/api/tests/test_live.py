@@ -1,0 +1,100 @@
+"""Live feeds: event → WebSocket message translation, and replay/resume from the real EVENTS stream."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from visionyard.api.live import JobFeed, JobView, translate
+from visionyard.shared.bus import Bus
+from visionyard.shared.events import (
+    ArtifactStored,
+    JobCompleted,
+    JobQueued,
+    JobStarted,
+    JobTracked,
+    LogEmitted,
+    ProgressReported,
+)
+
+
+def _run(job_id: str = "j1", attempt: int = 1) -> list:
+    return [
+        JobQueued(job_id=job_id, attempt=attempt),
+        JobStarted(job_id=job_id, attempt=attempt, seq=1, runner_id="r1"),
+        ProgressReported(job_id=job_id, attempt=attempt, seq=2, epoch=1, total_epochs=2, metrics={"accuracy": 0.5}),
+        LogEmitted(job_id=job_id, attempt=attempt, seq=3, message="hello", event_type="stdout"),
+        ArtifactStored(job_id=job_id, attempt=attempt, seq=4, checkpoint_kind="best", uri="file:///b.pt",
+                       sha256="0" * 64, size_bytes=3),
+        ProgressReported(job_id=job_id, attempt=attempt, seq=5, epoch=2, total_epochs=2, metrics={"accuracy": 0.9}),
+        JobTracked(job_id=job_id, attempt=attempt, run_id="run-1", experiment_id="1"),
+        JobCompleted(job_id=job_id, attempt=attempt, seq=6, total_epochs_completed=2,
+                     final_metrics={"accuracy": 0.9}, best_metrics={"accuracy": 0.9}, best_epoch=2),
+    ]
+
+
+def test_translation_reports_status_changes_progress_and_completion() -> None:
+    view = JobView(job_id="j1")
+    messages = [m for seq, event in enumerate(_run(), start=1) for m in translate(event, seq=seq, view=view)]
+    types = [m["type"] for m in messages]
+    changes = [(m["old_status"], m["new_status"]) for m in messages if m["type"] == "training_status_change"]
+    assert changes == [("pending", "queued"), ("queued", "running"), ("running", "completed")]
+    assert types.count("training_progress") == 2 and types.count("training_metrics") == 2
+    assert "training_log" in types
+    complete = next(m for m in messages if m["type"] == "training_complete")
+    assert complete["best_checkpoint_path"] == "file:///b.pt"
+    assert complete["mlflow_run_id"] == "run-1"
+    second_progress = [m for m in messages if m["type"] == "training_progress"][1]
+    assert second_progress["progress_percent"] == 100.0
+    assert second_progress["best_checkpoint_path"] == "file:///b.pt"
+    assert all("seq" in m for m in messages)
+
+
+def test_events_of_a_superseded_attempt_are_not_shown() -> None:
+    view = JobView(job_id="j1")
+    translate(JobStarted(job_id="j1", attempt=2, seq=1, runner_id="r2"), seq=1, view=view)
+    stale = ProgressReported(job_id="j1", attempt=1, seq=9, epoch=3, total_epochs=5)
+    assert translate(stale, seq=2, view=view) == []
+
+
+@pytest.mark.integration
+async def test_feed_replays_then_streams_live_and_resumes_after_last_seq(bus: Bus) -> None:
+    events = _run("jobfeed")
+    for event in events[:4]:
+        await bus.publish(event)
+    received: list[dict] = []
+
+    async def collect(message: dict) -> None:
+        received.append(message)
+
+    feed = JobFeed(bus=bus, job_id="jobfeed", last_seq=None, send=collect)
+    await feed.start()
+    for event in events[4:]:
+        await bus.publish(event)
+    await _until(lambda: any(m["type"] == "training_complete" for m in received))
+    await feed.stop()
+    seqs = [m["seq"] for m in received]
+    assert seqs == sorted(seqs)
+    # Reconnect after the first progress message: only what came later, nothing twice, nothing lost.
+    cut = next(m["seq"] for m in received if m["type"] == "training_progress")
+    resumed: list[dict] = []
+
+    async def collect_resumed(message: dict) -> None:
+        resumed.append(message)
+
+    again = JobFeed(bus=bus, job_id="jobfeed", last_seq=cut, send=collect_resumed)
+    await again.start()
+    await _until(lambda: any(m["type"] == "training_complete" for m in resumed))
+    await again.stop()
+    assert resumed == [m for m in received if m["seq"] > cut]
+    # The rebuilt view still knows the old status at the resume point.
+    assert [m for m in resumed if m["type"] == "training_status_change"][-1]["old_status"] == "running"
+
+
+async def _until(condition, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.02)
