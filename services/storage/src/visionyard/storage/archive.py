@@ -1,0 +1,334 @@
+"""Checks an uploaded ImageFolder zip and writes its normalized archive.
+
+The archive is untrusted input. Everything is decided from the zip's central directory first
+(paths, links, sizes, layout) so a hostile archive is refused before a byte is extracted; then each
+image is extracted on its own, counting bytes against the declared sizes (the central directory can
+lie), decoded with Pillow, hashed, and copied into a normalized archive. Nothing here touches a bucket:
+the caller stores the result only when the whole archive passed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import shutil
+import stat
+import warnings
+import zipfile
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from PIL import Image
+
+FORMAT = "imagefolder"
+TASK_TYPES = ["image_classification"]
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+# Pillow may only parse these formats: several others (EPS above all) hand the bytes to external
+# programs, which an uploaded file must never reach.
+PILLOW_FORMATS = ("JPEG", "PNG", "BMP", "GIF", "WEBP", "TIFF")
+SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "test": "test"}
+IGNORED_NAMES = frozenset({"__MACOSX", "Thumbs.db", "desktop.ini"})
+# A small file with a high ratio (a flat-colour BMP) harms nobody; bombs need volume, so the ratio
+# limit applies to members (and archives) that expand to at least this much.
+RATIO_FLOOR_BYTES = 1024 * 1024
+_CHUNK = 1024 * 1024
+_FIXED_ZIP_TIME = (1980, 1, 1, 0, 0, 0)
+_WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:")
+
+
+@dataclass(frozen=True)
+class ArchiveLimits:
+    """What an upload may cost us."""
+
+    max_upload_bytes: int = 2 * 1024**3
+    max_uncompressed_bytes: int = 8 * 1024**3
+    max_compression_ratio: float = 200.0
+    max_files: int = 200_000
+
+
+class ArchiveRejected(Exception):
+    """The archive is unsafe or not a usable ImageFolder dataset; `reason` names the file and problem."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class ImageFolderDataset:
+    """An accepted dataset: its statistics, content hash and normalized archive on local disk."""
+
+    content_hash: str
+    class_names: list[str]
+    class_counts: dict[str, int]
+    splits: dict[str, int]
+    num_images: int
+    archive: Path
+    archive_sha256: str
+    size_bytes: int
+    format: str = FORMAT
+    task_types: list[str] = field(default_factory=lambda: list(TASK_TYPES))
+
+    def manifest(self) -> dict[str, Any]:
+        """The JSON stored beside the archive (and the stats of `DatasetReady`)."""
+        return {
+            "content_hash": self.content_hash,
+            "format": self.format,
+            "task_types": self.task_types,
+            "num_images": self.num_images,
+            "num_classes": len(self.class_names),
+            "class_names": self.class_names,
+            "class_counts": self.class_counts,
+            "splits": self.splits,
+            "size_bytes": self.size_bytes,
+            "archive_sha256": self.archive_sha256,
+        }
+
+
+@dataclass(frozen=True)
+class _Member:
+    info: zipfile.ZipInfo
+    path: str
+    split: str | None
+    class_name: str
+
+
+def inspect_imagefolder_archive(
+    source: Path, *, workdir: Path, limits: ArchiveLimits, label: str | None = None
+) -> ImageFolderDataset:
+    """Validate an ImageFolder zip and write its normalized archive under `workdir`.
+
+    Raises `ArchiveRejected` with a reason naming the offending file and the problem.
+    """
+    label = label or source.name
+    size = source.stat().st_size
+    if size > limits.max_upload_bytes:
+        raise ArchiveRejected(f"{label} is {size} bytes; uploads are limited to {limits.max_upload_bytes} bytes")
+    if not zipfile.is_zipfile(source):
+        raise ArchiveRejected(f"{label} is not a zip archive")
+    try:
+        with zipfile.ZipFile(source) as archive:
+            members = _plan_members(archive, limits)
+            return _write_normalized(archive, members, workdir=workdir, limits=limits)
+    except zipfile.BadZipFile as error:
+        raise ArchiveRejected(f"{label} is not a readable zip archive: {error}") from error
+
+
+def _plan_members(archive: zipfile.ZipFile, limits: ArchiveLimits) -> list[_Member]:
+    """Decide from the central directory alone which members are images of which class."""
+    infos = archive.infolist()
+    if len(infos) > limits.max_files:
+        raise ArchiveRejected(f"archive holds {len(infos)} entries; the limit is {limits.max_files}")
+    files: list[tuple[zipfile.ZipInfo, list[str]]] = []
+    directories: list[list[str]] = []
+    seen: dict[str, str] = {}
+    for info in infos:
+        _check_entry_is_safe(info)
+        parts = [part for part in info.filename.replace("\\", "/").split("/") if part not in ("", ".")]
+        if not parts or _is_ignored(parts):
+            continue
+        if info.is_dir():
+            directories.append(parts)
+            continue
+        # Case-insensitive: two names that differ only by case collide on macOS/Windows disks.
+        folded = "/".join(parts).casefold()
+        if folded in seen:
+            raise ArchiveRejected(f"{info.filename}: duplicate name in archive (same as {seen[folded]})")
+        seen[folded] = info.filename
+        files.append((info, parts))
+    if not files:
+        raise ArchiveRejected("archive holds no images")
+    _check_declared_sizes([info for info, _ in files], limits)
+    files, directories = _strip_wrapper_folder(files, directories)
+    return _classify(files, directories)
+
+
+def _check_entry_is_safe(info: zipfile.ZipInfo) -> None:
+    name = info.filename
+    normalized = name.replace("\\", "/")
+    if normalized.startswith("/") or _WINDOWS_DRIVE.match(normalized):
+        raise ArchiveRejected(f"{name}: absolute path in archive")
+    if ".." in normalized.split("/"):
+        raise ArchiveRejected(f"{name}: path traversal ('..') in archive")
+    mode = info.external_attr >> 16
+    if stat.S_ISLNK(mode):
+        raise ArchiveRejected(f"{name}: symbolic link in archive")
+    if info.flag_bits & 0x1:
+        raise ArchiveRejected(f"{name}: encrypted entry in archive")
+
+
+def _is_ignored(parts: list[str]) -> bool:
+    # Hidden files (".DS_Store", "._x.png" AppleDouble files) and OS litter are not dataset content.
+    return any(part.startswith(".") or part in IGNORED_NAMES for part in parts)
+
+
+def _check_declared_sizes(infos: list[zipfile.ZipInfo], limits: ArchiveLimits) -> None:
+    total = sum(info.file_size for info in infos)
+    if total > limits.max_uncompressed_bytes:
+        raise ArchiveRejected(
+            f"archive expands to {total} bytes; the limit is {limits.max_uncompressed_bytes} bytes (zip bomb?)"
+        )
+    for info in infos:
+        _check_ratio(info.filename, info.file_size, info.compress_size, limits)
+    compressed = sum(info.compress_size for info in infos)
+    if total >= RATIO_FLOOR_BYTES and total > limits.max_compression_ratio * max(compressed, 1):
+        raise ArchiveRejected(
+            f"archive compression ratio {total / max(compressed, 1):.0f}:1 exceeds the limit of "
+            f"{limits.max_compression_ratio:.0f}:1 (zip bomb?)"
+        )
+
+
+def _check_ratio(name: str, expanded: int, compressed: int, limits: ArchiveLimits) -> None:
+    if expanded >= RATIO_FLOOR_BYTES and expanded > limits.max_compression_ratio * max(compressed, 1):
+        raise ArchiveRejected(
+            f"{name}: compression ratio {expanded / max(compressed, 1):.0f}:1 exceeds the limit of "
+            f"{limits.max_compression_ratio:.0f}:1 (zip bomb?)"
+        )
+
+
+def _strip_wrapper_folder(
+    files: list[tuple[zipfile.ZipInfo, list[str]]], directories: list[list[str]]
+) -> tuple[list[tuple[zipfile.ZipInfo, list[str]]], list[list[str]]]:
+    """Drop one top-level folder that wraps everything (`mydata/cats/1.png`), but not a split folder."""
+    tops = {parts[0] for _, parts in files}
+    if len(tops) != 1:
+        return files, directories
+    top = next(iter(tops))
+    if top.lower() in SPLIT_NAMES or any(len(parts) < 3 for _, parts in files):
+        return files, directories
+    stripped_dirs = [parts[1:] for parts in directories if parts[0] == top and len(parts) > 1]
+    return [(info, parts[1:]) for info, parts in files], stripped_dirs
+
+
+def _classify(
+    files: list[tuple[zipfile.ZipInfo, list[str]]], directories: list[list[str]]
+) -> list[_Member]:
+    split_layout = all(parts[0].lower() in SPLIT_NAMES for _, parts in files)
+    depth = 3 if split_layout else 2
+    members: list[_Member] = []
+    for info, parts in files:
+        suffix = PurePosixPath(parts[-1]).suffix.lower()
+        if suffix not in IMAGE_EXTENSIONS:
+            raise ArchiveRejected(
+                f"{info.filename}: not an image file (extension {suffix or 'none'!r}; "
+                f"expected one of {', '.join(sorted(IMAGE_EXTENSIONS))})"
+            )
+        if len(parts) != depth:
+            layout = "<split>/<class>/<image>" if split_layout else "<class>/<image> or <split>/<class>/<image>"
+            raise ArchiveRejected(f"{info.filename}: not where an ImageFolder image belongs ({layout})")
+        split = SPLIT_NAMES[parts[0].lower()] if split_layout else None
+        members.append(_Member(info=info, path="/".join(parts), split=split, class_name=parts[-2]))
+
+    classes = {member.class_name for member in members}
+    declared = {tuple(parts) for parts in directories if len(parts) == depth - 1}
+    for parts in sorted(declared):
+        if split_layout and parts[0].lower() not in SPLIT_NAMES:
+            continue
+        if parts[-1] not in classes:
+            raise ArchiveRejected(f"class folder {'/'.join(parts)}/ is empty: every class needs images")
+    if split_layout and any(member.split == "train" for member in members):
+        trained = {member.class_name for member in members if member.split == "train"}
+        for missing in sorted(classes - trained):
+            raise ArchiveRejected(f"class {missing!r} has no images in the train split")
+    if len(classes) < 2:
+        found = ", ".join(sorted(classes))
+        raise ArchiveRejected(
+            f"found {len(classes)} class folder ({found}); image classification needs at least 2 classes"
+        )
+    return sorted(members, key=lambda member: member.path)
+
+
+def _write_normalized(
+    archive: zipfile.ZipFile, members: list[_Member], *, workdir: Path, limits: ArchiveLimits
+) -> ImageFolderDataset:
+    """Extract, decode and hash each image, and copy it into a deterministic normalized archive."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    scratch = workdir / "member.bin"
+    target = workdir / "dataset.zip"
+    hashed: list[tuple[str, str]] = []
+    expanded_total = 0
+    # Stored, not deflated: images are compressed already. Fixed timestamps and sorted order make
+    # the archive's bytes a function of its content.
+    with zipfile.ZipFile(target, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as normalized:
+        for member in members:
+            sha256, expanded = _extract_member(
+                archive, member.info, scratch, limits=limits, budget=limits.max_uncompressed_bytes - expanded_total
+            )
+            expanded_total += expanded
+            _check_image_decodes(scratch, member.info.filename)
+            entry = zipfile.ZipInfo(member.path, date_time=_FIXED_ZIP_TIME)
+            entry.compress_type = zipfile.ZIP_STORED
+            entry.external_attr = 0o100644 << 16
+            entry.file_size = expanded
+            with scratch.open("rb") as source, normalized.open(entry, "w") as sink:
+                shutil.copyfileobj(source, sink, _CHUNK)
+            hashed.append((member.path, sha256))
+    scratch.unlink(missing_ok=True)
+
+    content = hashlib.sha256()
+    for path, sha256 in sorted(hashed):
+        content.update(path.encode() + b"\0" + sha256.encode() + b"\n")
+    class_counts: dict[str, int] = {}
+    split_counts: dict[str, int] = {}
+    for member in members:
+        class_counts[member.class_name] = class_counts.get(member.class_name, 0) + 1
+        if member.split is not None:
+            split_counts[member.split] = split_counts.get(member.split, 0) + 1
+    return ImageFolderDataset(
+        content_hash=content.hexdigest(),
+        class_names=sorted(class_counts),
+        class_counts=dict(sorted(class_counts.items())),
+        splits=dict(sorted(split_counts.items())),
+        num_images=len(members),
+        archive=target,
+        archive_sha256=_sha256_file(target),
+        size_bytes=target.stat().st_size,
+    )
+
+
+def _extract_member(
+    archive: zipfile.ZipFile, info: zipfile.ZipInfo, destination: Path, *, limits: ArchiveLimits, budget: int
+) -> tuple[str, int]:
+    """Stream one member to disk, counting real bytes (the central directory may lie)."""
+    digest = hashlib.sha256()
+    expanded = 0
+    try:
+        with archive.open(info) as source, destination.open("wb") as sink:
+            while chunk := source.read(_CHUNK):
+                expanded += len(chunk)
+                if expanded > info.file_size:
+                    raise ArchiveRejected(f"{info.filename}: expands beyond its declared size (zip bomb?)")
+                if expanded > budget:
+                    raise ArchiveRejected(
+                        f"{info.filename}: archive expands beyond {limits.max_uncompressed_bytes} bytes (zip bomb?)"
+                    )
+                _check_ratio(info.filename, expanded, info.compress_size, limits)
+                digest.update(chunk)
+                sink.write(chunk)
+    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError) as error:
+        raise ArchiveRejected(f"{info.filename}: damaged or unsupported zip entry ({error})") from error
+    return digest.hexdigest(), expanded
+
+
+def _check_image_decodes(path: Path, name: str) -> None:
+    """Decode fully: `verify` checks the structure, `load` the pixel data (truncation shows here)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path, formats=PILLOW_FORMATS) as image:
+                image.verify()
+            with Image.open(path, formats=PILLOW_FORMATS) as image:
+                image.load()
+    except Exception as error:  # Pillow raises many types for bad input; all mean "not an image"
+        detail = str(error).replace(str(path), name)  # never leak our scratch path to the user
+        raise ArchiveRejected(f"{name}: not a readable image ({type(error).__name__}: {detail})") from error
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

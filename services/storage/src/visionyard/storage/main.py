@@ -1,0 +1,102 @@
+"""Composition root of the storage service: settings, bus, backend, handlers; runs until a signal."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+from visionyard.shared import streams, subjects
+from visionyard.shared.bus import Bus
+from visionyard.shared.logs import configure_logging
+from visionyard.storage.adapters.local import LocalDirectoryBackend
+from visionyard.storage.adapters.s3 import S3Backend
+from visionyard.storage.adapters.staging import BusStagingArea
+from visionyard.storage.archive import ArchiveLimits
+from visionyard.storage.config import StorageSettings
+from visionyard.storage.handlers import StorageHandlers
+from visionyard.storage.ports import ObjectBackend
+from visionyard.storage.service import Buckets, StorageService
+
+log = logging.getLogger("visionyard.storage")
+
+
+def build_backend(settings: StorageSettings) -> ObjectBackend:
+    """The configured object backend: a local directory or S3."""
+    if settings.backend == "s3":
+        return S3Backend(
+            endpoint_url=settings.s3_endpoint_url,
+            region=settings.s3_region,
+            access_key_id=settings.s3_access_key_id.get_secret_value() if settings.s3_access_key_id else None,
+            secret_access_key=(
+                settings.s3_secret_access_key.get_secret_value() if settings.s3_secret_access_key else None
+            ),
+        )
+    return LocalDirectoryBackend(settings.storage_root)
+
+
+def build_service(settings: StorageSettings, *, bus: Bus, backend: ObjectBackend) -> StorageService:
+    """The use cases wired to the bus and the backend."""
+    return StorageService(
+        backend=backend,
+        staging=BusStagingArea(bus),
+        publisher=bus,
+        workdir=settings.work_dir,
+        buckets=Buckets(external=settings.external_bucket, internal=settings.internal_bucket),
+        limits=ArchiveLimits(
+            max_upload_bytes=settings.max_upload_bytes,
+            max_uncompressed_bytes=settings.max_uncompressed_bytes,
+            max_compression_ratio=settings.max_compression_ratio,
+            max_files=settings.max_files,
+        ),
+    )
+
+
+async def serve(settings: StorageSettings, *, stop: asyncio.Event, backend: ObjectBackend | None = None) -> None:
+    """Run the consumers and request handlers until `stop` is set, then drain the connection."""
+    bus = await Bus.connect(settings.nats_url, service="storage")
+    try:
+        await bus.ensure_topology(replicas=settings.stream_replicas)
+        backend = backend or build_backend(settings)
+        if settings.create_buckets:
+            await asyncio.to_thread(backend.ensure_buckets, [settings.external_bucket, settings.internal_bucket])
+        handlers = StorageHandlers(build_service(settings, bus=bus, backend=backend))
+        subscriptions = [
+            await bus.serve(subjects.STORAGE_STAGE, handlers.on_stage, queue="storage"),
+            await bus.serve(subjects.STORAGE_PRESIGN, handlers.on_presign, queue="storage"),
+        ]
+        # One message per fetch: each can take minutes (a big archive), and messages fetched but
+        # not yet started would sit out their ack_wait instead of going to an idle replica.
+        consumers = [
+            asyncio.create_task(bus.consume(streams.STORAGE_ARTIFACTS, handlers.on_checkpoint_staged, stop=stop, batch=1)),
+            asyncio.create_task(bus.consume(streams.STORAGE_INGEST, handlers.on_ingest_dataset, stop=stop, batch=1)),
+        ]
+        log.info("storage service running on the %s backend", settings.backend)
+        await stop.wait()
+        for subscription in subscriptions:
+            await subscription.unsubscribe()
+        await asyncio.gather(*consumers)
+    finally:
+        await bus.close()
+        log.info("storage service stopped")
+
+
+async def _main(settings: StorageSettings) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await serve(settings, stop=stop)
+
+
+def run() -> None:
+    """Console script `visionyard-storage`: run until SIGTERM/SIGINT, then exit 0."""
+    settings = StorageSettings()
+    configure_logging("storage", settings.log_level)
+    asyncio.run(_main(settings))
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    run()

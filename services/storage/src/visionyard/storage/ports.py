@@ -1,0 +1,86 @@
+"""The small ports the storage use cases need: a bucket backend, the staging area and a publisher."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from visionyard.shared.messages import Message
+
+
+class ObjectBackend(Protocol):
+    """Buckets of files addressed by (bucket, key); local directory or S3 behind the same calls.
+
+    Calls are blocking (boto3 and file I/O); the use cases run them in a worker thread.
+    """
+
+    def ensure_buckets(self, buckets: list[str]) -> None:
+        """Create the buckets that do not exist yet."""
+
+    def uri(self, bucket: str, key: str) -> str:
+        """The URI of an object (`s3://bucket/key` or `file:///abs/path`)."""
+
+    def parse_uri(self, uri: str) -> tuple[str, str]:
+        """(bucket, key) of a URI this backend issued; `ValueError` for anything else."""
+
+    def put_file(self, bucket: str, key: str, path: Path) -> str:
+        """Store a local file (atomically: readers see the old or the new object); returns its URI."""
+
+    def get_file(self, bucket: str, key: str, destination: Path) -> Path:
+        """Copy an object to a local file; `FileNotFoundError` when it does not exist."""
+
+    def exists(self, bucket: str, key: str) -> bool:
+        """Whether the object exists."""
+
+    def read_bytes(self, bucket: str, key: str) -> bytes | None:
+        """A small object's bytes (JSON sidecars), or None when it does not exist."""
+
+    def write_bytes(self, bucket: str, key: str, data: bytes) -> str:
+        """Store a small object atomically; returns its URI."""
+
+    def sha256(self, bucket: str, key: str) -> str | None:
+        """Hex sha256 of an object, read back from the backend, or None when it does not exist."""
+
+    def presign(self, uri: str, *, expires_in: int) -> str:
+        """A URL a client can download the object from."""
+
+    def delete_prefix(self, bucket: str, prefix: str) -> int:
+        """Delete every object under `prefix`; returns how many."""
+
+
+@dataclass(frozen=True)
+class StagedObject:
+    """An object in the staging object store."""
+
+    name: str
+    sha256: str
+    size_bytes: int
+
+
+class StagedObjectMissing(Exception):
+    """The staged object is gone (its TTL passed, or it never existed)."""
+
+
+class StagedObjectCorrupt(Exception):
+    """The staged object's bytes do not match the sha256 its producer announced."""
+
+
+class StagingArea(Protocol):
+    """The staging object store through which files cross service boundaries."""
+
+    async def fetch(self, name: str, destination: Path, *, sha256: str) -> Path:
+        """Copy a staged object to a local file, verifying its sha256."""
+
+    async def stage(self, name: str, path: Path) -> StagedObject:
+        """Put a local file into the staging object store."""
+
+    async def info(self, name: str) -> StagedObject | None:
+        """What is staged under `name`, or None."""
+
+
+class EventPublisher(Protocol):
+    """Publishes an event durably, de-duplicated by its message id."""
+
+    async def publish(self, message: Message) -> Any:
+        """Publish and await the broker's acknowledgement."""

@@ -1,0 +1,320 @@
+"""The storage use cases: keep staged checkpoints, ingest datasets, stage stored files, presign URLs.
+
+They take their ports (an object backend, the staging area, a publisher) as arguments and import no
+framework. Backend calls block (boto3, file I/O), so they run in worker threads; the event loop stays
+free to answer requests while an archive is being checked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import tempfile
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from visionyard.shared.commands import IngestDataset
+from visionyard.shared.events import (
+    ArtifactStored,
+    CheckpointStaged,
+    DatasetEvent,
+    DatasetReady,
+    DatasetRejected,
+    PresignReply,
+    PresignRequest,
+    StageReply,
+    StageRequest,
+)
+from visionyard.shared.logs import bind
+from visionyard.storage.archive import ArchiveLimits, ArchiveRejected, inspect_imagefolder_archive
+from visionyard.storage.ports import (
+    EventPublisher,
+    ObjectBackend,
+    StagedObjectCorrupt,
+    StagedObjectMissing,
+    StagingArea,
+)
+
+log = logging.getLogger("visionyard.storage")
+
+_SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
+_CONTENT_HASH = re.compile(r"^[0-9a-f]{64}$")
+
+
+class InvalidMessage(Exception):
+    """A message names something that can never be stored (an id unusable as a key)."""
+
+
+@dataclass(frozen=True)
+class Buckets:
+    """Where things go: datasets in the external bucket, checkpoints in the internal one."""
+
+    external: str = "visionyard-external"
+    internal: str = "visionyard-internal"
+
+
+def checkpoint_key(job_id: str, kind: str) -> str:
+    """Key of a job's stored checkpoint of one kind."""
+    return f"checkpoints/{job_id}/{kind}.pt"
+
+
+def checkpoint_sidecar_key(job_id: str, kind: str) -> str:
+    """Key of the JSON beside a stored checkpoint (attempt, seq, sha256, size_bytes, epoch, uri)."""
+    return f"checkpoints/{job_id}/{kind}.json"
+
+
+def dataset_archive_key(dataset_id: str, content_hash: str) -> str:
+    """Key of a stored dataset version's normalized archive."""
+    return f"datasets/{dataset_id}/{content_hash}/dataset.zip"
+
+
+def dataset_manifest_key(dataset_id: str, content_hash: str) -> str:
+    """Key of a stored dataset version's manifest (its stats); written last, so it marks completion."""
+    return f"datasets/{dataset_id}/{content_hash}/manifest.json"
+
+
+def staged_dataset_name(content_hash: str) -> str:
+    """Staging object name of a dataset version handed to runners."""
+    return f"dataset/{content_hash}.zip"
+
+
+def staged_resume_name(job_id: str, kind: str) -> str:
+    """Staging object name of a stored checkpoint handed to a resuming attempt."""
+    return f"resume/{job_id}/{kind}.pt"
+
+
+class StorageService:
+    """The storage use cases over one backend, the staging area and the event publisher."""
+
+    def __init__(
+        self,
+        *,
+        backend: ObjectBackend,
+        staging: StagingArea,
+        publisher: EventPublisher,
+        workdir: Path,
+        buckets: Buckets | None = None,
+        limits: ArchiveLimits | None = None,
+    ) -> None:
+        self.backend = backend
+        self.staging = staging
+        self.publisher = publisher
+        self.workdir = workdir
+        self.buckets = buckets or Buckets()
+        self.limits = limits or ArchiveLimits()
+
+    # -- checkpoints -----------------------------------------------------------------------------
+
+    async def store_checkpoint(self, event: CheckpointStaged) -> ArtifactStored | None:
+        """Copy a staged checkpoint into the internal bucket, verify it, and announce it.
+
+        Returns the published `ArtifactStored`, or None when a newer (attempt, seq) of the same
+        kind is already stored (a stale or reordered event must not overwrite it).
+        """
+        _require_safe_id(event.job_id, "job_id")
+        _require_safe_id(event.checkpoint_kind, "checkpoint_kind")
+        logger = bind(log, job_id=event.job_id, attempt=event.attempt, seq=event.seq)
+        bucket = self.buckets.internal
+        key = checkpoint_key(event.job_id, event.checkpoint_kind)
+        sidecar_key = checkpoint_sidecar_key(event.job_id, event.checkpoint_kind)
+        stored = await self._read_json(bucket, sidecar_key)
+        if stored is not None and (stored["attempt"], stored["seq"]) > (event.attempt, event.seq):
+            logger.info(
+                "checkpoint %s is older than the stored one (attempt %s seq %s); not overwriting",
+                event.checkpoint_kind, stored["attempt"], stored["seq"],
+            )
+            return None
+
+        already = (
+            stored is not None
+            and stored.get("sha256") == event.sha256
+            and await asyncio.to_thread(self.backend.exists, bucket, key)
+        )
+        if already:
+            uri = self.backend.uri(bucket, key)
+            size = int(stored["size_bytes"]) if stored else event.size_bytes
+        else:
+            uri, size = await self._copy_checkpoint(event, bucket=bucket, key=key)
+        sidecar = {
+            "attempt": event.attempt,
+            "seq": event.seq,
+            "sha256": event.sha256,
+            "size_bytes": size,
+            "epoch": event.epoch,
+            "uri": uri,
+        }
+        if stored != sidecar:
+            # Written after the verified file: a sidecar never describes bytes that are not there.
+            await asyncio.to_thread(self.backend.write_bytes, bucket, sidecar_key, json.dumps(sidecar).encode())
+        artifact = ArtifactStored(
+            message_id=f"stored-{event.message_id}",
+            job_id=event.job_id,
+            attempt=event.attempt,
+            seq=event.seq,
+            checkpoint_kind=event.checkpoint_kind,
+            uri=uri,
+            sha256=event.sha256,
+            size_bytes=size,
+            epoch=event.epoch,
+        )
+        await self.publisher.publish(artifact)
+        logger.info("stored checkpoint %s at %s%s", event.checkpoint_kind, uri, " (already there)" if already else "")
+        return artifact
+
+    async def _copy_checkpoint(self, event: CheckpointStaged, *, bucket: str, key: str) -> tuple[str, int]:
+        with self._scratch() as scratch:
+            local = Path(scratch) / "checkpoint.pt"
+            await self.staging.fetch(event.object_name, local, sha256=event.sha256)
+            size = local.stat().st_size
+            uri = await asyncio.to_thread(self.backend.put_file, bucket, key, local)
+        written = await asyncio.to_thread(self.backend.sha256, bucket, key)
+        if written != event.sha256:
+            # Transient by nature (a torn write, a flaky endpoint): raising naks for a retry.
+            raise OSError(f"{uri} reads back with sha256 {written}, expected {event.sha256}")
+        return uri, size
+
+    # -- datasets --------------------------------------------------------------------------------
+
+    async def ingest_dataset(self, command: IngestDataset) -> DatasetEvent:
+        """Check an uploaded archive; store it under its content hash or reject it; announce which."""
+        _require_safe_id(command.dataset_id, "dataset_id")
+        logger = bind(log, dataset_id=command.dataset_id)
+        event = await self._check_and_store(command)
+        await self.publisher.publish(event)
+        if isinstance(event, DatasetRejected):
+            logger.info("rejected dataset upload %s: %s", command.filename, event.reason)
+        else:
+            logger.info("dataset upload %s stored as version %s", command.filename, getattr(event, "content_hash", ""))
+        return event
+
+    async def _check_and_store(self, command: IngestDataset) -> DatasetEvent:
+        # Deterministic id: a redelivered command announces its outcome once.
+        message_id = f"ingest-{command.message_id}"
+
+        def rejected(reason: str) -> DatasetRejected:
+            return DatasetRejected(message_id=message_id, dataset_id=command.dataset_id, reason=reason)
+
+        if command.size_bytes > self.limits.max_upload_bytes:
+            return rejected(
+                f"{command.filename} is {command.size_bytes} bytes; uploads are limited to "
+                f"{self.limits.max_upload_bytes} bytes"
+            )
+        with self._scratch() as scratch:
+            upload = Path(scratch) / "upload.zip"
+            try:
+                await self.staging.fetch(command.object_name, upload, sha256=command.sha256)
+            except StagedObjectMissing:
+                return rejected(f"{command.filename}: the upload is no longer available; upload it again")
+            except StagedObjectCorrupt:
+                return rejected(f"{command.filename}: the upload was corrupted in transit (sha256 mismatch)")
+            try:
+                dataset = await asyncio.to_thread(
+                    inspect_imagefolder_archive,
+                    upload,
+                    workdir=Path(scratch) / "normalized",
+                    limits=self.limits,
+                    label=command.filename,
+                )
+            except ArchiveRejected as rejection:
+                return rejected(rejection.reason)
+            bucket = self.buckets.external
+            archive_key = dataset_archive_key(command.dataset_id, dataset.content_hash)
+            manifest_key = dataset_manifest_key(command.dataset_id, dataset.content_hash)
+            uri = self.backend.uri(bucket, archive_key)
+            manifest = dataset.manifest() | {"uri": uri}
+            # Same content twice → same hash → stored once. The manifest goes last: when it exists,
+            # the archive it describes is complete.
+            if not await asyncio.to_thread(self.backend.exists, bucket, manifest_key):
+                await asyncio.to_thread(self.backend.put_file, bucket, archive_key, dataset.archive)
+                await asyncio.to_thread(
+                    self.backend.write_bytes, bucket, manifest_key, json.dumps(manifest, indent=2).encode()
+                )
+        return DatasetReady(message_id=message_id, dataset_id=command.dataset_id, **manifest)
+
+    # -- request-reply ---------------------------------------------------------------------------
+
+    async def stage(self, request: StageRequest) -> StageReply:
+        """Put a stored dataset version or a job's stored checkpoint into the staging object store."""
+        if request.dataset_id and request.content_hash:
+            return await self._stage_dataset(request.dataset_id, request.content_hash)
+        if request.job_id and request.checkpoint_kind:
+            return await self._stage_checkpoint(request.job_id, request.checkpoint_kind)
+        return StageReply(ok=False, error="a stage request names a dataset version or a job's checkpoint")
+
+    async def _stage_dataset(self, dataset_id: str, content_hash: str) -> StageReply:
+        if not _SAFE_ID.match(dataset_id) or not _CONTENT_HASH.match(content_hash):
+            return StageReply(ok=False, error="invalid dataset_id or content_hash")
+        bucket = self.buckets.external
+        key = dataset_archive_key(dataset_id, content_hash)
+        if not await asyncio.to_thread(self.backend.exists, bucket, dataset_manifest_key(dataset_id, content_hash)):
+            return StageReply(ok=False, error=f"no stored dataset {dataset_id} version {content_hash}")
+        name = staged_dataset_name(content_hash)
+        # Staged copies are shared by content hash: a second runner (or job) reuses the first's.
+        staged = await self.staging.info(name)
+        if staged is None:
+            with self._scratch() as scratch:
+                local = await asyncio.to_thread(self.backend.get_file, bucket, key, Path(scratch) / "dataset.zip")
+                staged = await self.staging.stage(name, local)
+        return StageReply(
+            ok=True,
+            object_name=staged.name,
+            sha256=staged.sha256,
+            size_bytes=staged.size_bytes,
+            uri=self.backend.uri(bucket, key),
+        )
+
+    async def _stage_checkpoint(self, job_id: str, kind: str) -> StageReply:
+        if not _SAFE_ID.match(job_id) or not _SAFE_ID.match(kind):
+            return StageReply(ok=False, error="invalid job_id or checkpoint_kind")
+        bucket = self.buckets.internal
+        key = checkpoint_key(job_id, kind)
+        sidecar = await self._read_json(bucket, checkpoint_sidecar_key(job_id, kind))
+        if sidecar is None or not await asyncio.to_thread(self.backend.exists, bucket, key):
+            return StageReply(ok=False, error="no stored checkpoint")
+        with self._scratch() as scratch:
+            local = await asyncio.to_thread(self.backend.get_file, bucket, key, Path(scratch) / "checkpoint.pt")
+            staged = await self.staging.stage(staged_resume_name(job_id, kind), local)
+        return StageReply(
+            ok=True,
+            object_name=staged.name,
+            sha256=staged.sha256,
+            size_bytes=staged.size_bytes,
+            uri=self.backend.uri(bucket, key),
+            epoch=sidecar.get("epoch"),
+        )
+
+    async def presign(self, request: PresignRequest) -> PresignReply:
+        """A download URL for an object in one of our buckets."""
+        try:
+            bucket, key = self.backend.parse_uri(request.uri)
+        except ValueError as error:
+            return PresignReply(ok=False, error=str(error))
+        if bucket not in (self.buckets.external, self.buckets.internal):
+            return PresignReply(ok=False, error=f"{request.uri} is not in a Visionyard bucket")
+        if not await asyncio.to_thread(self.backend.exists, bucket, key):
+            return PresignReply(ok=False, error=f"no such object: {request.uri}")
+        expires_in = max(1, min(request.expires_in, 7 * 24 * 3600))  # S3's SigV4 maximum is 7 days
+        url = await asyncio.to_thread(lambda: self.backend.presign(request.uri, expires_in=expires_in))
+        return PresignReply(ok=True, url=url)
+
+    # -- internals -------------------------------------------------------------------------------
+
+    async def _read_json(self, bucket: str, key: str) -> dict[str, Any] | None:
+        data = await asyncio.to_thread(self.backend.read_bytes, bucket, key)
+        if data is None:
+            return None
+        loaded: dict[str, Any] = json.loads(data)
+        return loaded
+
+    def _scratch(self) -> tempfile.TemporaryDirectory[str]:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        return tempfile.TemporaryDirectory(dir=self.workdir, prefix=f"{uuid.uuid4().hex[:8]}-")
+
+
+def _require_safe_id(value: str, field_name: str) -> None:
+    if not _SAFE_ID.match(value):
+        raise InvalidMessage(f"{field_name} {value!r} is not usable as a storage key")

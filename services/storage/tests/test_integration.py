@@ -1,0 +1,276 @@
+"""The storage service against a real nats-server: ingest, checkpoints, stage and presign round trips."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+import pytest
+
+from visionyard.shared import streams, subjects
+from visionyard.shared.bus import Bus
+from visionyard.shared.commands import IngestDataset
+from visionyard.shared.events import (
+    ArtifactStored,
+    CheckpointStaged,
+    DatasetReady,
+    DatasetRejected,
+    PresignReply,
+    PresignRequest,
+    StageReply,
+    StageRequest,
+)
+from visionyard.shared.messages import Message
+from visionyard.shared.natsserver import NatsServer
+from visionyard.storage.adapters.local import LocalDirectoryBackend
+from visionyard.storage.adapters.staging import BusStagingArea
+from visionyard.storage.config import StorageSettings
+from visionyard.storage.handlers import StorageHandlers
+from visionyard.storage.main import serve
+from visionyard.storage.service import Buckets, StorageService
+
+pytestmark = pytest.mark.integration
+
+WAIT = 30.0  # an upper bound so a broken service fails the test instead of hanging it
+
+
+def local_path(uri: str) -> Path:
+    """The file behind a `file://` URI."""
+    return Path(unquote(urlparse(uri).path))
+
+
+@pytest.fixture
+def settings(nats_server: NatsServer, tmp_path: Path) -> StorageSettings:
+    """Embedded settings on the test's broker and data directory."""
+    return StorageSettings(nats_url=nats_server.url, data_dir=tmp_path / "data")
+
+
+async def start_storage(settings: StorageSettings) -> tuple[asyncio.Event, asyncio.Task[None]]:
+    """Run the storage service in this loop, the same way `visionyard-storage` does."""
+    stop = asyncio.Event()
+    task = asyncio.create_task(serve(settings, stop=stop))
+    return stop, task
+
+
+@pytest.fixture
+async def storage(bus: Bus, settings: StorageSettings) -> AsyncIterator[StorageSettings]:
+    """A running storage service; stopped (and drained) at the end of the test."""
+    stop, task = await start_storage(settings)
+    # Ready once it answers requests.
+    for _ in range(200):
+        try:
+            await bus.request(subjects.STORAGE_STAGE, StageRequest(), timeout=0.5)
+            break
+        except Exception:
+            await asyncio.sleep(0.05)
+    yield settings
+    stop.set()
+    await asyncio.wait_for(task, WAIT)
+
+
+async def upload(bus: Bus, path: Path, *, dataset_id: str) -> IngestDataset:
+    """What the API does: stage the zip, then send the ingest command."""
+    name = f"upload/{dataset_id}/{path.stem}.zip"
+    sha256, size = await bus.put_file(name, path)
+    command = IngestDataset(dataset_id=dataset_id, object_name=name, sha256=sha256, size_bytes=size, filename=path.name)
+    await bus.publish(command)
+    return command
+
+
+async def stage_checkpoint(bus: Bus, tmp_path: Path, data: bytes, *, job_id: str, seq: int = 1) -> CheckpointStaged:
+    """What a runner does: stage the checkpoint file, then publish the event."""
+    source = tmp_path / f"{job_id}-{seq}.pt"
+    source.write_bytes(data)
+    name = f"ckpt/{job_id}/1/{seq}-best.pt"
+    sha256, size = await bus.put_file(name, source)
+    event = CheckpointStaged(
+        job_id=job_id, attempt=1, seq=seq, checkpoint_kind="best", object_name=name, sha256=sha256,
+        size_bytes=size, epoch=3,
+    )
+    await bus.publish(event)
+    return event
+
+
+async def test_ingest_command_yields_ready_dataset_that_stages_and_presigns(
+    bus: Bus, storage: StorageSettings, make_zip: Callable[..., Path], flat_dataset
+) -> None:
+    events = await bus.nc.subscribe(subjects.dataset_event("ds1", "*"))
+    await upload(bus, make_zip(flat_dataset, name="pets.zip"), dataset_id="ds1")
+    ready = DatasetReady.model_validate_json((await events.next_msg(timeout=WAIT)).data)
+    assert ready.num_images == 5 and ready.class_names == ["cats", "dogs"] and ready.format == "imagefolder"
+    stored = local_path(ready.uri)
+    assert stored.is_file() and stored.stat().st_size == ready.size_bytes
+    assert str(stored).startswith(str(storage.storage_root.resolve() / "visionyard-external" / "datasets" / "ds1"))
+
+    reply = StageReply.model_validate_json(
+        await bus.request(subjects.STORAGE_STAGE, StageRequest(dataset_id="ds1", content_hash=ready.content_hash))
+    )
+    assert reply.ok and reply.object_name == f"dataset/{ready.content_hash}.zip"
+    staged = await bus.get_file(reply.object_name or "", storage.data_dir / "got.zip", sha256=reply.sha256)
+    assert staged.read_bytes() == stored.read_bytes()
+
+    presigned = PresignReply.model_validate_json(await bus.request(subjects.STORAGE_PRESIGN, PresignRequest(uri=ready.uri)))
+    assert presigned.ok and presigned.url == ready.uri
+
+
+async def test_unsafe_upload_is_rejected_and_nothing_is_stored(
+    bus: Bus, storage: StorageSettings, make_zip: Callable[..., Path], images
+) -> None:
+    events = await bus.nc.subscribe(subjects.dataset_event("ds2", "*"))
+    archive = make_zip([("cats/a.png", images["png"]()), ("dogs/a.png", images["png"]()), ("/etc/cron.png", b"x")])
+    await upload(bus, archive, dataset_id="ds2")
+    message = await events.next_msg(timeout=WAIT)
+    assert message.subject == subjects.dataset_event("ds2", "rejected")
+    assert "/etc/cron.png" in DatasetRejected.model_validate_json(message.data).reason
+    assert not list((storage.storage_root / "visionyard-external").rglob("*.zip"))
+
+
+async def test_staged_checkpoint_is_stored_verified_and_resumable(
+    bus: Bus, storage: StorageSettings, tmp_path: Path
+) -> None:
+    events = await bus.nc.subscribe(subjects.job_event("job1", "artifact_stored"))
+    data = os.urandom(300_000)
+    event = await stage_checkpoint(bus, tmp_path, data, job_id="job1")
+    stored = ArtifactStored.model_validate_json((await events.next_msg(timeout=WAIT)).data)
+    assert (stored.seq, stored.attempt, stored.epoch, stored.checkpoint_kind) == (1, 1, 3, "best")
+    path = local_path(stored.uri)
+    assert path.name == "best.pt" and path.parent.name == "job1"
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == event.sha256 == stored.sha256
+
+    reply = StageReply.model_validate_json(
+        await bus.request(subjects.STORAGE_STAGE, StageRequest(job_id="job1", checkpoint_kind="best"))
+    )
+    assert reply.ok and reply.object_name == "resume/job1/best.pt" and reply.epoch == 3
+    resumed = await bus.get_file("resume/job1/best.pt", tmp_path / "resume.pt", sha256=reply.sha256)
+    assert resumed.read_bytes() == data
+    nothing = StageReply.model_validate_json(
+        await bus.request(subjects.STORAGE_STAGE, StageRequest(job_id="job2", checkpoint_kind="best"))
+    )
+    assert not nothing.ok and nothing.error == "no stored checkpoint"
+
+
+async def test_checkpoint_with_wrong_sha256_is_dead_lettered_not_stored(
+    bus: Bus, storage: StorageSettings, tmp_path: Path
+) -> None:
+    source = tmp_path / "c.pt"
+    source.write_bytes(b"real bytes")
+    await bus.put_file("ckpt/job3/1/1-best.pt", source)
+    await bus.publish(CheckpointStaged(
+        job_id="job3", attempt=1, seq=1, checkpoint_kind="best", object_name="ckpt/job3/1/1-best.pt",
+        sha256="0" * 64, size_bytes=10,
+    ))
+    for _ in range(int(WAIT / 0.05)):
+        if (await bus.js.stream_info(streams.DEADLETTERS.name)).state.messages:
+            break
+        await asyncio.sleep(0.05)
+    dead = await bus.js.get_last_msg(streams.DEADLETTERS.name, subjects.dead_letter(streams.STORAGE_ARTIFACTS.durable))
+    assert "sha256" in (dead.headers or {}).get("Visionyard-Reason", "")
+    assert not (storage.storage_root / "visionyard-internal" / "checkpoints" / "job3").exists()
+
+
+class FlakyPublisher:
+    """Publishes through the bus, but the first publish fails as if the broker dropped the connection."""
+
+    def __init__(self, bus: Bus) -> None:
+        self.bus = bus
+        self.failures_left = 1
+
+    async def publish(self, message: Message) -> object:
+        if self.failures_left:
+            self.failures_left -= 1
+            raise ConnectionError("broker went away")
+        return await self.bus.publish(message)
+
+
+class CountingBackend(LocalDirectoryBackend):
+    """The local backend, counting file uploads."""
+
+    puts = 0
+
+    def put_file(self, bucket: str, key: str, path: Path) -> str:
+        self.puts += 1
+        return super().put_file(bucket, key, path)
+
+
+async def test_redelivered_checkpoint_event_is_stored_once_and_announced_once(bus: Bus, tmp_path: Path) -> None:
+    backend = CountingBackend(tmp_path / "root")
+    publisher = FlakyPublisher(bus)
+    service = StorageService(
+        backend=backend, staging=BusStagingArea(bus), publisher=publisher, workdir=tmp_path / "work",
+        buckets=Buckets(),
+    )
+    handlers = StorageHandlers(service)
+    events = await bus.nc.subscribe(subjects.job_event("job4", "artifact_stored"))
+    event = await stage_checkpoint(bus, tmp_path, b"weights" * 1000, job_id="job4")
+    await bus.publish(event)  # the runner retried its publish: de-duplicated by message id
+
+    stop = asyncio.Event()
+    consumer = asyncio.create_task(bus.consume(streams.STORAGE_ARTIFACTS, handlers.on_checkpoint_staged, stop=stop))
+    first = await events.next_msg(timeout=WAIT)  # after the nak'ed first delivery, the redelivery
+    # A second copy of the same event from a restarted runner (new message id, same content).
+    await bus.publish(event.model_copy(update={"message_id": "retry-from-runner"}))
+    second = await events.next_msg(timeout=WAIT)
+    stop.set()
+    await asyncio.wait_for(consumer, WAIT)
+
+    assert backend.puts == 1
+    assert ArtifactStored.model_validate_json(first.data).message_id == f"stored-{event.message_id}"
+    assert ArtifactStored.model_validate_json(second.data).message_id == "stored-retry-from-runner"
+    info = await bus.js.stream_info(streams.EVENTS.name, subjects_filter=subjects.job_event("job4", "artifact_stored"))
+    assert info.state.messages >= 1 and (info.state.subjects or {}).get(subjects.job_event("job4", "artifact_stored")) == 2
+    consumer_info = await bus.js.consumer_info(streams.EVENTS.name, streams.STORAGE_ARTIFACTS.durable)
+    assert consumer_info.num_ack_pending == 0 and publisher.failures_left == 0  # it was redelivered
+
+
+async def test_checkpoint_is_stored_in_s3(bus: Bus, nats_server: NatsServer, s3_endpoint: str, tmp_path: Path) -> None:
+    from visionyard.storage.adapters.s3 import S3Backend
+
+    settings = StorageSettings(
+        nats_url=nats_server.url, data_dir=tmp_path / "data", backend="s3", s3_endpoint_url=s3_endpoint,
+        s3_access_key_id="testing", s3_secret_access_key="testing",
+        internal_bucket="it-internal", external_bucket="it-external",
+    )
+    events = await bus.nc.subscribe(subjects.job_event("job5", "artifact_stored"))
+    stop, task = await start_storage(settings)
+    data = os.urandom(100_000)
+    event = await stage_checkpoint(bus, tmp_path, data, job_id="job5")
+    stored = ArtifactStored.model_validate_json((await events.next_msg(timeout=WAIT)).data)
+    stop.set()
+    await asyncio.wait_for(task, WAIT)
+
+    assert stored.uri == "s3://it-internal/checkpoints/job5/best.pt"
+    s3 = S3Backend(endpoint_url=s3_endpoint, access_key_id="testing", secret_access_key="testing")
+    assert s3.sha256("it-internal", "checkpoints/job5/best.pt") == event.sha256
+    sidecar = json.loads(s3.read_bytes("it-internal", "checkpoints/job5/best.json") or b"{}")
+    assert sidecar["seq"] == 1 and sidecar["sha256"] == event.sha256 and sidecar["uri"] == stored.uri
+
+
+def test_console_script_runs_until_sigterm_and_exits_zero(nats_server: NatsServer, tmp_path: Path) -> None:
+    env = {
+        **os.environ,
+        "VISIONYARD_STORAGE_NATS_URL": nats_server.url,
+        "VISIONYARD_STORAGE_DATA_DIR": str(tmp_path / "data"),
+    }
+    script = Path(sys.executable).with_name("visionyard-storage")
+    process = subprocess.Popen([str(script)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        # Started once its log says so (the buckets exist by then).
+        assert process.stderr is not None
+        for line in process.stderr:
+            if b"storage service running" in line:
+                break
+        assert (tmp_path / "data" / "storage" / "visionyard-internal").is_dir()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=WAIT) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
