@@ -1,0 +1,2 @@
+"""Visionyard tracker: mirrors job events into MLflow (the only MLflow writer) and answers
+metric-history and summary requests for the API."""

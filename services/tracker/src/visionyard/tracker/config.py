@@ -1,0 +1,43 @@
+"""Settings of the tracker service (env prefix `VISIONYARD_TRACKER_`)."""
+
+from __future__ import annotations
+
+from pydantic import model_validator
+from pydantic_settings import SettingsConfigDict
+
+from visionyard.shared.config import ServiceSettings
+
+
+class TrackerSettings(ServiceSettings):
+    """Where MLflow lives and how events are batched into it.
+
+    `tracking_uri` defaults to a SQLite store under the data dir. SQLite allows ONE writer
+    ("database is locked" otherwise), so with the default store the tracker runs as exactly one
+    replica; point it at an MLflow tracking server to run several.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="VISIONYARD_TRACKER_", extra="ignore")
+
+    tracking_uri: str | None = None
+    artifact_root: str | None = None
+    batch_size: int = 500
+    experiment_prefix: str = ""
+
+    @model_validator(mode="after")
+    def _derive_defaults(self) -> TrackerSettings:
+        # The local defaults hang off the data dir; with a tracking server (http[s]://) the
+        # server owns the artifact root unless one is given explicitly.
+        if self.tracking_uri is None:
+            database = (self.data_dir / "mlflow" / "mlflow.db").resolve()
+            self.tracking_uri = f"sqlite:///{database}"
+            if self.artifact_root is None:
+                self.artifact_root = str((self.data_dir / "mlflow" / "artifacts").resolve())
+        elif self.artifact_root is None and self.tracking_uri.startswith("sqlite:"):
+            self.artifact_root = str((self.data_dir / "mlflow" / "artifacts").resolve())
+        return self
+
+    @property
+    def mlflow_uri(self) -> str:
+        """The resolved MLflow tracking URI."""
+        assert self.tracking_uri is not None
+        return self.tracking_uri

@@ -1,0 +1,85 @@
+"""Composition root of the tracker: settings, bus, MLflow adapter, consumer and responders.
+
+Run as ONE replica per SQLite store (SQLite has one writer); against an MLflow tracking server the
+tracker scales out: replicas share the durable consumer `tracker` and the queue group `tracker`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from typing import Any
+
+from visionyard.shared import streams, subjects
+from visionyard.shared.bus import Bus
+from visionyard.shared.logs import configure_logging
+from visionyard.tracker.config import TrackerSettings
+from visionyard.tracker.handlers import TrackerHandlers
+from visionyard.tracker.ports import RunStore
+from visionyard.tracker.service import Tracker
+
+log = logging.getLogger("visionyard.tracker")
+SERVICE = "tracker"
+
+
+async def serve(settings: TrackerSettings, *, stop: asyncio.Event, store: RunStore | None = None) -> None:
+    """Run the tracker until `stop` is set, then drain the NATS connection."""
+    from visionyard.tracker.adapters.event_history import JetStreamStartedEvents
+
+    owned_store = None
+    if store is None:
+        # Imported here: `import mlflow` costs about a second, and tests may bring their own store.
+        from visionyard.tracker.adapters.mlflow_store import MlflowRunStore
+
+        store = owned_store = MlflowRunStore(tracking_uri=settings.mlflow_uri, artifact_root=settings.artifact_root)
+    bus = await Bus.connect(settings.nats_url, service=SERVICE)
+    responders: list[Any] = []
+    try:
+        await bus.ensure_topology(replicas=settings.stream_replicas)
+        tracker = Tracker(
+            store=store,
+            publisher=bus,
+            started_events=JetStreamStartedEvents(bus),
+            experiment_prefix=settings.experiment_prefix,
+        )
+        handlers = TrackerHandlers(tracker=tracker, dead_letters=bus)
+        responders.append(await bus.serve(subjects.TRACKER_METRICS, handlers.on_metrics_query, queue=SERVICE))
+        responders.append(await bus.serve(subjects.TRACKER_SUMMARY, handlers.on_summary_query, queue=SERVICE))
+        log.info("tracker consuming %s into %s", streams.TRACKER.durable, _redacted(settings.mlflow_uri))
+        await bus.consume_batches(streams.TRACKER, handlers.on_job_events, stop=stop, batch=settings.batch_size)
+    finally:
+        for responder in responders:
+            try:
+                await responder.unsubscribe()
+            except Exception:  # pragma: no cover - the connection is closing anyway
+                pass
+        await bus.close()
+        if owned_store is not None:
+            owned_store.close()
+        log.info("tracker stopped")
+
+
+def _redacted(uri: str) -> str:
+    # A tracking server URI may carry credentials (https://user:pass@host); never log them.
+    scheme, sep, rest = uri.partition("://")
+    return f"{scheme}{sep}{rest.rsplit('@', 1)[-1]}"
+
+
+async def _main(settings: TrackerSettings) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await serve(settings, stop=stop)
+
+
+def run() -> None:
+    """Console script `visionyard-tracker`: run until SIGTERM/SIGINT, then exit 0."""
+    settings = TrackerSettings()
+    configure_logging(SERVICE, settings.log_level)
+    asyncio.run(_main(settings))
+
+
+if __name__ == "__main__":
+    run()
