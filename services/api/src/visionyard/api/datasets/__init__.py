@@ -1,0 +1,1 @@
+"""Datasets: endpoints, use cases and wire schemas."""

@@ -1,0 +1,116 @@
+"""Dataset use cases: create, read, delete, and hand uploads to storage for ingestion."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from pathlib import Path
+from typing import Protocol
+
+from visionyard.api.db.models import Dataset, utcnow
+from visionyard.api.db.repositories import DatasetRepository, JobRepository, OutboxRepository
+from visionyard.api.db.session import UnitOfWork
+from visionyard.api.datasets import schemas
+from visionyard.api.errors import Conflict, InvalidInput, NotFound
+from visionyard.shared.commands import IngestDataset
+
+# A zip archive starts with a local file header, or (when empty) with the end-of-directory record.
+ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
+
+
+class ObjectStaging(Protocol):
+    """The staging object store files cross service boundaries through."""
+
+    async def put_file(self, name: str, path: Path) -> tuple[str, int]:
+        """Put a file; its sha256 and size."""
+        ...
+
+
+def to_response(dataset: Dataset) -> schemas.DatasetResponse:
+    """The wire form of a dataset."""
+    return schemas.DatasetResponse(
+        id=dataset.id, project_id=dataset.project_id, name=dataset.name, description=dataset.description,
+        format=dataset.format, labeled=dataset.labeled, num_items=dataset.num_images, num_images=dataset.num_images,
+        num_classes=dataset.num_classes, class_names=list(dataset.class_names or []),
+        class_counts=dict(dataset.class_counts or {}), splits=dict(dataset.splits or {}),
+        task_types=list(dataset.task_types or []), size_mb=round((dataset.size_bytes or 0) / 1024**2, 3),
+        visibility=dataset.visibility, status=dataset.status, content_hash=dataset.content_hash,
+        rejection_reason=dataset.rejection_reason, created_at=dataset.created_at,
+    )
+
+
+def check_zip_magic(path: Path) -> None:
+    """InvalidInput unless the file starts like a zip archive."""
+    with path.open("rb") as handle:
+        head = handle.read(4)
+    if head not in ZIP_MAGIC:
+        raise InvalidInput("file", "not a zip archive (its first bytes are not a zip signature)")
+
+
+class DatasetService:
+    """The dataset use cases."""
+
+    def __init__(self, *, uow: UnitOfWork, staging: ObjectStaging) -> None:
+        self._uow = uow
+        self._staging = staging
+
+    def create_dataset(self, request: schemas.CreateDatasetRequest) -> schemas.CreateDatasetResponse:
+        """Register an empty dataset; data arrives with an upload."""
+        with self._uow.transaction() as session:
+            dataset = Dataset(
+                id=uuid.uuid4().hex, project_id=request.project_id, name=request.name,
+                description=request.description, visibility=request.visibility, status="empty",
+                class_names=[], class_counts={}, splits={}, task_types=[], created_at=utcnow(),
+            )
+            DatasetRepository(session).add(dataset)
+            session.flush()
+            view = to_response(dataset)
+        return schemas.CreateDatasetResponse(status="created", dataset_id=view.id, dataset=view)
+
+    def list_available(self) -> list[schemas.DatasetResponse]:
+        """Every dataset, newest first."""
+        with self._uow.read() as session:
+            return [to_response(row) for row in DatasetRepository(session).list()]
+
+    def get_dataset(self, dataset_id: str) -> schemas.DatasetResponse:
+        """One dataset."""
+        with self._uow.read() as session:
+            dataset = DatasetRepository(session).get(dataset_id)
+            if dataset is None:
+                raise NotFound(f"dataset_id: dataset {dataset_id} not found")
+            return to_response(dataset)
+
+    def delete_dataset(self, dataset_id: str) -> None:
+        """Delete a dataset unless a queued or running job trains on it."""
+        with self._uow.transaction() as session:
+            datasets = DatasetRepository(session)
+            dataset = datasets.get(dataset_id)
+            if dataset is None:
+                raise NotFound(f"dataset_id: dataset {dataset_id} not found")
+            active = JobRepository(session).active_using_dataset(dataset_id)
+            if active:
+                raise Conflict(f"cannot delete dataset {dataset_id}: {active} queued or running job(s) use it")
+            datasets.delete(dataset)
+
+    async def ingest_upload(self, dataset_id: str, *, path: Path, filename: str) -> schemas.UploadAccepted:
+        """Stage an uploaded archive and ask storage to ingest it (status → processing)."""
+        check_zip_magic(path)
+        object_name = f"upload/{dataset_id}/{uuid.uuid4().hex}.zip"
+        sha256, size = await self._staging.put_file(object_name, path)
+        command = IngestDataset(
+            dataset_id=dataset_id, object_name=object_name, sha256=sha256, size_bytes=size, filename=filename
+        )
+        await asyncio.to_thread(self._mark_processing, dataset_id, command)
+        return schemas.UploadAccepted(
+            status="processing", dataset_id=dataset_id, message="upload accepted; storage is checking it",
+            object_name=object_name, sha256=sha256, size_bytes=size,
+        )
+
+    def _mark_processing(self, dataset_id: str, command: IngestDataset) -> None:
+        with self._uow.transaction() as session:
+            dataset = DatasetRepository(session).get(dataset_id)
+            if dataset is None:
+                raise NotFound(f"dataset_id: dataset {dataset_id} not found")
+            dataset.status = "processing"
+            dataset.rejection_reason = None
+            OutboxRepository(session).add(command)

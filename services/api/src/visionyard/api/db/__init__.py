@@ -1,0 +1,1 @@
+"""The platform database: ORM models, sessions and repositories."""

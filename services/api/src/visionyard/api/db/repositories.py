@@ -1,0 +1,214 @@
+"""Repositories: queries and writes over one session. They never commit; the unit of work does."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import delete, func, select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.orm import Session
+
+from visionyard.api.db.models import (
+    Checkpoint,
+    Dataset,
+    DatasetVersion,
+    OutboxMessage,
+    TrainingJob,
+    TrainingLog,
+    TrainingMetric,
+    utcnow,
+)
+from visionyard.shared.messages import Message
+
+
+class JobRepository:
+    """Training jobs and their projected rows (metrics, logs, checkpoints)."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def add(self, job: TrainingJob) -> None:
+        """Stage a new job."""
+        self.session.add(job)
+
+    def get(self, job_id: str, *, for_update: bool = False) -> TrainingJob | None:
+        """One job, locked for the transaction when `for_update` (PostgreSQL)."""
+        query = select(TrainingJob).where(TrainingJob.id == job_id)
+        if for_update:
+            query = query.with_for_update()
+        return self.session.scalars(query).first()
+
+    def list(
+        self, *, project_id: str | None, status: str | None, limit: int, offset: int
+    ) -> tuple[Sequence[TrainingJob], int]:
+        """A page of jobs, newest first, and how many match in all."""
+        query = select(TrainingJob)
+        if project_id:
+            query = query.where(TrainingJob.project_id == project_id)
+        if status:
+            query = query.where(TrainingJob.status == status)
+        total = self.session.scalar(select(func.count()).select_from(query.subquery())) or 0
+        rows = self.session.scalars(
+            query.order_by(TrainingJob.created_at.desc(), TrainingJob.id.desc()).limit(limit).offset(offset)
+        ).all()
+        return rows, total
+
+    def active_using_dataset(self, dataset_id: str) -> int:
+        """How many queued/running/cancelling jobs train on a dataset."""
+        return self.session.scalar(
+            select(func.count())
+            .select_from(TrainingJob)
+            .where(TrainingJob.dataset_id == dataset_id, TrainingJob.status.in_(("queued", "running", "cancelling")))
+        ) or 0
+
+    def add_metric_once(self, row: dict[str, Any]) -> bool:
+        """Insert a metric row unless (job, attempt, seq) exists; whether it was inserted."""
+        return _insert_ignoring_duplicate(self.session, TrainingMetric, row, ("job_id", "attempt", "seq"))
+
+    def add_log_once(self, row: dict[str, Any]) -> bool:
+        """Insert a log row unless (job, attempt, seq) exists; whether it was inserted."""
+        return _insert_ignoring_duplicate(self.session, TrainingLog, row, ("job_id", "attempt", "seq"))
+
+    def metrics(self, job_id: str, *, limit: int, newest: bool = False) -> list[TrainingMetric]:
+        """Metric rows oldest first: the first `limit`, or the last `limit` when `newest`."""
+        order = (TrainingMetric.attempt, TrainingMetric.seq, TrainingMetric.id)
+        query = select(TrainingMetric).where(TrainingMetric.job_id == job_id)
+        if newest:
+            rows = list(self.session.scalars(query.order_by(*(c.desc() for c in order)).limit(limit)).all())
+            return rows[::-1]
+        return list(self.session.scalars(query.order_by(*order).limit(limit)).all())
+
+    def metric_count(self, job_id: str) -> int:
+        """How many metric rows a job has."""
+        return self.session.scalar(
+            select(func.count()).select_from(TrainingMetric).where(TrainingMetric.job_id == job_id)
+        ) or 0
+
+    def logs(self, job_id: str, *, limit: int, log_type: str | None) -> list[TrainingLog]:
+        """The newest `limit` log rows (optionally of one event type), oldest first."""
+        query = select(TrainingLog).where(TrainingLog.job_id == job_id)
+        if log_type:
+            query = query.where(TrainingLog.event_type == log_type)
+        rows = list(self.session.scalars(query.order_by(TrainingLog.id.desc()).limit(limit)).all())
+        return rows[::-1]
+
+    def checkpoint(self, job_id: str, kind: str) -> Checkpoint | None:
+        """A job's checkpoint of one kind."""
+        return self.session.scalars(
+            select(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.kind == kind)
+        ).first()
+
+    def checkpoints(self, job_id: str) -> list[Checkpoint]:
+        """Every checkpoint row of a job."""
+        return list(self.session.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.kind)))
+
+    def add_checkpoint(self, checkpoint: Checkpoint) -> None:
+        """Stage a new checkpoint row."""
+        self.session.add(checkpoint)
+        self.session.flush()
+
+
+class DatasetRepository:
+    """Datasets and their immutable versions."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def add(self, dataset: Dataset) -> None:
+        """Stage a new dataset."""
+        self.session.add(dataset)
+
+    def get(self, dataset_id: str) -> Dataset | None:
+        """One dataset."""
+        return self.session.get(Dataset, dataset_id)
+
+    def list(self) -> Sequence[Dataset]:
+        """Every dataset, newest first."""
+        return self.session.scalars(select(Dataset).order_by(Dataset.created_at.desc(), Dataset.id)).all()
+
+    def delete(self, dataset: Dataset) -> None:
+        """Remove a dataset and its versions."""
+        self.session.execute(delete(DatasetVersion).where(DatasetVersion.dataset_id == dataset.id))
+        self.session.delete(dataset)
+
+    def versions(self, dataset_id: str) -> Sequence[DatasetVersion]:
+        """A dataset's versions, oldest first."""
+        return self.session.scalars(
+            select(DatasetVersion).where(DatasetVersion.dataset_id == dataset_id).order_by(DatasetVersion.id)
+        ).all()
+
+    def add_version_once(self, *, dataset_id: str, content_hash: str, stats: dict[str, Any]) -> bool:
+        """Record a version unless it exists (versions are immutable); whether it was new."""
+        return _insert_ignoring_duplicate(
+            self.session,
+            DatasetVersion,
+            {"dataset_id": dataset_id, "content_hash": content_hash, "stats": stats, "created_at": utcnow()},
+            ("dataset_id", "content_hash"),
+        )
+
+
+class OutboxRepository:
+    """Messages waiting to be published."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def add(self, message: Message, *, subject: str | None = None) -> None:
+        """Queue a bus message, published on its own subject (or `subject`)."""
+        target = subject or _subject_of(message)
+        self.add_raw(subject=target, payload=message.to_bytes(), message_id=message.message_id)
+
+    def add_raw(self, *, subject: str, payload: bytes, message_id: str, headers: dict[str, str] | None = None) -> None:
+        """Queue raw bytes (e.g. a KV put on `$KV.<bucket>.<key>`)."""
+        self.session.add(OutboxMessage(message_id=message_id, subject=subject, payload=payload, headers=headers or {}))
+
+    def add_kv_put(self, *, bucket: str, key: str, value: dict[str, Any], message_id: str) -> None:
+        """Queue a durable KV write."""
+        self.add_raw(subject=f"$KV.{bucket}.{key}", payload=json.dumps(value).encode(), message_id=message_id)
+
+    def unsent(self, *, limit: int) -> list[OutboxMessage]:
+        """The oldest unsent rows, locked so another API replica skips them (PostgreSQL)."""
+        query = select(OutboxMessage).where(OutboxMessage.sent_at.is_(None)).order_by(OutboxMessage.id).limit(limit)
+        if self.session.get_bind().dialect.name == "postgresql":
+            query = query.with_for_update(skip_locked=True)
+        return list(self.session.scalars(query).all())
+
+    def backlog(self) -> int:
+        """How many rows wait to be published."""
+        return self.session.scalar(
+            select(func.count()).select_from(OutboxMessage).where(OutboxMessage.sent_at.is_(None))
+        ) or 0
+
+    def mark_sent(self, row: OutboxMessage, at: datetime) -> None:
+        """Record that the broker stored a row's message."""
+        row.sent_at = at
+
+
+def _subject_of(message: Message) -> str:
+    subject = getattr(message, "subject", None)
+    if callable(subject):
+        return str(subject())
+    if isinstance(subject, str):
+        return subject
+    raise TypeError(f"{type(message).__name__} has no subject")
+
+
+def _insert_ignoring_duplicate(session: Session, model: type[Any], row: dict[str, Any], keys: tuple[str, ...]) -> bool:
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        statement: Any = pg_insert(model).values(**row).on_conflict_do_nothing(index_elements=list(keys))
+    elif dialect == "sqlite":
+        statement = sqlite_insert(model).values(**row).on_conflict_do_nothing(index_elements=list(keys))
+    else:  # pragma: no cover - other dialects check first
+        existing = session.scalars(select(model).filter_by(**{key: row[key] for key in keys})).first()
+        if existing is not None:
+            return False
+        session.add(model(**row))
+        session.flush()
+        return True
+    result = session.execute(statement)
+    return bool(result.rowcount)

@@ -1,0 +1,225 @@
+"""Composition root of the API: settings, database, bus, outbox relay, projector, routes; `run()` serves it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
+from sqlalchemy import text
+
+from visionyard.api import ws
+from visionyard.api.adapters.capabilities import KvCapabilitySource
+from visionyard.api.adapters.tracker import BusTrackerClient
+from visionyard.api.config import ApiSettings
+from visionyard.api.datasets.endpoints import router as datasets_router
+from visionyard.api.datasets.service import DatasetService
+from visionyard.api.db.migrate import upgrade_to_head
+from visionyard.api.db.session import UnitOfWork, make_engine, make_session_factory
+from visionyard.api.errors import Conflict, InvalidInput, NotFound, TooLarge, Unavailable
+from visionyard.api.handlers import ProjectorHandler
+from visionyard.api.models.endpoints import router as models_router
+from visionyard.api.outbox import OutboxRelay
+from visionyard.api.projector import Projector
+from visionyard.api.telemetry import ApiMetrics
+from visionyard.api.training.endpoints import router as training_router
+from visionyard.api.training.service import TrainingService
+from visionyard.shared import streams
+from visionyard.shared.bus import Bus
+from visionyard.shared.logs import configure_logging
+
+log = logging.getLogger("visionyard.api")
+
+SHUTDOWN_GRACE_SECONDS = 10.0
+
+
+def create_app(settings: ApiSettings | None = None, *, bus: Bus | None = None) -> FastAPI:
+    """The FastAPI app; its lifespan connects the bus (unless one is given), migrates, and runs the workers."""
+    settings = settings or ApiSettings()
+    engine = make_engine(settings.database_url)
+    session_factory = make_session_factory(engine)
+    metrics = ApiMetrics()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(upgrade_to_head, engine)
+        connected = bus or await Bus.connect(settings.nats_url, service="api")
+        await connected.ensure_topology(replicas=settings.stream_replicas)
+        relay = OutboxRelay(
+            session_factory=session_factory, publisher=connected, poll_seconds=settings.outbox_poll_seconds,
+            batch=settings.outbox_batch,
+        )
+        uow = UnitOfWork(session_factory, after_commit=relay.kick)
+        capabilities = KvCapabilitySource(connected)
+        projector_handler = ProjectorHandler(projector=Projector(session_factory), dead_letters=connected)
+        app.state.bus = connected
+        app.state.relay = relay
+        app.state.projector = projector_handler
+        app.state.capabilities = capabilities
+        app.state.training = TrainingService(
+            uow=uow, capabilities=capabilities, tracker=BusTrackerClient(connected, timeout=settings.request_timeout)
+        )
+        app.state.datasets = DatasetService(uow=uow, staging=connected)
+        stop = asyncio.Event()
+        workers = [
+            asyncio.create_task(relay.run(stop), name="outbox-relay"),
+            asyncio.create_task(
+                connected.consume_batches(
+                    streams.API_PROJECTOR, projector_handler.handle_batch, stop=stop, batch=settings.projector_batch
+                ),
+                name="projector",
+            ),
+        ]
+        log.info("api started", extra={"service": "api"})
+        try:
+            yield
+        finally:
+            stop.set()
+            _, pending = await asyncio.wait(workers, timeout=SHUTDOWN_GRACE_SECONDS)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
+            if bus is None:
+                await connected.close()  # drain: buffered publishes reach the server first
+            engine.dispose()
+            log.info("api stopped", extra={"service": "api"})
+
+    app = FastAPI(title="Visionyard API", version="0.1.0", lifespan=lifespan)
+    app.state.settings = settings
+    app.state.session_factory = session_factory
+    app.state.metrics = metrics
+    app.middleware("http")(metrics.middleware)
+    _install_error_handlers(app)
+    app.include_router(training_router)
+    app.include_router(models_router)
+    app.include_router(datasets_router)
+    app.include_router(ws.router)
+    _install_operational_routes(app)
+    return app
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    statuses: dict[type[Exception], int] = {
+        NotFound: 404, Conflict: 409, InvalidInput: 422, TooLarge: 413, Unavailable: 503,
+    }
+    for error_type, status in statuses.items():
+
+        async def handle(_: Request, error: Exception, status: int = status) -> JSONResponse:
+            return JSONResponse(status_code=status, content={"detail": str(error)})
+
+        app.add_exception_handler(error_type, handle)
+
+    async def invalid_request(_: Request, error: Exception) -> JSONResponse:
+        assert isinstance(error, RequestValidationError)
+        problems = []
+        for item in error.errors():
+            location = [str(part) for part in item.get("loc", ()) if part not in ("body", "query", "path", "header")]
+            problems.append(f"{'.'.join(location) or 'body'}: {item.get('msg', 'invalid')}")
+        return JSONResponse(
+            status_code=422,
+            content={"detail": "; ".join(problems), "errors": _jsonable_errors(error.errors())},
+        )
+
+    app.add_exception_handler(RequestValidationError, invalid_request)
+
+
+def _jsonable_errors(errors: Any) -> list[dict[str, Any]]:
+    return [{"loc": list(item.get("loc", ())), "msg": str(item.get("msg")), "type": str(item.get("type"))} for item in errors]
+
+
+def _install_operational_routes(app: FastAPI) -> None:
+    @app.get("/health", tags=["operations"])
+    async def health() -> dict[str, str]:
+        """Liveness: the process answers."""
+        return {"status": "ok"}
+
+    @app.get("/health/ready", tags=["operations"])
+    async def ready(request: Request) -> JSONResponse:
+        """Readiness: the database answers and the broker is connected."""
+        checks = {"database": "ok", "broker": "ok"}
+        try:
+            await asyncio.to_thread(_ping_database, request.app.state.session_factory)
+        except Exception as error:
+            checks["database"] = f"unavailable: {error}"
+        bus: Bus | None = getattr(request.app.state, "bus", None)
+        if bus is None or not bus.nc.is_connected:
+            checks["broker"] = "unavailable: not connected"
+        ok = all(value == "ok" for value in checks.values())
+        return JSONResponse(status_code=200 if ok else 503, content={"status": "ready" if ok else "not ready", **checks})
+
+    @app.get("/metrics", tags=["operations"], include_in_schema=False)
+    async def prometheus_metrics(request: Request) -> Response:
+        """Prometheus exposition."""
+        metrics: ApiMetrics = request.app.state.metrics
+        relay: OutboxRelay | None = getattr(request.app.state, "relay", None)
+        projector: ProjectorHandler | None = getattr(request.app.state, "projector", None)
+        if relay is not None:
+            with contextlib.suppress(Exception):
+                metrics.outbox_backlog.set(await asyncio.to_thread(relay.count_backlog))
+            metrics.outbox_published.set(relay.published)
+        if projector is not None:
+            metrics.projector_lag.set(projector.lag)
+            metrics.projector_applied.set(projector.applied)
+        return Response(content=metrics.exposition(), media_type="text/plain; version=0.0.4")
+
+
+def _ping_database(session_factory: Any) -> None:
+    with session_factory() as session:
+        session.execute(text("SELECT 1"))
+
+
+def run() -> None:
+    """Console entry point: serve until SIGTERM/SIGINT, then drain and exit 0."""
+    try:
+        settings = ApiSettings()
+    except ValidationError as error:
+        configure_logging("api")
+        reasons = "; ".join(str(item.get("msg")) for item in error.errors())
+        log.error("refusing to start: %s", reasons)
+        print(f"visionyard-api: refusing to start: {reasons}", file=sys.stderr)
+        raise SystemExit(2) from None
+    configure_logging("api", settings.log_level)
+    asyncio.run(_serve(settings))
+
+
+async def _serve(settings: ApiSettings) -> None:
+    import uvicorn
+
+    config = uvicorn.Config(create_app(settings), host=settings.host, port=settings.port, log_level="warning")
+    server = _QuietSignalServer(config)
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        # A signal starts a graceful shutdown: the lifespan stops the workers and drains NATS.
+        loop.add_signal_handler(signum, server.request_exit)
+    await server.serve()
+
+
+class _QuietSignalServer:
+    """uvicorn's server without its signal capture, which re-raises SIGTERM and so exits non-zero."""
+
+    def __init__(self, config: Any) -> None:
+        import uvicorn
+
+        class Server(uvicorn.Server):
+            @contextlib.contextmanager
+            def capture_signals(self) -> Any:
+                yield
+
+        self._server = Server(config)
+
+    def request_exit(self) -> None:
+        """Begin the graceful shutdown."""
+        self._server.should_exit = True
+
+    async def serve(self) -> None:
+        """Serve until asked to exit."""
+        await self._server.serve()

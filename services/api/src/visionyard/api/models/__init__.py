@@ -1,0 +1,1 @@
+"""Trainer models and their configuration schemas, read from capability manifests."""

@@ -1,0 +1,1 @@
+"""Training jobs: endpoints, use cases and wire schemas."""

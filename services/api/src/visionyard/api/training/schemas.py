@@ -1,0 +1,201 @@
+"""Wire schemas of the training routes (API.md field names)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from visionyard.shared.commands import TrainingConfig
+
+
+class CreateJobRequest(BaseModel):
+    """Body of `POST /training/jobs`; `config` follows the TrainingConfig bounds."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    project_id: str | None = Field(default=None, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_\-]+$")
+    experiment_name: str | None = Field(default=None, min_length=1, max_length=256)
+    tags: list[str] = Field(default_factory=list)
+    notes: str | None = None
+    config: TrainingConfig
+
+
+class TrainingJobResponse(BaseModel):
+    """A training job as the frontend reads it."""
+
+    model_config = ConfigDict(from_attributes=True, protected_namespaces=())
+
+    id: str
+    project_id: str
+    experiment_name: str
+    tags: list[str] = Field(default_factory=list)
+    notes: str | None = None
+    framework: str
+    model_name: str
+    task_type: str
+    num_classes: int | None
+    dataset_id: str
+    dataset_snapshot_id: str
+    dataset_format: str | None
+    epochs: int
+    batch_size: int
+    learning_rate: float
+    advanced_config: dict[str, Any] | None
+    status: str
+    error_message: str | None
+    current_epoch: int
+    progress_percent: float
+    final_accuracy: float | None
+    best_checkpoint_path: str | None
+    last_checkpoint_path: str | None
+    primary_metric: str
+    primary_metric_mode: str
+    mlflow_run_id: str | None
+    attempt: int
+    created_at: datetime
+    started_at: datetime | None
+    completed_at: datetime | None
+
+
+class JobListResponse(BaseModel):
+    """A page of jobs."""
+
+    jobs: list[TrainingJobResponse]
+    total: int
+    limit: int
+    offset: int
+
+
+class MetricResponse(BaseModel):
+    """One metric row."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    epoch: int
+    step: int | None
+    loss: float | None
+    accuracy: float | None
+    learning_rate: float | None
+    extra_metrics: dict[str, Any]
+    checkpoint_path: str | None
+    created_at: datetime
+    attempt: int
+
+
+class JobStatusResponse(BaseModel):
+    """A job and its latest metrics."""
+
+    job: TrainingJobResponse
+    latest_metrics: list[MetricResponse]
+
+
+class MetricSchemaResponse(BaseModel):
+    """Which metrics a job reports."""
+
+    job_id: str
+    framework: str
+    task_type: str
+    primary_metric: str
+    primary_metric_mode: str
+    available_metrics: list[str]
+    metric_count: int
+
+
+class LogResponse(BaseModel):
+    """One log line."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    attempt: int
+    seq: int
+    level: str
+    event_type: str
+    message: str
+    data: dict[str, Any] | None
+    created_at: datetime
+
+
+class LogsResponse(BaseModel):
+    """A job's newest log lines, oldest first."""
+
+    job_id: str
+    logs: list[LogResponse]
+    total: int
+
+
+class CheckpointResponse(BaseModel):
+    """A stored checkpoint."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    kind: str
+    uri: str
+    sha256: str
+    size_bytes: int | None
+    epoch: int | None
+
+
+class CheckpointsResponse(BaseModel):
+    """A job's stored checkpoints."""
+
+    checkpoints: list[CheckpointResponse]
+
+
+class CallbackMetrics(BaseModel):
+    """Metrics in a progress callback."""
+
+    loss: float | None = None
+    accuracy: float | None = None
+    learning_rate: float | None = None
+    extra_metrics: dict[str, Any] = Field(default_factory=dict)
+
+
+class ProgressCallback(BaseModel):
+    """`POST /jobs/{id}/callback/progress` (the old trainer SDK's payload)."""
+
+    job_id: str | int | None = None
+    status: str = "running"
+    current_epoch: int = Field(ge=0)
+    total_epochs: int = Field(ge=1)
+    progress_percent: float | None = None
+    metrics: CallbackMetrics | None = None
+    checkpoint_path: str | None = None
+    best_checkpoint_path: str | None = None
+
+
+class CompletionCallback(BaseModel):
+    """`POST /jobs/{id}/callback/completion`."""
+
+    job_id: str | int | None = None
+    status: Literal["completed", "failed", "cancelled"]
+    total_epochs_completed: int = Field(default=0, ge=0)
+    final_metrics: dict[str, float] | None = None
+    best_metrics: dict[str, float] | None = None
+    best_epoch: int | None = None
+    best_checkpoint_path: str | None = None
+    last_checkpoint_path: str | None = None
+    error_message: str | None = None
+    traceback: str | None = None
+    exit_code: int | None = None
+
+
+class LogCallback(BaseModel):
+    """`POST /jobs/{id}/callback/logs`."""
+
+    job_id: str | int | None = None
+    event_type: str = Field(default="log", min_length=1, max_length=64)
+    message: str
+    level: str = "INFO"
+    data: dict[str, Any] | None = None
+    timestamp: datetime | None = None
+
+
+class CallbackResponse(BaseModel):
+    """Answer to a callback."""
+
+    success: bool
+    message: str
+    job_status: str

@@ -1,0 +1,378 @@
+"""Training job use cases: create, list, move through the state machine, read projections, ingest callbacks.
+
+Every state change and the messages announcing it are written in one transaction (the outbox), so a
+command is published if and only if the change was committed.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar
+
+from sqlalchemy.orm import Session
+from sqlalchemy.orm.exc import StaleDataError
+
+from visionyard.api import jobstate
+from visionyard.api.db.models import TrainingJob, utcnow
+from visionyard.api.db.repositories import DatasetRepository, JobRepository, OutboxRepository
+from visionyard.api.db.session import UnitOfWork
+from visionyard.api.errors import Conflict, NotFound
+from visionyard.api.jobstate import JobAction, JobStatus
+from visionyard.api.models.service import CapabilitySource, default_primary_metric, resolve_trainer
+from visionyard.api.training import schemas
+from visionyard.shared import streams
+from visionyard.shared.commands import CheckpointRef, DatasetRef, StartTraining, TrainingConfig
+from visionyard.shared.events import (
+    FailureReason,
+    JobCancelled,
+    JobCancelRequested,
+    JobCompleted,
+    JobEvent,
+    JobFailed,
+    JobQueued,
+    LogEmitted,
+    ProgressReported,
+)
+
+T = TypeVar("T")
+WRITE_RETRIES = 3
+
+
+class TrackerPort(Protocol):
+    """The tracker's answers about a job's MLflow run."""
+
+    async def metrics(self, job_id: str) -> dict[str, Any]:
+        """Metric histories of the job's run."""
+        ...
+
+    async def summary(self, job_id: str) -> dict[str, Any]:
+        """Summary of the job's run."""
+        ...
+
+
+class TrainingService:
+    """The training use cases, over a unit of work and two ports."""
+
+    def __init__(self, *, uow: UnitOfWork, capabilities: CapabilitySource, tracker: TrackerPort) -> None:
+        self._uow = uow
+        self._capabilities = capabilities
+        self._tracker = tracker
+
+    # -- creating and listing ------------------------------------------------------------------
+
+    async def validate_trainer(self, config: TrainingConfig) -> tuple[str, str, str]:
+        """The job's (task type as the trainer spells it, primary metric, mode); InvalidInput naming the field."""
+        manifests = await self._capabilities.manifests()
+        _, task = resolve_trainer(
+            manifests, framework=config.framework, model_name=config.model_name, task_type=config.task_type
+        )
+        metric, mode = default_primary_metric(config.task_type)
+        return task, config.primary_metric or metric, config.primary_metric_mode or mode
+
+    def create_job(
+        self, request: schemas.CreateJobRequest, *, task_type: str, primary_metric: str, primary_metric_mode: str
+    ) -> schemas.TrainingJobResponse:
+        """Create a `pending` job pinned to the dataset's current version."""
+        config = request.config
+        project_id = request.project_id or "default"
+        with self._uow.transaction() as session:
+            dataset = DatasetRepository(session).get(config.dataset_id)
+            if dataset is None:
+                raise NotFound(f"config.dataset_id: dataset {config.dataset_id} not found")
+            if dataset.content_hash is None:
+                raise Conflict(f"config.dataset_id: dataset {dataset.id} is not ready: status is {dataset.status}")
+            num_classes = config.num_classes
+            if num_classes is None and dataset.num_classes >= 2:
+                num_classes = dataset.num_classes
+            job = TrainingJob(
+                id=uuid.uuid4().hex,
+                project_id=project_id,
+                experiment_name=request.experiment_name or f"visionyard-{project_id}",
+                tags=list(request.tags),
+                notes=request.notes,
+                framework=config.framework,
+                model_name=config.model_name,
+                task_type=task_type,
+                num_classes=num_classes,
+                dataset_id=dataset.id,
+                dataset_snapshot_id=dataset.content_hash,
+                dataset_format=config.dataset_format or dataset.format,
+                epochs=config.epochs,
+                batch_size=config.batch_size,
+                learning_rate=config.learning_rate,
+                advanced_config=config.advanced_config,
+                primary_metric=primary_metric,
+                primary_metric_mode=primary_metric_mode,
+                status=JobStatus.PENDING.value,
+                attempt=1,
+                created_at=utcnow(),
+            )
+            JobRepository(session).add(job)
+            session.flush()
+            return schemas.TrainingJobResponse.model_validate(job)
+
+    def list_jobs(
+        self, *, project_id: str | None, status: str | None, limit: int, offset: int
+    ) -> schemas.JobListResponse:
+        """A page of jobs, newest first."""
+        with self._uow.read() as session:
+            rows, total = JobRepository(session).list(project_id=project_id, status=status, limit=limit, offset=offset)
+            jobs = [schemas.TrainingJobResponse.model_validate(row) for row in rows]
+        return schemas.JobListResponse(jobs=jobs, total=total, limit=limit, offset=offset)
+
+    def get_job(self, job_id: str) -> schemas.TrainingJobResponse:
+        """One job."""
+        with self._uow.read() as session:
+            return schemas.TrainingJobResponse.model_validate(_job(session, job_id))
+
+    # -- the state machine ---------------------------------------------------------------------
+
+    def start_job(self, job_id: str) -> schemas.TrainingJobResponse:
+        """pending → queued; outbox: `cmd.train` and the `queued` event."""
+        return self._write(lambda session: self._queue(session, job_id, JobAction.START))
+
+    def restart_job(self, job_id: str) -> schemas.TrainingJobResponse:
+        """A finished job → a new attempt from scratch, queued."""
+        return self._write(lambda session: self._queue(session, job_id, JobAction.RESTART))
+
+    def resume_job(self, job_id: str) -> schemas.TrainingJobResponse:
+        """A finished job → a new attempt continuing from its last stored checkpoint, queued."""
+        return self._write(lambda session: self._queue(session, job_id, JobAction.RESUME))
+
+    def cancel_job(self, job_id: str) -> schemas.TrainingJobResponse:
+        """pending/queued → cancelled; running → cancelling (the runner confirms with `cancelled`)."""
+
+        def cancel(session: Session) -> schemas.TrainingJobResponse:
+            job = _job(session, job_id, for_update=True)
+            was = job.status
+            target = jobstate.user_transition(job.id, was, JobAction.CANCEL)
+            job.status = target.value
+            outbox = OutboxRepository(session)
+            if was != JobStatus.PENDING:
+                # Durable record first: a runner that claims the command later still sees the cancel.
+                outbox.add_kv_put(
+                    bucket=streams.KV_CANCELLATIONS,
+                    key=job.id,
+                    value={"attempt": job.attempt},
+                    message_id=f"cancel-{job.id}-{job.attempt}",
+                )
+            if target is JobStatus.CANCELLED:
+                job.completed_at = utcnow()
+                outbox.add(JobCancelled(job_id=job.id, attempt=job.attempt))
+            else:
+                outbox.add(JobCancelRequested(job_id=job.id, attempt=job.attempt))
+            session.flush()
+            return schemas.TrainingJobResponse.model_validate(job)
+
+        return self._write(cancel)
+
+    def _queue(self, session: Session, job_id: str, action: JobAction) -> schemas.TrainingJobResponse:
+        job = _job(session, job_id, for_update=True)
+        target = jobstate.user_transition(job.id, job.status, action)
+        resume_from: CheckpointRef | None = None
+        if action is JobAction.RESUME:
+            resume_from = _last_stored_checkpoint(JobRepository(session), job)
+        if action in (JobAction.RESTART, JobAction.RESUME):
+            _begin_new_attempt(job)
+        job.status = target.value
+        outbox = OutboxRepository(session)
+        outbox.add(
+            StartTraining(
+                job_id=job.id,
+                attempt=job.attempt,
+                project_id=job.project_id,
+                experiment_name=job.experiment_name,
+                config=_training_config(job),
+                dataset=DatasetRef(dataset_id=job.dataset_id, content_hash=job.dataset_snapshot_id),
+                resume_from=resume_from,
+            )
+        )
+        outbox.add(JobQueued(job_id=job.id, attempt=job.attempt))
+        session.flush()
+        return schemas.TrainingJobResponse.model_validate(job)
+
+    def _write(self, use_case: Callable[[Session], T]) -> T:
+        # A concurrent writer (the projector) bumped the row version: redo on fresh state.
+        for attempt in range(WRITE_RETRIES):
+            try:
+                with self._uow.transaction() as session:
+                    return use_case(session)
+            except StaleDataError:
+                if attempt == WRITE_RETRIES - 1:
+                    raise Conflict("the job changed while this request ran; retry") from None
+        raise AssertionError("unreachable")
+
+    # -- projections -----------------------------------------------------------------------------
+
+    def job_status(self, job_id: str) -> schemas.JobStatusResponse:
+        """The job and its last 10 metric rows."""
+        with self._uow.read() as session:
+            job = _job(session, job_id)
+            metrics = JobRepository(session).metrics(job.id, limit=10, newest=True)
+            return schemas.JobStatusResponse(
+                job=schemas.TrainingJobResponse.model_validate(job),
+                latest_metrics=[schemas.MetricResponse.model_validate(row) for row in metrics],
+            )
+
+    def metrics(self, job_id: str, *, limit: int) -> list[schemas.MetricResponse]:
+        """Metric rows, oldest first."""
+        with self._uow.read() as session:
+            job = _job(session, job_id)
+            return [schemas.MetricResponse.model_validate(row) for row in JobRepository(session).metrics(job.id, limit=limit)]
+
+    def metric_schema(self, job_id: str) -> schemas.MetricSchemaResponse:
+        """Which metric names the job has reported."""
+        with self._uow.read() as session:
+            job = _job(session, job_id)
+            repo = JobRepository(session)
+            names: set[str] = set()
+            count = repo.metric_count(job.id)
+            for row in repo.metrics(job.id, limit=max(count, 1)):
+                names.update(column for column in ("loss", "accuracy", "learning_rate") if getattr(row, column) is not None)
+                names.update((row.extra_metrics or {}).keys())
+            return schemas.MetricSchemaResponse(
+                job_id=job.id, framework=job.framework, task_type=job.task_type, primary_metric=job.primary_metric,
+                primary_metric_mode=job.primary_metric_mode, available_metrics=sorted(names), metric_count=count,
+            )
+
+    def logs(self, job_id: str, *, limit: int, log_type: str | None) -> schemas.LogsResponse:
+        """The newest `limit` log lines, oldest first."""
+        with self._uow.read() as session:
+            job = _job(session, job_id)
+            rows = JobRepository(session).logs(job.id, limit=limit, log_type=log_type)
+            logs = [schemas.LogResponse.model_validate(row) for row in rows]
+        return schemas.LogsResponse(job_id=job_id, logs=logs, total=len(logs))
+
+    def checkpoints(self, job_id: str) -> schemas.CheckpointsResponse:
+        """The job's stored checkpoints."""
+        with self._uow.read() as session:
+            job = _job(session, job_id)
+            rows = [row for row in JobRepository(session).checkpoints(job.id) if row.status == "stored"]
+            return schemas.CheckpointsResponse(
+                checkpoints=[schemas.CheckpointResponse.model_validate(row) for row in rows]
+            )
+
+    async def mlflow_metrics(self, job: schemas.TrainingJobResponse) -> dict[str, Any]:
+        """The tracker's metric history, plus what only the API knows."""
+        return {**await self._tracker.metrics(job.id), **_metric_context(job)}
+
+    async def mlflow_summary(self, job: schemas.TrainingJobResponse) -> dict[str, Any]:
+        """The tracker's run summary, plus what only the API knows."""
+        return {**await self._tracker.summary(job.id), **_metric_context(job)}
+
+    # -- HTTP callback ingress -------------------------------------------------------------------
+
+    def report_progress(self, job_id: str, body: schemas.ProgressCallback) -> schemas.CallbackResponse:
+        """Translate a progress callback into a `progress` event of the current attempt."""
+        metrics: dict[str, float] = {}
+        if body.metrics is not None:
+            for key in ("loss", "accuracy", "learning_rate"):
+                value = getattr(body.metrics, key)
+                if value is not None:
+                    metrics[key] = float(value)
+            for key, value in body.metrics.extra_metrics.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    metrics[key] = float(value)
+        return self._ingest(
+            job_id,
+            "progress",
+            lambda job, seq: ProgressReported(
+                job_id=job.id, attempt=job.attempt, seq=seq, epoch=body.current_epoch,
+                total_epochs=body.total_epochs, metrics=metrics,
+            ),
+        )
+
+    def report_completion(self, job_id: str, body: schemas.CompletionCallback) -> schemas.CallbackResponse:
+        """Translate a completion callback into `completed`, `failed` or `cancelled`."""
+
+        def event(job: TrainingJob, seq: int) -> JobEvent:
+            if body.status == "completed":
+                return JobCompleted(
+                    job_id=job.id, attempt=job.attempt, seq=seq, total_epochs_completed=body.total_epochs_completed,
+                    final_metrics=body.final_metrics or {}, best_metrics=body.best_metrics or {},
+                    best_epoch=body.best_epoch,
+                )
+            if body.status == "cancelled":
+                return JobCancelled(job_id=job.id, attempt=job.attempt, seq=seq)
+            return JobFailed(
+                job_id=job.id, attempt=job.attempt, seq=seq,
+                reason=FailureReason.TRAINER_CRASH if body.exit_code not in (None, 0) else FailureReason.USER_ERROR,
+                error_message=body.error_message or "the trainer reported a failure",
+                exit_code=body.exit_code, traceback=body.traceback,
+            )
+
+        return self._ingest(job_id, "completion", event)
+
+    def report_log(self, job_id: str, body: schemas.LogCallback) -> schemas.CallbackResponse:
+        """Translate a log callback into a `log` event."""
+        return self._ingest(
+            job_id,
+            "log",
+            lambda job, seq: LogEmitted(
+                job_id=job.id, attempt=job.attempt, seq=seq, level=body.level.upper(), event_type=body.event_type,
+                message=body.message, data=body.data, **({"occurred_at": body.timestamp} if body.timestamp else {}),
+            ),
+        )
+
+    def _ingest(
+        self, job_id: str, what: str, make_event: Callable[[TrainingJob, int], JobEvent]
+    ) -> schemas.CallbackResponse:
+        def ingest(session: Session) -> schemas.CallbackResponse:
+            job = _job(session, job_id, for_update=True)
+            if job.status not in jobstate.ACTIVE:
+                raise Conflict(f"cannot accept {what} for job {job.id}: status is {job.status}")
+            # A DB counter gives callback events a seq the projector can de-duplicate by.
+            job.ingress_seq = max(job.ingress_seq, job.last_seq) + 1
+            OutboxRepository(session).add(make_event(job, job.ingress_seq))
+            session.flush()
+            return schemas.CallbackResponse(success=True, message=f"{what} accepted", job_status=job.status)
+
+        return self._write(ingest)
+
+
+def _job(session: Session, job_id: str, *, for_update: bool = False) -> TrainingJob:
+    job = JobRepository(session).get(job_id, for_update=for_update)
+    if job is None:
+        raise NotFound(f"job_id: training job {job_id} not found")
+    return job
+
+
+def _begin_new_attempt(job: TrainingJob) -> None:
+    job.attempt += 1
+    job.last_seq = 0
+    job.ingress_seq = 0
+    job.error_message = None
+    job.current_epoch = 0
+    job.progress_percent = 0.0
+    job.final_accuracy = None
+    job.started_at = None
+    job.completed_at = None
+    job.completion = None
+
+
+def _last_stored_checkpoint(jobs: JobRepository, job: TrainingJob) -> CheckpointRef:
+    stored = {row.kind: row for row in jobs.checkpoints(job.id) if row.status == "stored" and row.uri and row.sha256}
+    for kind in ("last", "best", *sorted(stored)):
+        row = stored.get(kind)
+        if row is not None and row.uri is not None and row.sha256 is not None:
+            return CheckpointRef(kind=row.kind, uri=row.uri, sha256=row.sha256, epoch=row.epoch)
+    raise Conflict(f"cannot resume job {job.id}: no stored checkpoint")
+
+
+def _training_config(job: TrainingJob) -> TrainingConfig:
+    return TrainingConfig(
+        framework=job.framework, model_name=job.model_name, task_type=job.task_type, num_classes=job.num_classes,
+        dataset_id=job.dataset_id, dataset_format=job.dataset_format, epochs=job.epochs, batch_size=job.batch_size,
+        learning_rate=job.learning_rate, advanced_config=job.advanced_config, primary_metric=job.primary_metric,
+        primary_metric_mode=job.primary_metric_mode,  # type: ignore[arg-type]
+    )
+
+
+def _metric_context(job: schemas.TrainingJobResponse) -> dict[str, Any]:
+    return {
+        "primary_metric": job.primary_metric,
+        "primary_metric_mode": job.primary_metric_mode,
+        "task_type": job.task_type,
+        "framework": job.framework,
+    }

@@ -1,0 +1,73 @@
+"""Fixtures of the API tests: settings on a temp dir, a migrated SQLite database, a live app client."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy.orm import Session, sessionmaker
+
+from visionyard.api.config import ApiSettings
+from visionyard.api.db.migrate import upgrade_to_head
+from visionyard.api.db.session import make_engine, make_session_factory
+from visionyard.api.main import create_app
+from visionyard.shared import streams
+from visionyard.shared.bus import Bus
+from visionyard.shared.manifest import ModelInfo, TrainerManifest
+
+CLASSIFIER = TrainerManifest(
+    name="classifier",
+    framework="pytorch",
+    version="0.1.0",
+    module="visionyard.trainers.classifier",
+    task_types=["image_classification"],
+    models=[
+        ModelInfo(model_name="simple_cnn", display_name="Simple CNN", task_types=["image_classification"]),
+        ModelInfo(model_name="tiny_resnet", display_name="Tiny ResNet", task_types=["image_classification"]),
+    ],
+    dataset_formats=["imagefolder"],
+    config_schema={"fields": [{"name": "epochs", "type": "int"}]},
+)
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> ApiSettings:
+    """Embedded-mode settings with everything under the test's tmp dir."""
+    return ApiSettings(data_dir=tmp_path / "data", outbox_poll_seconds=0.1)
+
+
+@pytest.fixture
+def session_factory(tmp_path: Path) -> sessionmaker[Session]:
+    """A migrated SQLite database."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'unit.db'}")
+    upgrade_to_head(engine)
+    return make_session_factory(engine)
+
+
+async def until(predicate: Callable[[], Awaitable[Any]], *, timeout: float = 20.0) -> Any:
+    """Poll an async predicate until it returns something truthy (bounded, so a bug fails the test)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        value = await predicate()
+        if value:
+            return value
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.05)
+
+
+@pytest.fixture
+async def client(bus: Bus, settings: ApiSettings) -> AsyncIterator[httpx.AsyncClient]:
+    """An HTTP client on a running app (lifespan started: migrations, outbox relay, projector)."""
+    kv = await bus.kv(streams.KV_CAPABILITIES)
+    await kv.put(CLASSIFIER.name, CLASSIFIER.model_dump_json().encode())
+    app = create_app(settings, bus=bus)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://api") as http:
+            http.app = app  # type: ignore[attr-defined]
+            yield http

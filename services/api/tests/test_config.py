@@ -1,0 +1,67 @@
+"""Settings: unsafe defaults refuse to start outside the embedded mode; the console script exits cleanly."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from visionyard.api.auth import resolve_principal
+from visionyard.api.config import ApiSettings
+from visionyard.shared.natsserver import NatsServer, free_port
+
+
+def test_production_without_api_keys_refuses_to_start(tmp_path: Path) -> None:
+    with pytest.raises(ValidationError, match="VISIONYARD_API_API_KEYS"):
+        ApiSettings(mode="production", data_dir=tmp_path)
+    assert ApiSettings(mode="production", api_keys=["k"], data_dir=tmp_path).api_keys == ["k"]
+
+
+def test_keys_from_env_and_default_database(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VISIONYARD_API_API_KEYS", "a, b")
+    monkeypatch.setenv("VISIONYARD_API_DATA_DIR", str(tmp_path))
+    settings = ApiSettings()
+    assert settings.api_keys == ["a", "b"]
+    assert settings.database_url == f"sqlite:///{tmp_path.resolve() / 'api.db'}"
+    assert resolve_principal("b", settings).subject.startswith("key:")
+    with pytest.raises(PermissionError):
+        resolve_principal(None, settings)
+
+
+def test_embedded_without_keys_is_the_local_user(tmp_path: Path) -> None:
+    assert resolve_principal(None, ApiSettings(data_dir=tmp_path)).is_local
+
+
+@pytest.mark.integration
+def test_console_script_serves_then_exits_zero_on_sigterm(tmp_path: Path) -> None:
+    server = NatsServer(store_dir=tmp_path / "nats").start()
+    port = free_port()
+    env = {**os.environ, "VISIONYARD_API_NATS_URL": server.url, "VISIONYARD_API_DATA_DIR": str(tmp_path / "data"),
+           "VISIONYARD_API_PORT": str(port)}
+    process = subprocess.Popen([sys.executable, "-c", "from visionyard.api.main import run; run()"], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        ready = False
+        for _ in range(300):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health/ready", timeout=1) as reply:
+                    ready = reply.status == 200
+                    break
+            except OSError:
+                time.sleep(0.1)
+        assert ready, "the API never became ready"
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+        assert (tmp_path / "data" / "api.db").exists()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        server.stop()
