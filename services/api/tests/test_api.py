@@ -308,6 +308,8 @@ async def test_models_schema_health_and_tracker_outage(client: httpx.AsyncClient
     schema = (await client.get("/api/v1/training/config-schema", params={"framework": "pytorch"})).json()
     assert schema["schema"] == {"fields": [{"name": "epochs", "type": "int"}]}
     assert (await client.get("/health/ready")).status_code == 200
+    asyncapi = (await client.get("/asyncapi.json")).json()
+    assert asyncapi["channels"]["job_progress"]["address"] == "evt.job.{job_id}.progress"
     dataset_id = await _ready_dataset(client, bus)
     job_id = (await client.post(JOBS, json=_job_body(dataset_id))).json()["id"]
     client.app.state.training._tracker._timeout = 0.2  # type: ignore[attr-defined]

@@ -33,6 +33,7 @@ from visionyard.api.telemetry import ApiMetrics
 from visionyard.api.training.endpoints import router as training_router
 from visionyard.api.training.service import TrainingService
 from visionyard.shared import streams
+from visionyard.shared.asyncapi import asyncapi_document
 from visionyard.shared.bus import Bus
 from visionyard.shared.logs import configure_logging
 
@@ -170,6 +171,11 @@ def _install_operational_routes(app: FastAPI) -> None:
             metrics.projector_lag.set(projector.lag)
             metrics.projector_applied.set(projector.applied)
         return Response(content=metrics.exposition(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/asyncapi.json", tags=["operations"])
+    async def asyncapi() -> dict[str, Any]:
+        """The AsyncAPI document of every command and event, generated from the shared contracts."""
+        return asyncapi_document()
 
 
 def _ping_database(session_factory: Any) -> None:
