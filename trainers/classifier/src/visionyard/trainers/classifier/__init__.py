@@ -1,0 +1,1 @@
+"""Visionyard's built-in PyTorch image classifier trainer (ImageFolder in, checkpoints out)."""

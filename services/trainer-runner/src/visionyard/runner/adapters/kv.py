@@ -1,0 +1,80 @@
+"""The runner's KV use: publishing trainer capabilities, reading and watching cancellations."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js.errors import KeyNotFoundError
+
+from visionyard.runner.service import HeldJobs
+from visionyard.shared import streams
+from visionyard.shared.bus import Bus
+from visionyard.shared.manifest import TrainerManifest
+
+log = logging.getLogger("visionyard.runner.kv")
+
+
+def parse_cancel_attempt(value: bytes | None) -> int | None:
+    """The attempt of a cancellation entry (`{"attempt": N}`); None if unreadable."""
+    if not value:
+        return None
+    try:
+        return int(json.loads(value)["attempt"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+async def publish_capabilities(bus: Bus, manifests: list[TrainerManifest]) -> None:
+    """Put every installed trainer's manifest into `trainer_capabilities` under its name."""
+    kv = await bus.kv(streams.KV_CAPABILITIES)
+    for manifest in manifests:
+        await kv.put(manifest.name, manifest.model_dump_json().encode())
+
+
+class KvCancellationLedger:
+    """Reads `job_cancellations`."""
+
+    def __init__(self, bus: Bus) -> None:
+        self._bus = bus
+
+    async def cancelled_attempt(self, job_id: str) -> int | None:
+        """The attempt recorded for `job_id`, or None."""
+        kv = await self._bus.kv(streams.KV_CANCELLATIONS)
+        try:
+            entry = await kv.get(job_id)
+        except KeyNotFoundError:
+            return None
+        return parse_cancel_attempt(entry.value)
+
+
+async def watch_cancellations(bus: Bus, held: HeldJobs, *, stop: asyncio.Event) -> None:
+    """Forward every cancellation entry to the held job it names, until `stop`; re-watch after errors."""
+    while not stop.is_set():
+        watcher = None
+        try:
+            kv = await bus.kv(streams.KV_CANCELLATIONS)
+            watcher = await kv.watchall()
+            while not stop.is_set():
+                try:
+                    entry = await watcher.updates(timeout=1.0)
+                except NatsTimeoutError:
+                    continue
+                if entry is None or entry.operation is not None:
+                    continue  # the end-of-initial-values marker, or a delete/purge
+                attempt = parse_cancel_attempt(entry.value)
+                if attempt is not None and held.request_cancel(entry.key, attempt):
+                    log.info("cancel requested", extra={"job_id": entry.key, "attempt": attempt})
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:
+            log.warning("cancellation watch failed, re-watching: %s", error)
+            await asyncio.sleep(1.0)
+        finally:
+            if watcher is not None:
+                try:
+                    await watcher.stop()
+                except Exception:
+                    pass

@@ -1,0 +1,54 @@
+"""Runner settings (env prefix `VISIONYARD_RUNNER_`)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import SettingsConfigDict
+
+from visionyard.shared import streams
+from visionyard.shared.config import ServiceSettings
+
+# The only variables a trainer inherits; credentials and the broker URL never reach it.
+TRAINER_ENV_KEYS = ("PATH", "HOME", "LANG", "PYTHONPATH")
+
+
+def _default_runner_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def _trainer_base_env() -> dict[str, str]:
+    return {key: os.environ[key] for key in TRAINER_ENV_KEYS if key in os.environ}
+
+
+class RunnerSettings(ServiceSettings):
+    """How many jobs to hold, where to work, how to run trainers."""
+
+    model_config = SettingsConfigDict(env_prefix="VISIONYARD_RUNNER_", extra="ignore")
+
+    slots: int = Field(default=2, ge=1)
+    runner_id: str = Field(default_factory=_default_runner_id)
+    work_dir: Path | None = None
+    trainer_python: str = Field(default_factory=lambda: sys.executable)
+    cancel_grace_seconds: float = Field(default=10.0, ge=0)
+    heartbeat_seconds: float = Field(default=5.0, gt=0)
+    trainer_base_env: dict[str, str] = Field(default_factory=_trainer_base_env)
+
+    @model_validator(mode="after")
+    def _derive(self) -> RunnerSettings:
+        if self.work_dir is None:
+            self.work_dir = self.data_dir / "runner"
+        # A heartbeat slower than the ack wait would let JetStream hand a live job to another runner.
+        if self.heartbeat_seconds >= streams.RUNNER.ack_wait:
+            raise ValueError(f"heartbeat_seconds must be < the runner ack wait ({streams.RUNNER.ack_wait}s)")
+        return self
+
+    @property
+    def runner_work_dir(self) -> Path:
+        """The resolved working directory (datasets cache, job directories)."""
+        assert self.work_dir is not None
+        return self.work_dir.resolve()

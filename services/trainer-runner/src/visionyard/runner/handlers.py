@@ -1,0 +1,151 @@
+"""The `cmd.train` consumer: claim commands while a slot is free, hold them unacked with heartbeats, settle.
+
+Ack timing is the whole point of this module: a command is acked only after its terminal event is
+stored, nak'ed (no terminal event) when the runner shuts down so another runner resumes the job,
+and dead-lettered only when it cannot be decoded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from nats.aio.msg import Msg
+from nats.errors import TimeoutError as NatsTimeoutError
+from pydantic import ValidationError
+
+from visionyard.runner.service import AttemptOutcome, StopReason, TrainingAttempts
+from visionyard.shared import streams
+from visionyard.shared.bus import AckAction, Bus, PermanentError, decide_ack
+from visionyard.shared.commands import StartTraining
+
+log = logging.getLogger("visionyard.runner.handlers")
+
+
+class TrainCommandConsumer:
+    """Pulls `cmd.train` one message at a time, never holding more than `slots` jobs."""
+
+    def __init__(
+        self,
+        bus: Bus,
+        attempts: TrainingAttempts,
+        *,
+        slots: int,
+        heartbeat_seconds: float,
+        spec: streams.ConsumerSpec = streams.RUNNER,
+    ) -> None:
+        self._bus = bus
+        self._attempts = attempts
+        self._slots = asyncio.Semaphore(slots)
+        self._heartbeat = heartbeat_seconds
+        self._spec = spec
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Claim and run commands until `stop`; then stop held trainers and hand their commands back."""
+        subscription = await self._bus.js.pull_subscribe_bind(durable=self._spec.durable, stream=self._spec.stream)
+        try:
+            while not stop.is_set():
+                if not await self._acquire_slot(stop):
+                    break
+                try:
+                    messages = await subscription.fetch(1, timeout=1.0)
+                except NatsTimeoutError:
+                    self._slots.release()
+                    continue
+                except Exception as error:  # broker away: keep trying, never exit
+                    self._slots.release()
+                    log.warning("fetch failed: %s", error)
+                    await asyncio.sleep(0.5)
+                    continue
+                if not messages:
+                    self._slots.release()
+                    continue
+                for index, msg in enumerate(messages):
+                    if index:
+                        await self._slots.acquire()  # fetch(1) returns one; stay correct if it ever returns more
+                    task = asyncio.create_task(self.hold(msg))
+                    self._tasks.add(task)
+                    task.add_done_callback(self._job_done)
+        finally:
+            self._attempts.held.stop_all(StopReason.SHUTDOWN)
+            if self._tasks:
+                await asyncio.gather(*self._tasks, return_exceptions=True)
+            with contextlib.suppress(Exception):
+                await subscription.unsubscribe()
+
+    def _job_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._slots.release()
+
+    async def _acquire_slot(self, stop: asyncio.Event) -> bool:
+        acquire = asyncio.create_task(self._slots.acquire())
+        stopped = asyncio.create_task(stop.wait())
+        done, _ = await asyncio.wait({acquire, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()
+        if acquire in done and not stop.is_set():
+            return True
+        if acquire in done:
+            self._slots.release()
+        else:
+            acquire.cancel()
+        return False
+
+    async def hold(self, msg: Msg) -> None:
+        """Run one delivered command to its end and settle it."""
+        delivered = msg.metadata.num_delivered if msg.metadata else 1
+        try:
+            cmd = StartTraining.model_validate_json(msg.data)
+        except ValidationError as error:
+            await self._settle(msg, PermanentError(f"not a StartTraining command: {error}"), delivered=delivered)
+            return
+        heartbeat = asyncio.create_task(self._keep_alive(msg, cmd.job_id))
+        error: BaseException | None = None
+        outcome = AttemptOutcome.REQUEUE
+        try:
+            outcome = await self._attempts.run(
+                cmd, delivered=delivered, final_delivery=delivered >= self._spec.max_deliver
+            )
+        except Exception as failure:
+            error = failure
+            log.warning("attempt failed before it finished: %s", failure, extra={"job_id": cmd.job_id, "delivery": delivered})
+        finally:
+            heartbeat.cancel()
+        if error is not None:
+            await self._settle(msg, error, delivered=delivered)
+        elif outcome is AttemptOutcome.FINISHED:
+            await self._settle(msg, None, delivered=delivered)
+        else:
+            # Handed back without a terminal event: the next delivery is a new attempt that resumes.
+            with contextlib.suppress(Exception):
+                await msg.nak()
+
+    async def _keep_alive(self, msg: Msg, job_id: str) -> None:
+        """`in_progress` every heartbeat; a runner cut off longer than the ack wait stops its trainer."""
+        last_ok = time.monotonic()
+        while True:
+            await asyncio.sleep(self._heartbeat)
+            try:
+                await msg.in_progress()
+                last_ok = time.monotonic()
+            except Exception as error:
+                log.warning("heartbeat failed: %s", error, extra={"job_id": job_id})
+                if time.monotonic() - last_ok > self._spec.ack_wait:
+                    # JetStream has handed the job to another runner by now; two trainers must not race.
+                    self._attempts.held.request_stop(job_id, StopReason.BROKER_LOST)
+
+    async def _settle(self, msg: Msg, error: BaseException | None, *, delivered: int) -> None:
+        decision = decide_ack(error, delivered=delivered, spec=self._spec)
+        try:
+            if decision.dead_letter:
+                await self._bus.dead_letter(msg, consumer=self._spec.durable, reason=str(error))
+            if decision.action is AckAction.ACK:
+                await msg.ack()
+            elif decision.action is AckAction.TERM:
+                await msg.term()
+            else:
+                await msg.nak(delay=decision.delay)
+        except Exception as settle_error:  # the broker redelivers after ack_wait
+            log.warning("could not settle command: %s", settle_error)

@@ -1,0 +1,91 @@
+"""Composition root of the trainer runner: settings, bus, adapters, consumer; runs until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+
+from visionyard.runner.adapters.kv import KvCancellationLedger, publish_capabilities, watch_cancellations
+from visionyard.runner.adapters.process import SubprocessLauncher
+from visionyard.runner.adapters.publisher import JetStreamEventPublisher
+from visionyard.runner.adapters.staging import BusStager
+from visionyard.runner.config import RunnerSettings
+from visionyard.runner.handlers import TrainCommandConsumer
+from visionyard.runner.service import HeldJobs, RunnerOptions, TrainingAttempts
+from visionyard.shared.bus import Bus
+from visionyard.shared.logs import configure_logging
+from visionyard.shared.manifest import TrainerManifest, installed_manifests
+
+log = logging.getLogger("visionyard.runner")
+
+
+def build_attempts(bus: Bus, settings: RunnerSettings, manifests: list[TrainerManifest]) -> TrainingAttempts:
+    """Wire the use case to its NATS and subprocess adapters."""
+    work_dir = settings.runner_work_dir
+    return TrainingAttempts(
+        options=RunnerOptions(
+            runner_id=settings.runner_id,
+            work_dir=work_dir,
+            trainer_python=settings.trainer_python,
+            base_env=dict(settings.trainer_base_env),
+            cancel_grace_seconds=settings.cancel_grace_seconds,
+        ),
+        manifests=manifests,
+        stager=BusStager(bus, cache_dir=work_dir / "cache"),
+        launcher=SubprocessLauncher(),
+        ledger=KvCancellationLedger(bus),
+        new_sink=lambda: JetStreamEventPublisher(bus),
+        held=HeldJobs(),
+    )
+
+
+async def serve(
+    settings: RunnerSettings,
+    *,
+    stop: asyncio.Event,
+    manifests: list[TrainerManifest] | None = None,
+    bus: Bus | None = None,
+) -> None:
+    """Run the runner until `stop` is set, then stop trainers, hand back their commands and drain."""
+    own_bus = bus is None
+    if bus is None:
+        bus = await Bus.connect(settings.nats_url, service="trainer-runner")
+    try:
+        await bus.ensure_topology(replicas=settings.stream_replicas)
+        trainers = installed_manifests() if manifests is None else manifests
+        await publish_capabilities(bus, trainers)
+        attempts = build_attempts(bus, settings, trainers)
+        log.info(
+            "runner ready",
+            extra={"runner_id": settings.runner_id, "slots": settings.slots, "trainers": [m.name for m in trainers]},
+        )
+        watcher = asyncio.create_task(watch_cancellations(bus, attempts.held, stop=stop))
+        consumer = TrainCommandConsumer(
+            bus, attempts, slots=settings.slots, heartbeat_seconds=settings.heartbeat_seconds
+        )
+        try:
+            await consumer.run(stop)
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+    finally:
+        if own_bus:
+            await bus.close()
+
+
+async def _main(settings: RunnerSettings) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await serve(settings, stop=stop)
+
+
+def run() -> None:
+    """Console entry point `visionyard-runner`."""
+    settings = RunnerSettings()
+    configure_logging("trainer-runner", settings.log_level)
+    asyncio.run(_main(settings))

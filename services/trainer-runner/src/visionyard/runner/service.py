@@ -1,0 +1,602 @@
+"""The runner's use cases: run one training attempt and turn what the trainer says into job events.
+
+No framework imports here: staging, spawning, publishing and the cancellation ledger are ports
+(small Protocols) that `main.py` fills with NATS/subprocess adapters and the tests fill with fakes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import shutil
+from collections import deque
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Protocol
+
+from visionyard.shared.bus import PermanentError
+from visionyard.shared.commands import DatasetRef, StartTraining
+from visionyard.shared.events import (
+    FailureReason,
+    JobCancelled,
+    JobCompleted,
+    JobEvent,
+    JobFailed,
+    JobStarted,
+    LogEmitted,
+    ProgressReported,
+)
+from visionyard.shared.logs import bind
+from visionyard.shared.manifest import TrainerManifest
+from visionyard.shared.sdk import TrainerJob
+
+log = logging.getLogger("visionyard.runner")
+
+EXIT_USER_ERROR = 2
+STDERR_TAIL_LINES = 20
+
+
+# -- what the trainer said → events -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CheckpointDeclared:
+    """A checkpoint the trainer declared; the publisher stages the file, then publishes `CheckpointStaged`."""
+
+    job_id: str
+    attempt: int
+    seq: int
+    kind: str
+    path: Path
+    epoch: int | None
+
+    @property
+    def object_name(self) -> str:
+        """Staging object name: `ckpt/<job_id>/<attempt>/<seq>-<kind>.pt`."""
+        return f"ckpt/{self.job_id}/{self.attempt}/{self.seq}-{self.kind}.pt"
+
+
+Outgoing = JobEvent | CheckpointDeclared
+
+
+class StopReason(StrEnum):
+    """Why the runner stopped a trainer before it exited by itself."""
+
+    CANCEL = "cancel"
+    SHUTDOWN = "shutdown"
+    BROKER_LOST = "broker_lost"
+    TIMEOUT = "timeout"
+
+
+@dataclass(frozen=True)
+class TrainerExit:
+    """How a trainer process ended."""
+
+    returncode: int | None
+    stopped_by: StopReason | None = None
+    stderr_tail: tuple[str, ...] = ()
+
+
+class AttemptEvents:
+    """Stamps every event of one attempt with job_id, attempt and a seq that is monotonic from 1."""
+
+    def __init__(self, *, job_id: str, attempt: int) -> None:
+        self.job_id = job_id
+        self.attempt = attempt
+        self._seq = 0
+        self.declared_checkpoints: list[str] = []
+        self.result: dict[str, Any] | None = None
+        self.last_progress: ProgressReported | None = None
+        self.stderr_tail: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
+
+    def _next(self) -> dict[str, Any]:
+        self._seq += 1
+        return {"job_id": self.job_id, "attempt": self.attempt, "seq": self._seq}
+
+    def started(
+        self, cmd: StartTraining, *, runner_id: str, pid: int | None, resumed_from_epoch: int | None
+    ) -> JobStarted:
+        """The first event of an attempt."""
+        config = cmd.config
+        params: dict[str, Any] = config.model_dump(mode="json", exclude_none=True)
+        return JobStarted(
+            **self._next(),
+            runner_id=runner_id,
+            pid=pid,
+            dataset_hash=cmd.dataset.content_hash,
+            params=params,
+            experiment_name=cmd.experiment_name,
+            project_id=cmd.project_id,
+            resumed_from_epoch=resumed_from_epoch,
+        )
+
+    def from_sdk_line(self, line: str) -> Outgoing | None:
+        """Translate one SDK JSON line; `result` is kept for the terminal event and yields nothing."""
+        text = line.strip()
+        if not text:
+            return None
+        try:
+            record = json.loads(text)
+            if not isinstance(record, dict):
+                raise ValueError("not an object")
+            kind = record.get("type")
+            if kind == "progress":
+                event = ProgressReported(
+                    **self._peek(),
+                    epoch=int(record["epoch"]),
+                    total_epochs=int(record["total_epochs"]),
+                    step=record.get("step"),
+                    metrics={k: float(v) for k, v in (record.get("metrics") or {}).items()},
+                )
+                self._next()
+                self.last_progress = event
+                return event
+            if kind == "log":
+                event_log = LogEmitted(
+                    **self._peek(),
+                    level=str(record.get("level") or "INFO").upper(),
+                    event_type=str(record.get("event_type") or "log"),
+                    message=str(record.get("message", "")),
+                    data=record.get("data") if isinstance(record.get("data"), dict) else None,
+                )
+                self._next()
+                return event_log
+            if kind == "checkpoint":
+                checkpoint_kind = str(record["kind"])
+                path = Path(str(record["path"]))
+                epoch = record.get("epoch")
+                stamp = self._next()
+                if checkpoint_kind not in self.declared_checkpoints:
+                    self.declared_checkpoints.append(checkpoint_kind)
+                return CheckpointDeclared(
+                    job_id=self.job_id,
+                    attempt=self.attempt,
+                    seq=stamp["seq"],
+                    kind=checkpoint_kind,
+                    path=path,
+                    epoch=int(epoch) if epoch is not None else None,
+                )
+            if kind == "result":
+                self.result = record
+                return None
+            raise ValueError(f"unknown record type {kind!r}")
+        except (ValueError, KeyError, TypeError) as error:
+            # A malformed line is the trainer's bug, not a reason to lose the job: show it as a warning.
+            return LogEmitted(
+                **self._next(),
+                level="WARNING",
+                event_type="sdk_error",
+                message=f"unreadable SDK line ({error}): {text[:500]}",
+            )
+
+    def _peek(self) -> dict[str, Any]:
+        # Validation happens before the seq is consumed, so a rejected line never leaves a gap.
+        return {"job_id": self.job_id, "attempt": self.attempt, "seq": self._seq + 1}
+
+    def from_output(self, stream: str, text: str) -> LogEmitted:
+        """A captured stdout/stderr line."""
+        line = text.rstrip("\r\n")
+        if stream == "stderr":
+            self.stderr_tail.append(line)
+        return LogEmitted(
+            **self._next(),
+            level="ERROR" if stream == "stderr" else "INFO",
+            event_type=stream,
+            message=line,
+        )
+
+    def cancelled(self) -> JobCancelled:
+        """The attempt was cancelled."""
+        return JobCancelled(**self._next())
+
+    def failed(self, reason: FailureReason, message: str, **details: Any) -> JobFailed:
+        """The attempt failed for `reason`."""
+        return JobFailed(**self._next(), reason=reason, error_message=message, **details)
+
+    def terminal(self, outcome: TrainerExit) -> JobEvent | None:
+        """The terminal event for how the trainer ended; None when the job must go to another runner."""
+        if outcome.stopped_by in (StopReason.SHUTDOWN, StopReason.BROKER_LOST):
+            return None
+        if outcome.stopped_by is StopReason.CANCEL:
+            return self.cancelled()
+        tail = "\n".join(outcome.stderr_tail or self.stderr_tail)
+        if outcome.stopped_by is StopReason.TIMEOUT:
+            return self.failed(FailureReason.TIMEOUT, "the job ran past its time limit and was stopped",
+                               exit_code=outcome.returncode)
+        code = outcome.returncode
+        if code == 0:
+            return self._completed()
+        if code == EXIT_USER_ERROR:
+            message = _last_meaningful(outcome.stderr_tail or tuple(self.stderr_tail)) or "the trainer rejected the job"
+            return self.failed(FailureReason.USER_ERROR, message, exit_code=code, traceback=tail or None)
+        return self.failed(
+            FailureReason.TRAINER_CRASH,
+            _describe_exit(code, outcome.stderr_tail or tuple(self.stderr_tail)),
+            exit_code=code,
+            traceback=tail or None,
+        )
+
+    def _completed(self) -> JobCompleted:
+        result = self.result or {}
+        final = result.get("final_metrics") or (self.last_progress.metrics if self.last_progress else {})
+        epochs = result.get("epochs_completed")
+        if epochs is None:
+            epochs = self.last_progress.epoch if self.last_progress else 0
+        return JobCompleted(
+            **self._next(),
+            total_epochs_completed=int(epochs),
+            final_metrics={k: float(v) for k, v in final.items()},
+            best_metrics={k: float(v) for k, v in (result.get("best_metrics") or {}).items()},
+            best_epoch=result.get("best_epoch"),
+            declared_checkpoints=list(self.declared_checkpoints),
+        )
+
+
+def _last_meaningful(lines: Iterable[str]) -> str:
+    for line in reversed(list(lines)):
+        if line.strip():
+            return line.strip()
+    return ""
+
+
+def _describe_exit(code: int | None, tail: Iterable[str]) -> str:
+    if code is None:
+        return "the trainer ended without an exit status"
+    if code < 0:
+        import signal
+
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = str(-code)
+        reason = f"the trainer was killed by signal {name}"
+        if name == "SIGKILL":
+            reason += " (out of memory?)"
+        return reason
+    last = _last_meaningful(tail)
+    return f"the trainer exited with code {code}" + (f": {last}" if last else "")
+
+
+# -- ports ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StagedCheckpoint:
+    """A stored checkpoint fetched to a local file."""
+
+    path: Path
+    epoch: int | None
+
+
+class Stager(Protocol):
+    """Fetches datasets and checkpoints from storage."""
+
+    async def stage_dataset(self, dataset: DatasetRef) -> Path:
+        """A local directory holding the extracted dataset version."""
+        ...
+
+    async def stage_checkpoint(self, job_id: str, kind: str, destination: Path) -> StagedCheckpoint | None:
+        """The job's stored checkpoint of `kind` copied to `destination`, or None if there is none."""
+        ...
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    """Everything needed to start a trainer process."""
+
+    argv: list[str]
+    cwd: Path
+    env: dict[str, str]
+
+
+class TrainerHandle(Protocol):
+    """A running trainer process group."""
+
+    pid: int
+
+    def lines(self) -> AsyncIterator[tuple[str, str]]:
+        """(`sdk`|`stdout`|`stderr`, line) until every stream is closed."""
+        ...
+
+    async def wait(self) -> int:
+        """The exit status once the process ends (negative: killed by that signal)."""
+        ...
+
+    async def stop(self, *, grace: float) -> int:
+        """SIGTERM the group, SIGKILL it after `grace`, reap; no member of the group survives."""
+        ...
+
+
+class TrainerLauncher(Protocol):
+    """Starts trainers."""
+
+    async def launch(self, spec: LaunchSpec) -> TrainerHandle:
+        """Start the process described by `spec`."""
+        ...
+
+
+class EventSink(Protocol):
+    """Ordered, retrying publication; `emit` never blocks the trainer."""
+
+    def emit(self, item: Outgoing) -> None:
+        """Queue an event (or a checkpoint to stage, then announce)."""
+        ...
+
+    async def drain(self) -> None:
+        """Wait until everything emitted so far is acknowledged by the broker."""
+        ...
+
+    async def close(self) -> None:
+        """Stop the publisher task."""
+        ...
+
+
+class CancellationLedger(Protocol):
+    """The durable record of cancel requests (KV `job_cancellations`)."""
+
+    async def cancelled_attempt(self, job_id: str) -> int | None:
+        """The attempt a cancel was recorded for, or None."""
+        ...
+
+
+# -- holding jobs -------------------------------------------------------------------------------
+
+
+@dataclass
+class RunControl:
+    """Stop requests for one held job; the first reason wins."""
+
+    job_id: str
+    command_attempt: int
+    reason: StopReason | None = None
+    _event: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def request_stop(self, reason: StopReason) -> None:
+        """Ask the attempt to stop its trainer."""
+        if self.reason is None:
+            self.reason = reason
+            self._event.set()
+
+    async def wait(self) -> StopReason:
+        """Until a stop is requested."""
+        await self._event.wait()
+        assert self.reason is not None
+        return self.reason
+
+
+class HeldJobs:
+    """The jobs this runner holds right now, so cancel requests and shutdown can reach them."""
+
+    def __init__(self) -> None:
+        self._controls: dict[str, RunControl] = {}
+
+    def hold(self, cmd: StartTraining) -> RunControl:
+        """Register a claimed command (before checking the ledger, so no cancel falls in between)."""
+        control = RunControl(job_id=cmd.job_id, command_attempt=cmd.attempt)
+        self._controls[cmd.job_id] = control
+        return control
+
+    def release(self, control: RunControl) -> None:
+        """Forget a job once its attempt is over."""
+        if self._controls.get(control.job_id) is control:
+            del self._controls[control.job_id]
+
+    def request_cancel(self, job_id: str, attempt: int) -> bool:
+        """Cancel a held job if the cancel is for this attempt or a newer one (older cancels are fenced)."""
+        control = self._controls.get(job_id)
+        if control is None or attempt < control.command_attempt:
+            return False
+        control.request_stop(StopReason.CANCEL)
+        return True
+
+    def request_stop(self, job_id: str, reason: StopReason) -> None:
+        """Stop one held job, if held."""
+        control = self._controls.get(job_id)
+        if control is not None:
+            control.request_stop(reason)
+
+    def stop_all(self, reason: StopReason) -> None:
+        """Stop every held job (runner shutdown)."""
+        for control in list(self._controls.values()):
+            control.request_stop(reason)
+
+    def __len__(self) -> int:
+        return len(self._controls)
+
+
+class AttemptOutcome(StrEnum):
+    """What the consumer does with the command afterwards."""
+
+    FINISHED = "finished"  # a terminal event is acknowledged: ack the command
+    REQUEUE = "requeue"  # no terminal event: nak so another runner resumes the job
+
+
+def effective_attempt(cmd: StartTraining, *, delivered: int) -> int:
+    """Each redelivery (failover) is a new attempt: the command's attempt plus earlier deliveries."""
+    return cmd.attempt + max(delivered, 1) - 1
+
+
+def find_manifest(manifests: Iterable[TrainerManifest], *, framework: str, model_name: str) -> TrainerManifest | None:
+    """The installed trainer that trains `model_name` with `framework`."""
+    for manifest in manifests:
+        if manifest.framework == framework and model_name in manifest.model_names():
+            return manifest
+    return None
+
+
+@dataclass(frozen=True)
+class RunnerOptions:
+    """Static settings the use case needs."""
+
+    runner_id: str
+    work_dir: Path
+    trainer_python: str
+    base_env: dict[str, str]
+    cancel_grace_seconds: float
+
+
+class TrainingAttempts:
+    """Runs training attempts: stage, spawn, translate, stop, classify, publish."""
+
+    def __init__(
+        self,
+        *,
+        options: RunnerOptions,
+        manifests: list[TrainerManifest],
+        stager: Stager,
+        launcher: TrainerLauncher,
+        ledger: CancellationLedger,
+        new_sink: Any,
+        held: HeldJobs | None = None,
+    ) -> None:
+        self.options = options
+        self.manifests = manifests
+        self.stager = stager
+        self.launcher = launcher
+        self.ledger = ledger
+        self.new_sink = new_sink
+        self.held = held or HeldJobs()
+
+    async def run(self, cmd: StartTraining, *, delivered: int, final_delivery: bool) -> AttemptOutcome:
+        """Run one delivery of `cmd` to its end; a raised error means nak with backoff."""
+        control = self.held.hold(cmd)
+        try:
+            return await self._run_held(cmd, control=control, delivered=delivered, final_delivery=final_delivery)
+        finally:
+            self.held.release(control)
+
+    async def _run_held(
+        self, cmd: StartTraining, *, control: RunControl, delivered: int, final_delivery: bool
+    ) -> AttemptOutcome:
+        attempt = effective_attempt(cmd, delivered=delivered)
+        logger = bind(log, job_id=cmd.job_id, attempt=attempt, delivery=delivered)
+        events = AttemptEvents(job_id=cmd.job_id, attempt=attempt)
+        sink: EventSink = self.new_sink()
+        try:
+            cancelled = await self.ledger.cancelled_attempt(cmd.job_id)
+            if (cancelled is not None and cancelled >= cmd.attempt) or control.reason is StopReason.CANCEL:
+                # The API already shows it cancelled; the event closes it for a runner that died holding it.
+                logger.info("job was cancelled before it started; skipping")
+                return await self._finish(sink, events.cancelled())
+            manifest = find_manifest(self.manifests, framework=cmd.config.framework, model_name=cmd.config.model_name)
+            if manifest is None:
+                return await self._finish(sink, events.failed(
+                    FailureReason.USER_ERROR,
+                    f"no installed trainer offers model {cmd.config.model_name!r} for framework {cmd.config.framework!r}",
+                ))
+            job_dir = self.options.work_dir / "jobs" / cmd.job_id / str(attempt)
+            try:
+                dataset_dir = await self.stager.stage_dataset(cmd.dataset)
+                resume = None
+                if delivered > 1 or cmd.resume_from is not None:
+                    resume = await self.stager.stage_checkpoint(cmd.job_id, "last", job_dir / "resume")
+            except PermanentError as error:
+                return await self._finish(sink, events.failed(
+                    FailureReason.INFRASTRUCTURE, f"could not stage the job's inputs: {error}"
+                ))
+            except Exception as error:
+                if final_delivery:
+                    return await self._finish(sink, events.failed(
+                        FailureReason.INFRASTRUCTURE, f"could not stage the job's inputs: {error}", retryable=True
+                    ))
+                raise
+            if control.reason is not None:
+                return await self._finish_stopped(sink, events, control.reason)
+            outcome = await self._train(
+                cmd, manifest=manifest, control=control, events=events, sink=sink, job_dir=job_dir,
+                dataset_dir=dataset_dir, resume=resume, logger=logger,
+            )
+            if outcome is AttemptOutcome.FINISHED:
+                shutil.rmtree(job_dir, ignore_errors=True)
+            return outcome
+        finally:
+            await sink.close()
+
+    async def _finish(self, sink: EventSink, event: JobEvent) -> AttemptOutcome:
+        sink.emit(event)
+        # The command is acked only after the terminal event is safely stored.
+        await sink.drain()
+        return AttemptOutcome.FINISHED
+
+    async def _finish_stopped(self, sink: EventSink, events: AttemptEvents, reason: StopReason) -> AttemptOutcome:
+        terminal = events.terminal(TrainerExit(returncode=None, stopped_by=reason))
+        if terminal is None:
+            await sink.drain()
+            return AttemptOutcome.REQUEUE
+        return await self._finish(sink, terminal)
+
+    async def _train(
+        self,
+        cmd: StartTraining,
+        *,
+        manifest: TrainerManifest,
+        control: RunControl,
+        events: AttemptEvents,
+        sink: EventSink,
+        job_dir: Path,
+        dataset_dir: Path,
+        resume: StagedCheckpoint | None,
+        logger: logging.LoggerAdapter[logging.Logger],
+    ) -> AttemptOutcome:
+        job_dir.mkdir(parents=True, exist_ok=True)
+        job = TrainerJob(
+            job_id=cmd.job_id,
+            attempt=events.attempt,
+            config=cmd.config,
+            dataset_dir=dataset_dir,
+            output_dir=job_dir / "output",
+            outbox_dir=job_dir / "outbox",
+            resume_checkpoint=resume.path if resume else None,
+            resume_epoch=resume.epoch if resume else None,
+        )
+        job_file = job_dir / "job.json"
+        job_file.write_text(job.model_dump_json(indent=2))
+        spec = LaunchSpec(
+            argv=[self.options.trainer_python, "-m", manifest.module],
+            cwd=job_dir,
+            env={**self.options.base_env, "VISIONYARD_JOB_FILE": str(job_file), "PYTHONUNBUFFERED": "1"},
+        )
+        handle = await self.launcher.launch(spec)
+        logger.info("trainer started", extra={"pid": handle.pid})
+        sink.emit(events.started(
+            cmd, runner_id=self.options.runner_id, pid=handle.pid,
+            resumed_from_epoch=resume.epoch if resume else None,
+        ))
+        pump = asyncio.create_task(self._pump(handle, events, sink))
+        exited = asyncio.create_task(handle.wait())
+        stop_requested = asyncio.create_task(control.wait())
+        stopped_by: StopReason | None = None
+        try:
+            done, _ = await asyncio.wait(
+                {exited, stop_requested}, timeout=cmd.timeout_seconds, return_when=asyncio.FIRST_COMPLETED
+            )
+            if exited in done:
+                returncode = exited.result()
+            else:
+                stopped_by = control.reason if stop_requested in done else StopReason.TIMEOUT
+                logger.info("stopping trainer", extra={"reason": str(stopped_by)})
+                returncode = await handle.stop(grace=self.options.cancel_grace_seconds)
+        finally:
+            stop_requested.cancel()
+            # Whatever happened, no process of the job's group may outlive the attempt.
+            final_code = await handle.stop(grace=0)
+        if not exited.done():
+            exited.cancel()
+        returncode = returncode if returncode is not None else final_code
+        await pump
+        logger.info("trainer exited", extra={"returncode": returncode})
+        terminal = events.terminal(TrainerExit(returncode=returncode, stopped_by=stopped_by))
+        if terminal is None:
+            # Publish what the trainer saved on the way out (its last checkpoint), then hand the job back.
+            await sink.drain()
+            return AttemptOutcome.REQUEUE
+        return await self._finish(sink, terminal)
+
+    async def _pump(self, handle: TrainerHandle, events: AttemptEvents, sink: EventSink) -> None:
+        async for stream, text in handle.lines():
+            item = events.from_sdk_line(text) if stream == "sdk" else events.from_output(stream, text)
+            if item is not None:
+                sink.emit(item)

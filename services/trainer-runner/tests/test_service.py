@@ -1,0 +1,279 @@
+"""Unit tests: SDK line → event translation, exit classification, and the attempt use case with fakes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from visionyard.runner.adapters.staging import safe_extract
+from visionyard.runner.service import (
+    AttemptEvents,
+    AttemptOutcome,
+    CheckpointDeclared,
+    HeldJobs,
+    LaunchSpec,
+    RunnerOptions,
+    StagedCheckpoint,
+    StopReason,
+    TrainerExit,
+    TrainingAttempts,
+    effective_attempt,
+)
+from visionyard.shared.bus import PermanentError, TransientError
+from visionyard.shared.commands import DatasetRef, StartTraining, TrainingConfig
+from visionyard.shared.events import (
+    FailureReason,
+    JobCancelled,
+    JobCompleted,
+    JobFailed,
+    JobStarted,
+    LogEmitted,
+    ProgressReported,
+)
+from visionyard.shared.manifest import ModelInfo, TrainerManifest
+
+
+def command(**overrides: object) -> StartTraining:
+    base: dict[str, object] = dict(
+        job_id="job-1", attempt=1, project_id="p", experiment_name="exp",
+        config=TrainingConfig(framework="pytorch", model_name="simple_cnn", task_type="image_classification",
+                              dataset_id="ds", epochs=2),
+        dataset=DatasetRef(dataset_id="ds", content_hash="abc"),
+    )
+    base.update(overrides)
+    return StartTraining(**base)  # type: ignore[arg-type]
+
+
+def sdk(**record: object) -> str:
+    return json.dumps(record)
+
+
+def test_sdk_lines_become_events_with_monotonic_seq() -> None:
+    events = AttemptEvents(job_id="j", attempt=3)
+    started = events.started(command(), runner_id="r1", pid=42, resumed_from_epoch=None)
+    progress = events.from_sdk_line(sdk(type="progress", epoch=1, total_epochs=2, metrics={"loss": 0.5}))
+    garbage = events.from_sdk_line("{not json")
+    log = events.from_output("stderr", "warning: slow\n")
+    checkpoint = events.from_sdk_line(sdk(type="checkpoint", kind="best", path="/tmp/x.pt", epoch=1))
+    assert events.from_sdk_line(sdk(type="result", final_metrics={"accuracy": 0.9}, epochs_completed=2)) is None
+    completed = events.terminal(TrainerExit(returncode=0))
+    assert isinstance(started, JobStarted) and started.params["epochs"] == 2 and started.dataset_hash == "abc"
+    assert isinstance(progress, ProgressReported) and progress.metrics == {"loss": 0.5}
+    assert isinstance(garbage, LogEmitted) and garbage.level == "WARNING"
+    assert isinstance(log, LogEmitted) and (log.event_type, log.level, log.message) == ("stderr", "ERROR", "warning: slow")
+    assert isinstance(checkpoint, CheckpointDeclared) and checkpoint.object_name == "ckpt/j/3/5-best.pt"
+    assert isinstance(completed, JobCompleted)
+    assert completed.declared_checkpoints == ["best"] and completed.final_metrics == {"accuracy": 0.9}
+    seqs = [e.seq for e in (started, progress, garbage, log, checkpoint, completed)]  # type: ignore[union-attr]
+    assert seqs == [1, 2, 3, 4, 5, 6]
+    assert {e.attempt for e in (started, progress, completed)} == {3}  # type: ignore[union-attr]
+
+
+def test_a_malformed_progress_line_leaves_no_gap_in_seq() -> None:
+    events = AttemptEvents(job_id="j", attempt=1)
+    bad = events.from_sdk_line(sdk(type="progress", epoch="one", total_epochs=2))
+    good = events.from_sdk_line(sdk(type="progress", epoch=1, total_epochs=2))
+    assert isinstance(bad, LogEmitted) and bad.seq == 1
+    assert isinstance(good, ProgressReported) and good.seq == 2
+
+
+@pytest.mark.parametrize(
+    ("exit_", "expected"),
+    [
+        (TrainerExit(returncode=2, stderr_tail=("error: no images",)), FailureReason.USER_ERROR),
+        (TrainerExit(returncode=1, stderr_tail=("Traceback", "KeyError: x")), FailureReason.TRAINER_CRASH),
+        (TrainerExit(returncode=-9), FailureReason.TRAINER_CRASH),
+        (TrainerExit(returncode=-9, stopped_by=StopReason.TIMEOUT), FailureReason.TIMEOUT),
+    ],
+)
+def test_failures_are_classified(exit_: TrainerExit, expected: FailureReason) -> None:
+    event = AttemptEvents(job_id="j", attempt=1).terminal(exit_)
+    assert isinstance(event, JobFailed) and event.reason is expected
+    if expected is FailureReason.USER_ERROR:
+        assert event.error_message == "error: no images"
+    if exit_.returncode == -9 and expected is FailureReason.TRAINER_CRASH:
+        assert "SIGKILL" in event.error_message
+
+
+def test_cancel_is_cancelled_and_shutdown_publishes_no_terminal_event() -> None:
+    events = AttemptEvents(job_id="j", attempt=1)
+    assert isinstance(events.terminal(TrainerExit(returncode=143, stopped_by=StopReason.CANCEL)), JobCancelled)
+    assert events.terminal(TrainerExit(returncode=143, stopped_by=StopReason.SHUTDOWN)) is None
+
+
+def test_effective_attempt_counts_redeliveries() -> None:
+    assert effective_attempt(command(attempt=2), delivered=1) == 2
+    assert effective_attempt(command(attempt=2), delivered=3) == 4
+
+
+def test_held_jobs_fence_cancels_of_older_attempts() -> None:
+    held = HeldJobs()
+    control = held.hold(command(attempt=2))
+    assert held.request_cancel("job-1", 1) is False and control.reason is None
+    assert held.request_cancel("job-1", 2) is True and control.reason is StopReason.CANCEL
+
+
+def test_safe_extract_rejects_path_traversal(tmp_path: Path) -> None:
+    import zipfile
+
+    archive = tmp_path / "evil.zip"
+    with zipfile.ZipFile(archive, "w") as bundle:
+        bundle.writestr("a/ok.txt", "fine")
+        bundle.writestr("../escape.txt", "bad")
+    with pytest.raises(PermanentError):
+        safe_extract(archive, tmp_path / "out")
+    assert not (tmp_path / "escape.txt").exists() and not (tmp_path / "out").exists()
+
+
+# -- the use case with fakes -----------------------------------------------------------------------
+
+
+class FakeSink:
+    def __init__(self) -> None:
+        self.items: list[object] = []
+
+    def emit(self, item: object) -> None:
+        self.items.append(item)
+
+    async def drain(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+class FakeStager:
+    def __init__(self, *, error: Exception | None = None) -> None:
+        self.error = error
+        self.checkpoint_requests: list[str] = []
+
+    async def stage_dataset(self, dataset: DatasetRef) -> Path:
+        if self.error:
+            raise self.error
+        return Path("/data") / dataset.content_hash
+
+    async def stage_checkpoint(self, job_id: str, kind: str, destination: Path) -> StagedCheckpoint | None:
+        self.checkpoint_requests.append(kind)
+        return StagedCheckpoint(path=destination / "last.pt", epoch=4)
+
+
+class FakeTrainer:
+    def __init__(self, lines: list[tuple[str, str]], code: int) -> None:
+        self.pid = 1234
+        self._lines = lines
+        self._code = code
+        self.stopped = False
+
+    async def lines(self) -> AsyncIterator[tuple[str, str]]:
+        for line in self._lines:
+            yield line
+
+    async def wait(self) -> int:
+        return self._code
+
+    async def stop(self, *, grace: float) -> int:
+        self.stopped = True
+        return self._code
+
+
+class FakeLauncher:
+    def __init__(self, trainer: FakeTrainer) -> None:
+        self.trainer = trainer
+        self.specs: list[LaunchSpec] = []
+
+    async def launch(self, spec: LaunchSpec) -> FakeTrainer:
+        self.specs.append(spec)
+        return self.trainer
+
+
+class FakeLedger:
+    def __init__(self, cancelled: int | None = None) -> None:
+        self.cancelled = cancelled
+
+    async def cancelled_attempt(self, job_id: str) -> int | None:
+        return self.cancelled
+
+
+MANIFEST = TrainerManifest(
+    name="t", framework="pytorch", version="1", module="some.trainer", task_types=["image_classification"],
+    models=[ModelInfo(model_name="simple_cnn", display_name="s", task_types=["image_classification"])],
+    dataset_formats=["imagefolder"],
+)
+
+
+def attempts_with(tmp_path: Path, *, trainer: FakeTrainer | None = None, stager: FakeStager | None = None,
+                  ledger: FakeLedger | None = None) -> tuple[TrainingAttempts, FakeSink, FakeLauncher]:
+    sink = FakeSink()
+    launcher = FakeLauncher(trainer or FakeTrainer([], 0))
+    attempts = TrainingAttempts(
+        options=RunnerOptions(runner_id="r", work_dir=tmp_path, trainer_python="/py", base_env={"PATH": "/bin"},
+                              cancel_grace_seconds=1),
+        manifests=[MANIFEST], stager=stager or FakeStager(), launcher=launcher, ledger=ledger or FakeLedger(),
+        new_sink=lambda: sink,
+    )
+    return attempts, sink, launcher
+
+
+async def test_a_finished_trainer_yields_started_then_its_events_then_completed(tmp_path: Path) -> None:
+    trainer = FakeTrainer([("sdk", sdk(type="progress", epoch=1, total_epochs=1)), ("stdout", "hello")], 0)
+    attempts, sink, launcher = attempts_with(tmp_path, trainer=trainer)
+    outcome = await attempts.run(command(), delivered=1, final_delivery=False)
+    assert outcome is AttemptOutcome.FINISHED
+    kinds = [type(item).__name__ for item in sink.items]
+    assert kinds == ["JobStarted", "ProgressReported", "LogEmitted", "JobCompleted"]
+    spec = launcher.specs[0]
+    assert spec.argv == ["/py", "-m", "some.trainer"]
+    assert set(spec.env) == {"PATH", "VISIONYARD_JOB_FILE", "PYTHONUNBUFFERED"}
+    assert trainer.stopped  # the group is always swept
+
+
+async def test_a_redelivery_resumes_from_the_stored_last_checkpoint(tmp_path: Path) -> None:
+    stager = FakeStager()
+    attempts, sink, _ = attempts_with(tmp_path, stager=stager)
+    await attempts.run(command(), delivered=2, final_delivery=False)
+    started = sink.items[0]
+    assert stager.checkpoint_requests == ["last"]
+    assert isinstance(started, JobStarted) and started.resumed_from_epoch == 4 and started.attempt == 2
+
+
+async def test_a_cancel_recorded_before_the_claim_skips_the_job(tmp_path: Path) -> None:
+    attempts, sink, launcher = attempts_with(tmp_path, ledger=FakeLedger(cancelled=1))
+    assert await attempts.run(command(), delivered=1, final_delivery=False) is AttemptOutcome.FINISHED
+    assert [type(i) for i in sink.items] == [JobCancelled] and launcher.specs == []
+
+
+async def test_staging_outage_naks_until_the_last_delivery_then_fails_as_infrastructure(tmp_path: Path) -> None:
+    attempts, sink, _ = attempts_with(tmp_path, stager=FakeStager(error=TransientError("storage away")))
+    with pytest.raises(TransientError):
+        await attempts.run(command(), delivered=1, final_delivery=False)
+    assert sink.items == []
+    assert await attempts.run(command(), delivered=5, final_delivery=True) is AttemptOutcome.FINISHED
+    failed = sink.items[-1]
+    assert isinstance(failed, JobFailed) and failed.reason is FailureReason.INFRASTRUCTURE
+
+
+async def test_an_unknown_model_fails_as_a_user_error(tmp_path: Path) -> None:
+    attempts, sink, launcher = attempts_with(tmp_path)
+    cmd = command(config=TrainingConfig(framework="pytorch", model_name="nope", task_type="x", dataset_id="ds"))
+    await attempts.run(cmd, delivered=1, final_delivery=False)
+    assert isinstance(sink.items[-1], JobFailed) and sink.items[-1].reason is FailureReason.USER_ERROR
+    assert launcher.specs == []
+
+
+async def test_shutdown_hands_the_job_back_without_a_terminal_event(tmp_path: Path) -> None:
+    class Forever(FakeTrainer):
+        async def wait(self) -> int:
+            await asyncio.Event().wait()
+            return 0
+
+    attempts, sink, _ = attempts_with(tmp_path, trainer=Forever([], 143))
+    task = asyncio.create_task(attempts.run(command(), delivered=1, final_delivery=False))
+    while not sink.items:
+        await asyncio.sleep(0.01)
+    attempts.held.stop_all(StopReason.SHUTDOWN)
+    assert await task is AttemptOutcome.REQUEUE
+    assert [type(i) for i in sink.items] == [JobStarted]
