@@ -1,0 +1,1 @@
+"""The `visionyard` command line: the embedded-stack supervisor, dataset upload, training, watch and demo."""

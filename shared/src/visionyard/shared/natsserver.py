@@ -41,6 +41,9 @@ class NatsServer:
     port: int = 0
     monitor_port: int = 0
     log_file: Path | None = None
+    # In its own session, a Ctrl-C aimed at the embedded stack's foreground process does not reach
+    # the broker directly: the stack stops it last, after the services have drained.
+    new_session: bool = False
     process: subprocess.Popen[bytes] | None = field(default=None, init=False)
 
     @property
@@ -62,7 +65,8 @@ class NatsServer:
             "-sd", str(self.store_dir),
             "-l", str(log_target),
         ]
-        self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                        start_new_session=self.new_session)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

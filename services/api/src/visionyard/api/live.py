@@ -93,6 +93,7 @@ def translate(event: JobEvent, *, seq: int, view: JobView) -> list[WsMessage]:
             {
                 "type": "training_progress",
                 "job_id": event.job_id,
+                "attempt": event.attempt,
                 "status": view.status,
                 "current_epoch": event.epoch,
                 "total_epochs": event.total_epochs,
@@ -150,6 +151,7 @@ def _terminal(
     return {
         "type": kind,
         "job_id": event.job_id,
+        "attempt": event.attempt,
         "status": view.status,
         "total_epochs_completed": epochs,
         "final_metrics": final,

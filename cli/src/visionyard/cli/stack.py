@@ -1,0 +1,329 @@
+"""The embedded stack: our own nats-server plus the four services as separate processes.
+
+`visionyard up` and `visionyard demo` both use `EmbeddedStack`. It starts only what it owns (a fresh
+nats-server, then api, tracker, storage and the runners, each in its own process group with its log
+under `<data-dir>/logs/`), waits until the API reports ready, and on stop terminates them in reverse
+order (SIGTERM, a grace period, then SIGKILL of the whole group) so nothing is left running.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+import httpx
+
+from visionyard.shared.natsserver import NatsServer, free_port
+
+# Start order: the tracker and storage subscribe before the API can publish, runners last.
+SERVICE_ORDER = ("tracker", "storage", "api", "runner")
+DEFAULT_COMMANDS: dict[str, list[str]] = {
+    "api": ["visionyard-api"],
+    "runner": ["visionyard-runner"],
+    "tracker": ["visionyard-tracker"],
+    "storage": ["visionyard-storage"],
+}
+
+
+class StackError(RuntimeError):
+    """The stack could not start (port taken, a service died, not ready in time)."""
+
+
+@dataclass
+class ServiceProcess:
+    """One running service: its name, the process (leader of its own group) and its log."""
+
+    name: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        """The leader's pid, which is also its process-group id."""
+        return self.process.pid
+
+
+def log_tail(path: Path, *, lines: int = 30) -> str:
+    """The last `lines` lines of a log file ('' if it does not exist)."""
+    try:
+        content = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(content.splitlines()[-lines:])
+
+
+def ensure_port_free(port: int, *, host: str = "127.0.0.1", what: str = "API") -> None:
+    """Refuse (StackError) if something already listens on `host:port`."""
+    with socket.socket() as probe:
+        # SO_REUSEADDR as uvicorn sets it: only a live listener, not a TIME_WAIT, makes bind fail.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            if error.errno in (errno.EADDRINUSE, errno.EACCES):
+                raise StackError(
+                    f"port {port} on {host} is already in use, so the {what} cannot listen there "
+                    f"(another `visionyard up`?). Stop it or pick another port, e.g. --api-port {free_port()}."
+                ) from error
+            raise
+
+
+def _resolve(command: Sequence[str]) -> list[str]:
+    """Prefer the console script installed beside this interpreter, so the venv need not be on PATH."""
+    argv = list(command)
+    if "/" in argv[0]:
+        return argv
+    beside = Path(sys.executable).with_name(argv[0])
+    if beside.exists():
+        argv[0] = str(beside)
+    return argv
+
+
+@dataclass
+class EmbeddedStack:
+    """nats-server + api + tracker + storage + N runners, all under one data directory."""
+
+    data_dir: Path
+    api_port: int = 8000
+    api_host: str = "127.0.0.1"
+    nats_port: int = 0
+    runners: int = 1
+    storage_backend: str = "local"
+    storage_env: Mapping[str, str] = field(default_factory=dict)
+    mlflow_ui_port: int | None = None
+    service_commands: Mapping[str, Sequence[str]] = field(default_factory=lambda: dict(DEFAULT_COMMANDS))
+    extra_env: Mapping[str, str] = field(default_factory=dict)
+    ready_timeout: float = 60.0
+    stop_timeout: float = 20.0
+    echo: Callable[[str], None] = field(default=lambda line: None)
+    nats: NatsServer | None = field(default=None, init=False)
+    services: list[ServiceProcess] = field(default_factory=list, init=False)
+    mlflow_ui: ServiceProcess | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        self.data_dir = Path(self.data_dir).resolve()
+
+    # Locations every caller prints
+    @property
+    def api_url(self) -> str:
+        """Base URL of the API."""
+        return f"http://{self.api_host}:{self.api_port}"
+
+    @property
+    def docs_url(self) -> str:
+        """The OpenAPI docs page."""
+        return f"{self.api_url}/docs"
+
+    @property
+    def tracking_uri(self) -> str:
+        """The MLflow store the tracker writes."""
+        return f"sqlite:///{self.data_dir / 'mlflow' / 'mlflow.db'}"
+
+    @property
+    def mlflow_ui_command(self) -> list[str]:
+        """The command that shows the runs in MLflow's UI."""
+        port = self.mlflow_ui_port or 5000
+        return ["mlflow", "ui", "--backend-store-uri", self.tracking_uri,
+                "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+
+    @property
+    def mlflow_ui_url(self) -> str | None:
+        """URL of the MLflow UI we started, if any."""
+        return f"http://127.0.0.1:{self.mlflow_ui_port}" if self.mlflow_ui is not None else None
+
+    @property
+    def logs_dir(self) -> Path:
+        """Where each service's stdout/stderr goes."""
+        return self.data_dir / "logs"
+
+    # Lifecycle
+    def __enter__(self) -> EmbeddedStack:
+        self.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+    def start(self) -> EmbeddedStack:
+        """Start nats-server and every service, wait for API readiness; on any failure stop all."""
+        ensure_port_free(self.api_port, host=self.api_host)
+        self.logs_dir.mkdir(parents=True, exist_ok=True)
+        (self.data_dir / "mlflow").mkdir(parents=True, exist_ok=True)
+        try:
+            self.nats = NatsServer(store_dir=self.data_dir / "nats", port=self.nats_port,
+                                   log_file=self.logs_dir / "nats-server.log", new_session=True)
+            self.echo(f"starting nats-server on port {self.nats_port or '(free port)'}")
+            self.nats.start()
+            for name in SERVICE_ORDER:
+                if name == "runner":
+                    for index in range(1, self.runners + 1):
+                        label = "runner" if self.runners == 1 else f"runner-{index}"
+                        self._spawn(name, label=label, runner_index=index)
+                else:
+                    self._spawn(name, label=name)
+            self._wait_ready()
+            if self.mlflow_ui_port is not None:
+                self._start_mlflow_ui()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _env_for(self, name: str, *, runner_index: int) -> dict[str, str]:
+        assert self.nats is not None
+        prefix = f"VISIONYARD_{name.upper()}_"
+        service_dir = self.data_dir
+        if name == "runner" and self.runners > 1:
+            # Two runners must never share a scratch/work directory.
+            service_dir = self.data_dir / f"runner-{runner_index}"
+        env = dict(os.environ)
+        env.update({
+            f"{prefix}NATS_URL": self.nats.url,
+            f"{prefix}DATA_DIR": str(service_dir),
+            f"{prefix}MODE": "embedded",
+            "PYTHONUNBUFFERED": "1",
+        })
+        if name == "api":
+            env.update({f"{prefix}PORT": str(self.api_port), f"{prefix}HOST": self.api_host})
+        elif name == "tracker":
+            env[f"{prefix}TRACKING_URI"] = self.tracking_uri
+        elif name == "storage":
+            env[f"{prefix}BACKEND"] = self.storage_backend
+            if self.storage_backend == "local":
+                env[f"{prefix}ROOT"] = str(self.data_dir / "storage")
+            env.update(self.storage_env)
+        env.update(self.extra_env)
+        return env
+
+    def _spawn(self, name: str, *, label: str, runner_index: int = 1) -> ServiceProcess:
+        log_path = self.logs_dir / f"{label}.log"
+        env = self._env_for(name, runner_index=runner_index)
+        argv = _resolve(self.service_commands[name])
+        self.echo(f"starting {label}: {' '.join(argv)} (log: {log_path})")
+        with log_path.open("ab") as log_file:
+            # A new session makes the service the leader of its own process group: Ctrl-C in the
+            # terminal reaches only us, and we stop services in order and can kill a whole group.
+            process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+                                       env=env, cwd=self.data_dir, start_new_session=True)
+        service = ServiceProcess(name=label, process=process, log_path=log_path)
+        self.services.append(service)
+        return service
+
+    def _start_mlflow_ui(self) -> None:
+        assert self.mlflow_ui_port is not None
+        ensure_port_free(self.mlflow_ui_port, what="MLflow UI")
+        log_path = self.logs_dir / "mlflow-ui.log"
+        env = dict(os.environ)
+        # Without this MLflow's UI starts a job runner that takes ~20 s and 1.5 GB more (NOTES.md).
+        env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
+        with log_path.open("ab") as log_file:
+            process = subprocess.Popen(_resolve(self.mlflow_ui_command), stdin=subprocess.DEVNULL, stdout=log_file,
+                                       stderr=subprocess.STDOUT, env=env, cwd=self.data_dir, start_new_session=True)
+        self.mlflow_ui = ServiceProcess(name="mlflow-ui", process=process, log_path=log_path)
+
+    def dead_services(self) -> list[ServiceProcess]:
+        """Services whose process has exited."""
+        return [service for service in self.services if service.process.poll() is not None]
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.ready_timeout
+        with httpx.Client(timeout=2.0) as http:
+            while True:
+                dead = self.dead_services()
+                if dead:
+                    raise StackError(self.describe_exit(dead[0]))
+                try:
+                    ready = http.get(f"{self.api_url}/health/ready").status_code == 200
+                except httpx.HTTPError:
+                    ready = False
+                # Re-check after readiness: a service that died meanwhile must not be reported as up.
+                if ready and not self.dead_services():
+                    return
+                if time.monotonic() > deadline:
+                    raise StackError(
+                        f"the API at {self.api_url} was not ready after {self.ready_timeout:.0f}s; "
+                        f"logs are in {self.logs_dir}\n--- api.log (tail) ---\n"
+                        f"{log_tail(self.logs_dir / 'api.log')}"
+                    )
+                time.sleep(0.2)
+
+    def describe_exit(self, service: ServiceProcess) -> str:
+        """A message naming a dead service, its exit code and the tail of its log."""
+        return (f"service {service.name} exited with code {service.process.returncode}; "
+                f"last lines of {service.log_path}:\n{log_tail(service.log_path)}")
+
+    def stop(self) -> None:
+        """Stop services in reverse start order, then nats-server; idempotent."""
+        owned = list(self.services)
+        if self.mlflow_ui is not None:
+            owned.append(self.mlflow_ui)
+        for service in reversed(owned):
+            self.echo(f"stopping {service.name}")
+            _stop_group(service.process, timeout=self.stop_timeout)
+            code = service.process.returncode
+            if code not in (0, -signal.SIGTERM):
+                self.echo(f"{service.name} exited with code {code}; see {service.log_path}")
+        self.services.clear()
+        self.mlflow_ui = None
+        if self.nats is not None:
+            self.echo("stopping nats-server")
+            self.nats.stop()
+            self.nats = None
+
+    def pids(self) -> list[int]:
+        """Pids of every process this stack started and still tracks (services and nats-server)."""
+        found = [service.pid for service in self.services]
+        if self.mlflow_ui is not None:
+            found.append(self.mlflow_ui.pid)
+        if self.nats is not None and self.nats.process is not None:
+            found.append(self.nats.process.pid)
+        return found
+
+
+def _stop_group(process: subprocess.Popen[bytes], *, timeout: float) -> None:
+    """SIGTERM the process group, wait up to `timeout`, then SIGKILL whatever is left of the group."""
+    group = process.pid
+    if process.poll() is None:
+        _signal_group(group, signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _signal_group(group, signal.SIGKILL)
+            process.wait()
+    # The leader may have exited leaving children in its group; they must not outlive the stack.
+    _signal_group(group, signal.SIGKILL)
+    # SIGKILL is delivered asynchronously: wait (bounded) so "stopped" really means gone.
+    deadline = time.monotonic() + 5.0
+    while _live_group_members(group) and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def _live_group_members(group: int) -> list[int]:
+    """Pids of non-zombie processes in process group `group` (Linux /proc; [] elsewhere)."""
+    members = []
+    for entry in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = entry.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        # After the command name: state, ppid, pgrp.
+        if int(fields[2]) == group and fields[0] != "Z":
+            members.append(int(entry.parent.name))
+    return members
+
+
+def _signal_group(group: int, signum: signal.Signals) -> None:
+    try:
+        os.killpg(group, signum)
+    except (ProcessLookupError, PermissionError):
+        pass

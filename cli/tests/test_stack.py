@@ -1,0 +1,168 @@
+"""EmbeddedStack with a real nats-server and fake service commands: start, readiness, failure, clean stop."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import textwrap
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from visionyard.cli.stack import EmbeddedStack, StackError
+from visionyard.shared.natsserver import free_port
+
+pytestmark = pytest.mark.integration
+
+# A stand-in service: records its env, spawns a child in its own process group (like a trainer
+# would be, if it forgot to make its own), serves /health/ready when it is the api, exits 0 on SIGTERM.
+FAKE_SERVICE = textwrap.dedent(
+    """
+    import http.server, json, os, signal, subprocess, sys, threading
+    name, out_dir, mode = sys.argv[1], sys.argv[2], sys.argv[3]
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    env = {k: v for k, v in os.environ.items() if k.startswith("VISIONYARD_")}
+    with open(os.path.join(out_dir, f"{name}-{os.getpid()}.json"), "w") as f:
+        json.dump({"pid": os.getpid(), "child": child.pid, "env": env}, f)
+    print(name, "started", flush=True)
+    if mode == "die":
+        print("cannot connect to the database: boom", flush=True)
+        sys.exit(3)
+    if mode == "stubborn":
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    else:
+        signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    if name == "api":
+        class Ready(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                self.send_response(200 if self.path == "/health/ready" else 404)
+                self.end_headers()
+            def log_message(self, *args):
+                pass
+        port = int(os.environ["VISIONYARD_API_PORT"])
+        http.server.HTTPServer(("127.0.0.1", port), Ready).serve_forever()
+    threading.Event().wait()
+    """
+)
+
+
+def alive(pid: int) -> bool:
+    """Whether `pid` is a live (not zombie) process."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state != "Z"
+
+
+def processes_mentioning(path: Path) -> list[str]:
+    """Command lines of live processes that name `path` (our fakes and nats-server do)."""
+    found = []
+    for entry in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            command = entry.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if str(path) in command and alive(int(entry.parent.name)):
+            found.append(command)
+    return found
+
+
+def fake_commands(tmp_path: Path, modes: dict[str, str] | None = None) -> dict[str, list[str]]:
+    script = tmp_path / "fake_service.py"
+    script.write_text(FAKE_SERVICE)
+    out = tmp_path / "records"
+    out.mkdir(exist_ok=True)
+    modes = modes or {}
+    return {name: [sys.executable, str(script), name, str(out), modes.get(name, "ok")]
+            for name in ("api", "tracker", "storage", "runner")}
+
+
+def records(tmp_path: Path) -> dict[str, dict]:
+    """What each fake service recorded, by `<name>-<pid>`."""
+    return {path.stem: json.loads(path.read_text()) for path in (tmp_path / "records").glob("*.json")}
+
+
+def wait_for_records(tmp_path: Path, count: int) -> dict[str, dict]:
+    """Records once `count` services have written theirs (they start concurrently with readiness)."""
+    for _ in range(400):
+        found = records(tmp_path)
+        if len(found) >= count:
+            return found
+        time.sleep(0.05)
+    return records(tmp_path)
+
+
+def by_name(started: dict[str, dict], name: str) -> dict:
+    return next(record for key, record in started.items() if key.startswith(f"{name}-"))
+
+
+def test_starts_nats_and_services_then_stops_everything(tmp_path: Path) -> None:
+    stack = EmbeddedStack(data_dir=tmp_path / "data", api_port=free_port(), runners=2,
+                          service_commands=fake_commands(tmp_path, {"storage": "stubborn"}),
+                          ready_timeout=30, stop_timeout=1)
+    with stack:
+        assert stack.nats is not None and stack.nats.process is not None
+        nats_url = stack.nats.url
+        monitor = f"http://127.0.0.1:{stack.nats.monitor_port}/healthz"
+        with urllib.request.urlopen(monitor, timeout=2) as reply:
+            assert reply.status == 200
+        # a Ctrl-C in the terminal must reach only `visionyard up`, which stops the others in order
+        assert os.getpgid(stack.nats.process.pid) != os.getpgrp()
+        assert all(os.getpgid(service.pid) == service.pid for service in stack.services)
+        started = wait_for_records(tmp_path, 5)
+        tracked = stack.pids()
+        assert sorted(key.split("-")[0] for key in started) == ["api", "runner", "runner", "storage", "tracker"]
+        assert [service.name for service in stack.services] == ["tracker", "storage", "api", "runner-1", "runner-2"]
+
+    # every service was pointed at the stack's own broker, in embedded mode, with its logs on disk
+    api_env = by_name(started, "api")["env"]
+    assert api_env["VISIONYARD_API_NATS_URL"] == nats_url
+    assert api_env["VISIONYARD_API_MODE"] == "embedded"
+    assert by_name(started, "tracker")["env"]["VISIONYARD_TRACKER_TRACKING_URI"] == stack.tracking_uri
+    assert by_name(started, "storage")["env"]["VISIONYARD_STORAGE_ROOT"] == str(stack.data_dir / "storage")
+    assert (stack.logs_dir / "runner-2.log").read_text().startswith("runner started")
+    # nothing survives: services, the SIGTERM-ignoring one, their children, nats-server
+    survivors = [pid for pid in tracked + [r["child"] for r in started.values()] if alive(pid)]
+    assert survivors == []
+    assert processes_mentioning(tmp_path) == []
+
+
+def test_a_service_that_dies_at_startup_is_named_with_its_log_and_nothing_is_left(tmp_path: Path) -> None:
+    stack = EmbeddedStack(data_dir=tmp_path / "data", api_port=free_port(),
+                          service_commands=fake_commands(tmp_path, {"api": "die"}), ready_timeout=30,
+                          stop_timeout=2)
+
+    try:
+        with pytest.raises(StackError) as raised:
+            stack.start()
+    finally:
+        stack.stop()  # a failing test must not leave a stack behind either
+
+    message = str(raised.value)
+    assert "api exited with code 3" in message
+    assert "cannot connect to the database: boom" in message
+    started = records(tmp_path)
+    assert [pid for r in started.values() for pid in (r["pid"], r["child"]) if alive(pid)] == []
+    assert processes_mentioning(tmp_path) == []  # nats-server (its store is under tmp_path) is gone too
+
+
+def test_refuses_when_the_api_port_is_taken_without_starting_anything(tmp_path: Path) -> None:
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        stack = EmbeddedStack(data_dir=tmp_path / "data", api_port=port, service_commands=fake_commands(tmp_path))
+
+        try:
+            with pytest.raises(StackError, match=f"port {port} .* already in use"):
+                stack.start()
+        finally:
+            stack.stop()
+
+    assert records(tmp_path) == {}
+    assert not (tmp_path / "data" / "nats").exists() and not (tmp_path / "data" / "logs").exists()
