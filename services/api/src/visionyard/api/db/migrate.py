@@ -23,4 +23,5 @@ def upgrade_to_head(engine: Engine) -> None:
     config = alembic_config()
     with engine.begin() as connection:
         config.attributes["connection"] = connection
-        command.upgrade(config, "head")
+        # "heads": domains add migrations on their own branches from the initial schema.
+        command.upgrade(config, "heads")
