@@ -15,8 +15,11 @@ $(VENV)/.installed: $(PYPROJECTS) requirements-dev.txt
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check $(PACKAGES) -r requirements-dev.txt
 	touch $@
 
+# The demo keeps its data directory (checkpoints, MLflow store, logs) for inspection; each run starts fresh.
+DEMO_DIR ?= demo-data
 demo: install
-	$(BIN)/visionyard demo
+	rm -rf $(DEMO_DIR)
+	$(BIN)/visionyard demo --data-dir $(DEMO_DIR)
 
 up: install
 	$(BIN)/visionyard up
