@@ -1,4 +1,8 @@
-"""`python -m bench [--quick]`: run the benchmarks and write bench/RESULTS.md."""
+"""`python -m bench [--quick] [--only NAME ...] [--output PATH]`: run the benchmarks, write bench/RESULTS.md.
+
+Every figure is its own module with `run(scratch, *, quick, runs)` returning a markdown section; each
+starts what it needs (nats-server, the embedded stack, an MLflow store, moto_server) and stops it.
+"""
 
 from __future__ import annotations
 
@@ -7,37 +11,77 @@ import asyncio
 import os
 import platform
 import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 
-from bench import event_pipeline
+from bench import artifacts, dispatch, event_pipeline, live_latency, scale, tracker, training_overhead
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
+FIGURES = {
+    "training_overhead": training_overhead,
+    "event_pipeline": event_pipeline,
+    "tracker": tracker,
+    "live_latency": live_latency,
+    "dispatch": dispatch,
+    "artifacts": artifacts,
+    "scale": scale,
+}
 
 
 def _commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, check=True)
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+    return head.stdout.strip() + (" (with uncommitted changes)" if dirty.stdout.strip() else "")
+
+
+def _cpu() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
 
 
 def main() -> None:
-    """Run every benchmark and write the report."""
+    """Run the chosen benchmarks and write the report."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small sizes, one run (the test suite's smoke run)")
+    parser.add_argument("--only", nargs="+", choices=sorted(FIGURES), help="run only these figures")
+    parser.add_argument("--runs", type=int, help="runs per figure (default 3, or 1 with --quick)")
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
-    runs = 1 if args.quick else 3
+    runs = args.runs or (1 if args.quick else 3)
+    # Services and trainers import `bench.*`; make that work from any working directory.
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
+                                                             os.environ.get("PYTHONPATH")]))
+    chosen = args.only or list(FIGURES)
+    sections = []
+    timings = []
     with tempfile.TemporaryDirectory(prefix="visionyard-bench-") as scratch:
-        sections = [asyncio.run(event_pipeline.run(Path(scratch), quick=args.quick, runs=runs))]
+        for name in chosen:
+            started = time.perf_counter()
+            print(f"bench: {name} ...", file=sys.stderr, flush=True)
+            figure_dir = Path(scratch) / name
+            figure_dir.mkdir()
+            sections.append(asyncio.run(FIGURES[name].run(figure_dir, quick=args.quick, runs=runs)))
+            timings.append(f"{name} {time.perf_counter() - started:.0f} s")
     header = [
         "# Visionyard benchmark results",
         "",
-        f"- machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, {platform.system()}",
+        f"- machine: {_cpu()}, {os.cpu_count()} cores, {platform.machine()}, Python {platform.python_version()}, "
+        f"{platform.system()} {platform.release()}",
         f"- commit: {_commit()}",
-        f"- reproduce: `make bench` (or `.venv/bin/python -m bench{' --quick' if args.quick else ''}`)",
-        f"- runs per figure: {runs} (median, with min/max)",
+        f"- reproduce: `make bench` (or `.venv/bin/python -m bench{' --quick' if args.quick else ''}"
+        f"{' --only ' + ' '.join(chosen) if args.only else ''}`)",
+        f"- runs per figure: {runs}; figures are the median with (min–max) unless stated",
+        f"- wall time per figure: {', '.join(timings)}",
         "",
     ]
     report = "\n".join(header + sections) + "\n"

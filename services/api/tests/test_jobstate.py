@@ -16,7 +16,7 @@ from visionyard.api.jobstate import JobAction, JobOutcome, JobStatus, event_tran
         ("queued", JobAction.CANCEL, JobStatus.CANCELLED),
         ("running", JobAction.CANCEL, JobStatus.CANCELLING),
         ("completed", JobAction.RESTART, JobStatus.QUEUED),
-        ("failed", JobAction.RESUME, JobStatus.QUEUED),
+        ("failed", JobAction.RESUME, JobStatus.RESUMING),
         ("cancelled", JobAction.RESTART, JobStatus.QUEUED),
     ],
 )

@@ -142,7 +142,7 @@ async def test_same_dataset_uploaded_twice_is_stored_once(parts, make_zip, flat_
     first, second = events
     assert isinstance(first, DatasetReady) and isinstance(second, DatasetReady)
     assert first.content_hash == second.content_hash and first.uri == second.uri
-    assert backend.puts == 1
+    assert backend.puts == 1 + first.num_images  # the archive and each image's browse copy, once
     assert first.num_classes == 2 and first.class_counts == {"cats": 3, "dogs": 2}
     manifest = json.loads(backend.read_bytes("ext", f"datasets/d1/{first.content_hash}/manifest.json") or b"{}")
     assert manifest["num_images"] == 5 and manifest["uri"] == first.uri

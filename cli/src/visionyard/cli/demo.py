@@ -2,7 +2,7 @@
 
 Starts an EmbeddedStack on free ports, builds the digits ImageFolder zip, uploads it through REST,
 trains a small CNN while showing progress from the WebSocket, then prints the stored checkpoints and
-the MLflow run. The stack is always stopped, whatever happens.
+the MLflow run, exports the model to ONNX and classifies held-out digits with the exported package. The stack is always stopped, whatever happens.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Any, TextIO
 from visionyard.cli.client import ApiClient, ApiError, ApiUnreachable, websocket_url
 from visionyard.cli.dataset_upload import describe_dataset, upload_dataset
 from visionyard.cli.datasets_digits import build_digits_imagefolder
+from visionyard.cli.shipping_demo import export_and_classify
 from visionyard.cli.stack import EmbeddedStack, StackError
 from visionyard.cli.training import create_and_start_job, training_config, wait_for_job
 from visionyard.cli.watch import WatchOutcome, watch_job
@@ -88,6 +89,9 @@ def run_demo(*, data_dir: Path | None = None, epochs: int = 5, keep: bool = Fals
             job = wait_for_job(client, job_id, timeout=remaining)
             _print_results(say, client, job, outcome)
             succeeded = job.get("status") == "completed"
+            if succeeded:
+                succeeded = export_and_classify(client, job_id, data_dir=stack.data_dir,
+                                                heldout_dir=summary.heldout_dir, say=say)
         say(f"total wall time: {time.monotonic() - started:.1f}s")
         return 0 if succeeded else 1
     except (StackError, ApiError, ApiUnreachable, ServiceDied, TimeoutError, ConnectionError) as error:

@@ -280,6 +280,38 @@ class EmbeddedStack:
             self.nats.stop()
             self.nats = None
 
+    # Fault injection (the fault suite kills and restarts single processes while a job trains)
+    def service(self, label: str) -> ServiceProcess:
+        """The running service named `label` (`api`, `tracker`, `storage`, `runner` or `runner-N`)."""
+        for service in self.services:
+            if service.name == label:
+                return service
+        raise KeyError(f"no service {label!r}; running: {[s.name for s in self.services]}")
+
+    def kill_service(self, label: str, sig: int = signal.SIGKILL) -> int:
+        """Send `sig` to one service's process (not its group) and wait until it has exited; its exit code."""
+        service = self.service(label)
+        try:
+            os.kill(service.pid, sig)
+        except ProcessLookupError:
+            pass
+        return service.process.wait(timeout=self.stop_timeout)
+
+    def restart_service(self, label: str) -> ServiceProcess:
+        """Stop `label` if it still runs, then start it again with the same environment and log file."""
+        old = self.service(label)
+        _stop_group(old.process, timeout=self.stop_timeout)
+        self.services.remove(old)
+        name = "runner" if label.startswith("runner") else label
+        index = int(label.rsplit("-", 1)[1]) if label.startswith("runner-") else 1
+        return self._spawn(name, label=label, runner_index=index)
+
+    def restart_nats(self, *, kill: bool = False) -> None:
+        """Stop nats-server (SIGKILL when `kill`) and start it again on the same port, keeping its store."""
+        assert self.nats is not None
+        self.nats.stop(kill=kill)
+        self.nats.start()
+
     def pids(self) -> list[int]:
         """Pids of every process this stack started and still tracks (services and nats-server)."""
         found = [service.pid for service in self.services]

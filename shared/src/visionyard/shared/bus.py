@@ -29,6 +29,7 @@ from nats.js.object_store import ObjectStore
 from pydantic import BaseModel
 
 from visionyard.shared import streams, subjects
+from visionyard.shared.config import TopologySettings
 from visionyard.shared.messages import Message
 
 log = logging.getLogger("visionyard.bus")
@@ -122,8 +123,13 @@ class Bus:
 
     # -- topology --------------------------------------------------------------------------------
 
-    async def ensure_topology(self, *, replicas: int = 1) -> None:
-        """Declare every stream, consumer, KV bucket and the staging object store (idempotent)."""
+    async def ensure_topology(self, *, replicas: int = 1, ack_waits: dict[str, float] | None = None) -> None:
+        """Declare every stream, consumer, KV bucket and the staging object store (idempotent).
+
+        `ack_waits` (by durable name; default: `TopologySettings`) tunes consumers' ack waits.
+        """
+        if ack_waits is None:
+            ack_waits = TopologySettings().ack_waits
         for spec in streams.STREAMS:
             config = streams.stream_config(spec, replicas=replicas)
             try:
@@ -131,10 +137,34 @@ class Bus:
             except BadRequestError:
                 await self.js.update_stream(config)
         for consumer in streams.CONSUMERS:
-            await self.js.add_consumer(consumer.stream, config=streams.consumer_config(consumer))
+            if consumer.durable in ack_waits:
+                await self.declare_consumer(streams.with_ack_wait(consumer, ack_waits[consumer.durable]))
+            else:
+                await self.js.add_consumer(consumer.stream, config=await self._preserving_ack_wait(consumer))
         for bucket in streams.KV_BUCKETS:
             await self.kv(bucket, replicas=replicas)
         await self.object_store(replicas=replicas)
+
+    async def _preserving_ack_wait(self, spec: streams.ConsumerSpec) -> api.ConsumerConfig:
+        # A tuned ack wait (`declare_consumer`, `TopologySettings`) must survive a service that declares
+        # the topology without the tuning, or failover timing would flap with every restart.
+        config = streams.consumer_config(spec)
+        try:
+            info = await self.js.consumer_info(spec.stream, spec.durable)
+        except NotFoundError:
+            return config
+        if info.config.ack_wait:
+            config.ack_wait = info.config.ack_wait
+        return config
+
+    async def declare_consumer(self, spec: streams.ConsumerSpec) -> None:
+        """Create or update one consumer exactly as `spec` says (its owner tuning e.g. the ack wait)."""
+        await self.js.add_consumer(spec.stream, config=streams.consumer_config(spec))
+
+    async def consumer_ack_wait(self, spec: streams.ConsumerSpec) -> float:
+        """The ack wait the consumer really has (it may be tuned), in seconds."""
+        info = await self.js.consumer_info(spec.stream, spec.durable)
+        return float(info.config.ack_wait or spec.ack_wait)
 
     async def kv(self, bucket: str, *, replicas: int = 1) -> KeyValue:
         """A KV bucket, created on first use."""
@@ -290,7 +320,7 @@ class Bus:
         while not stop.is_set():
             try:
                 messages = await subscription.fetch(batch, timeout=1.0)
-            except NatsTimeoutError:
+            except (NatsTimeoutError, asyncio.TimeoutError):  # nats-py raises either when nothing is pending
                 continue
             except Exception as error:  # broker away: wait and try again, never exit
                 log.warning("fetch from %s failed: %s", spec.durable, error)

@@ -34,6 +34,8 @@ class DatasetRef(BaseModel):
 
     dataset_id: str
     content_hash: str
+    # The version's configured split (`{"train": [relative paths], "val": [...]}`), if one was set.
+    split: dict[str, list[str]] | None = None
 
 
 class CheckpointRef(BaseModel):
@@ -68,3 +70,64 @@ class IngestDataset(Message):
     sha256: str
     size_bytes: int
     filename: str
+
+
+# -- shipping what was trained: export and inference ---------------------------------------------
+
+
+class ExportConfig(BaseModel):
+    """How to export: ONNX opset, whether the batch axis is dynamic, and optional optimizations."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    opset_version: int = Field(default=17, ge=9, le=21)
+    dynamic_axes: bool = True
+    embed_preprocessing: bool = False
+    simplify: bool = False
+    fp16: bool = False
+    int8: bool = False
+
+
+class ValidationConfig(BaseModel):
+    """How to check an export: compare it with the PyTorch model on `num_samples` seeded inputs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    validate_outputs: bool = True
+    tolerance: float = Field(default=1e-4, gt=0, le=1.0)
+    num_samples: int = Field(default=8, ge=1, le=256)
+
+
+class StartExport(JobMessage):
+    """Export a stored checkpoint of a training job; `job_id` is the export job's id."""
+
+    subject: ClassVar[str] = subjects.CMD_EXPORT
+
+    training_job_id: str
+    export_format: Literal["onnx", "torchscript"]
+    checkpoint: CheckpointRef
+    framework: str
+    model_name: str
+    task_type: str
+    export_config: ExportConfig = Field(default_factory=ExportConfig)
+    validation_config: ValidationConfig = Field(default_factory=ValidationConfig)
+    timeout_seconds: float | None = None
+
+
+class StartInference(JobMessage):
+    """Classify stored images (or a dataset split) with a stored checkpoint; `job_id` is the inference id."""
+
+    subject: ClassVar[str] = subjects.CMD_INFER
+
+    training_job_id: str
+    checkpoint: CheckpointRef
+    framework: str
+    model_name: str
+    task_type: str
+    inference_type: Literal["single", "batch", "dataset"]
+    image_uris: list[str] = Field(default_factory=list)
+    dataset: DatasetRef | None = None
+    split: str | None = None
+    top_k: int = Field(default=5, ge=1, le=100)
+    confidence_threshold: float = Field(default=0.0, ge=0.0, le=1.0)
+    timeout_seconds: float | None = None

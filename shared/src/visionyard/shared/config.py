@@ -18,3 +18,16 @@ class ServiceSettings(BaseSettings):
     data_dir: Path = Path(".data")
     stream_replicas: int = 1
     log_level: str = "INFO"
+
+
+class TopologySettings(BaseSettings):
+    """Stream-topology tuning every service applies when it declares the topology.
+
+    `VISIONYARD_TOPOLOGY_ACK_WAITS='{"tracker": 5, "runner": 4}'` sets consumers' ack waits (seconds)
+    by durable name: how long a message a crashed consumer had fetched waits before redelivery.
+    Give every service the same value; a service without it keeps whatever the consumer has.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="VISIONYARD_TOPOLOGY_", extra="ignore")
+
+    ack_waits: dict[str, float] = {}

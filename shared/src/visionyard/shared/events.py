@@ -203,6 +203,7 @@ class DatasetReady(DatasetEvent):
     splits: dict[str, int] = Field(default_factory=dict)
     size_bytes: int
     uri: str
+    num_annotations: int = 0
 
 
 class DatasetRejected(DatasetEvent):
@@ -225,6 +226,200 @@ def decode_dataset_event(subject: str, data: bytes) -> DatasetEvent:
     if event_type is None:
         raise ValueError(f"unknown dataset event kind {kind!r} on {subject}")
     return event_type.model_validate_json(data)
+
+
+# Shipping events: export and inference jobs ------------------------------------------------------
+
+
+class ShipEvent(JobMessage):
+    """Base of export/inference job events (`job_id` is the export or inference id).
+
+    They also carry the training job they ship, so the API can announce them on that job's feed.
+    """
+
+    family: ClassVar[str] = ""
+    kind: ClassVar[str] = ""
+
+    training_job_id: str
+
+    def subject(self) -> str:
+        """The subject this event is published on."""
+        return f"evt.{self.family}.{self.job_id}.{self.kind}"
+
+
+class _Started(ShipEvent):
+    kind: ClassVar[str] = "started"
+
+    runner_id: str
+    pid: int | None = None
+
+
+class _Progress(ShipEvent):
+    kind: ClassVar[str] = "progress"
+
+    message: str
+    percent: float | None = None
+
+
+class _Staged(ShipEvent):
+    kind: ClassVar[str] = "staged"
+
+    object_name: str
+    sha256: str
+    size_bytes: int
+
+
+class _Stored(ShipEvent):
+    kind: ClassVar[str] = "stored"
+
+    uri: str
+    sha256: str
+    size_bytes: int
+
+
+class _Completed(ShipEvent):
+    kind: ClassVar[str] = "completed"
+
+    results: dict[str, Any] = Field(default_factory=dict)
+
+
+class _Failed(ShipEvent):
+    kind: ClassVar[str] = "failed"
+
+    reason: FailureReason
+    error_message: str
+    exit_code: int | None = None
+
+
+class ExportStarted(_Started):
+    """A runner spawned the exporter."""
+
+    family: ClassVar[str] = "export"
+
+
+class ExportProgress(_Progress):
+    """A step of the export (exporting, validating, packaging)."""
+
+    family: ClassVar[str] = "export"
+
+
+class ExportPackageStaged(_Staged):
+    """The package zip sits in the staging object store, waiting for storage to keep it."""
+
+    family: ClassVar[str] = "export"
+
+
+class ExportPackageStored(_Stored):
+    """Storage verified the package and wrote it to `exports/<export_id>/package.zip`."""
+
+    family: ClassVar[str] = "export"
+
+
+class ExportCompleted(_Completed):
+    """The exporter succeeded; `results` holds validation (passed, max_abs_diff) and metadata."""
+
+    family: ClassVar[str] = "export"
+
+
+class ExportFailed(_Failed):
+    """The export failed, with a classified reason."""
+
+    family: ClassVar[str] = "export"
+
+
+class InferenceStarted(_Started):
+    """A runner spawned the predictor."""
+
+    family: ClassVar[str] = "infer"
+
+
+class InferenceProgress(_Progress):
+    """Images classified so far."""
+
+    family: ClassVar[str] = "infer"
+
+
+class InferenceResultsStaged(_Staged):
+    """The per-image results JSON sits in the staging object store."""
+
+    family: ClassVar[str] = "infer"
+
+
+class InferenceResultsStored(_Stored):
+    """Storage wrote the results to `results/<inference_id>/results.json`."""
+
+    family: ClassVar[str] = "infer"
+
+
+class InferenceCompleted(_Completed):
+    """The predictor succeeded; `results` holds totals and timings, per-image rows are in the staged file."""
+
+    family: ClassVar[str] = "infer"
+
+    results_object: str | None = None
+    results_sha256: str | None = None
+
+
+class InferenceFailed(_Failed):
+    """The inference failed, with a classified reason."""
+
+    family: ClassVar[str] = "infer"
+
+
+SHIP_EVENT_TYPES: dict[tuple[str, str], type[ShipEvent]] = {
+    (cls.family, cls.kind): cls
+    for cls in (
+        ExportStarted, ExportProgress, ExportPackageStaged, ExportPackageStored, ExportCompleted, ExportFailed,
+        InferenceStarted, InferenceProgress, InferenceResultsStaged, InferenceResultsStored, InferenceCompleted,
+        InferenceFailed,
+    )
+}
+
+
+def decode_ship_event(subject: str, data: bytes) -> ShipEvent:
+    """Decode an `evt.export.*` / `evt.infer.*` event; raises `ValueError` for an unknown one."""
+    parts = subject.split(".")
+    event_type = SHIP_EVENT_TYPES.get((parts[1], parts[-1])) if len(parts) >= 4 else None
+    if event_type is None:
+        raise ValueError(f"unknown export/inference event on {subject}")
+    return event_type.model_validate_json(data)
+
+
+class ExportStatusChanged(JobEvent):
+    """The API announces an export's status change on its training job's feed (for the WebSocket)."""
+
+    kind: ClassVar[str] = "export_status"
+
+    export_job_id: str
+    old_status: str
+    new_status: str
+
+
+JOB_EVENT_TYPES[ExportStatusChanged.kind] = ExportStatusChanged
+
+
+class StageObjectRequest(BaseModel):
+    """Runner/API → storage: put a stored object (named by the URI storage issued) into staging."""
+
+    uri: str
+
+
+class KeepUploadRequest(BaseModel):
+    """API → storage: keep an uploaded inference image that the API staged, under its session."""
+
+    session_id: str
+    filename: str
+    object_name: str
+    sha256: str
+
+
+class KeepUploadReply(BaseModel):
+    """Storage → API: where the upload is kept, or why it was refused."""
+
+    ok: bool
+    uri: str | None = None
+    key: str | None = None
+    error: str | None = None
 
 
 # Request-reply payloads -------------------------------------------------------------------------
@@ -275,5 +470,55 @@ class PresignReply(BaseModel):
     url: str | None = None
     error: str | None = None
 
+
+
+class ListImagesRequest(BaseModel):
+    """API → storage: a page of one stored dataset version's images (one image when `filename` is set)."""
+
+    dataset_id: str
+    content_hash: str
+    offset: int = 0
+    limit: int = 100
+    filename: str | None = None
+    expires_in: int = 3600
+
+
+class ImageEntry(BaseModel):
+    """One image of a stored dataset version; `url` is set only where the backend can presign."""
+
+    filename: str
+    size: int
+    url: str | None = None
+
+
+class ListImagesReply(BaseModel):
+    """Storage → API; `presigned` is False on the local backend (the API serves the bytes itself)."""
+
+    ok: bool
+    total_images: int = 0
+    images: list[ImageEntry] = Field(default_factory=list)
+    presigned: bool = False
+    error: str | None = None
+    not_found: bool = False
+
+
+class ReadImageRequest(BaseModel):
+    """API → storage: the bytes of one image of a stored dataset version (local backend browsing)."""
+
+    dataset_id: str
+    content_hash: str
+    filename: str
+    max_bytes: int = 700 * 1024
+
+
+class ReadImageReply(BaseModel):
+    """Storage → API: base64 bytes (capped under the broker's message size), or why not."""
+
+    ok: bool
+    content_b64: str | None = None
+    content_type: str | None = None
+    size: int | None = None
+    error: str | None = None
+    not_found: bool = False
 
 ANY_JSON = TypeAdapter(dict[str, Any])

@@ -40,6 +40,9 @@ class TrainerManifest(BaseModel):
     primary_metric: dict[str, str] = Field(default_factory=dict, description="task type → metric")
     config_schema: dict[str, Any] = Field(default_factory=dict)
     supports_resume: bool = True
+    export_module: str | None = Field(default=None, description="module run as `python -m` to export")
+    predict_module: str | None = Field(default=None, description="module run as `python -m` to predict")
+    export_formats: list[str] = Field(default_factory=list, description="formats `export_module` writes")
 
     def model_names(self) -> set[str]:
         """Every model name this trainer accepts."""

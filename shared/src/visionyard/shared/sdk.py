@@ -38,6 +38,9 @@ class TrainerJob(BaseModel):
     resume_checkpoint: Path | None = None
     resume_epoch: int | None = None
     extra: dict[str, Any] = Field(default_factory=dict)
+    # `{"train": [...], "val": [...], "test"?: [...]}` paths relative to `dataset_dir`, when the
+    # dataset version has a configured split; None means the trainer decides (folders or val_split).
+    split: dict[str, list[str]] | None = None
 
 
 def load_job(path: str | os.PathLike[str] | None = None) -> TrainerJob:
@@ -124,3 +127,55 @@ class Reporter:
         """Close the pipe (stderr is left open)."""
         if self._sink is not sys.stderr:
             self._sink.close()
+
+
+class ExportJob(BaseModel):
+    """What the runner hands an exporter: a checkpoint, the format and how to validate it."""
+
+    export_id: str
+    training_job_id: str
+    checkpoint: Path
+    output_dir: Path
+    export_format: str
+    framework: str = ""
+    model_name: str = ""
+    task_type: str = ""
+    export_config: dict[str, Any] = Field(default_factory=dict)
+    validation_config: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def package_path(self) -> Path:
+        """Where the exporter writes the package zip."""
+        return self.output_dir / "package.zip"
+
+    @property
+    def result_path(self) -> Path:
+        """Where the exporter writes its result JSON (validation, shapes, sizes)."""
+        return self.output_dir / "export_result.json"
+
+
+class PredictInput(BaseModel):
+    """One image to classify: a local file and the name results show for it."""
+
+    path: Path
+    name: str
+    true_label: str | None = None
+
+
+class PredictJob(BaseModel):
+    """What the runner hands a predictor: a checkpoint, images (or a dataset split), where to write."""
+
+    inference_id: str
+    training_job_id: str
+    checkpoint: Path
+    output_dir: Path
+    images: list[PredictInput] = Field(default_factory=list)
+    dataset_dir: Path | None = None
+    split: str | None = None
+    top_k: int = 5
+    confidence_threshold: float = 0.0
+
+    @property
+    def results_path(self) -> Path:
+        """Where the predictor writes the per-image results JSON."""
+        return self.output_dir / "results.json"

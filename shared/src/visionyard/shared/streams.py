@@ -6,7 +6,7 @@ service may come up first.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from nats.js import api
 
@@ -102,10 +102,18 @@ STORAGE_INGEST = ConsumerSpec(
 RUNNER = ConsumerSpec(
     stream=COMMANDS.name,
     durable="runner",
-    filter_subjects=(subjects.CMD_TRAIN,),
+    filter_subjects=(subjects.CMD_TRAIN, subjects.CMD_EXPORT, subjects.CMD_INFER),
     ack_wait=30.0,
     max_deliver=5,
     max_ack_pending=10_000,
+)
+# Storage keeps staged export packages and inference results.
+STORAGE_SHIPPED = ConsumerSpec(
+    stream=EVENTS.name,
+    durable="storage-shipped",
+    filter_subjects=(subjects.EVT_EXPORT_STAGED, subjects.EVT_INFER_STAGED),
+    ack_wait=120.0,
+    max_deliver=200,
 )
 CONSUMERS: tuple[ConsumerSpec, ...] = (
     API_PROJECTOR,
@@ -113,17 +121,26 @@ CONSUMERS: tuple[ConsumerSpec, ...] = (
     STORAGE_ARTIFACTS,
     STORAGE_INGEST,
     RUNNER,
+    STORAGE_SHIPPED,
 )
 
 # KV: a cancel is recorded here (durably) so a runner that claims a job later still sees it.
 KV_CANCELLATIONS = "job_cancellations"
 # KV: each runner publishes the capability manifests of the trainers it can run.
 KV_CAPABILITIES = "trainer_capabilities"
-KV_BUCKETS: tuple[str, ...] = (KV_CANCELLATIONS, KV_CAPABILITIES)
+# KV: the API records here (via its outbox) the attempt at which a job reached a terminal status, so
+# a runner that receives a redelivered command of a finished job acks it instead of "recovering" it.
+KV_JOB_TERMINAL = "job_terminal"
+KV_BUCKETS: tuple[str, ...] = (KV_CANCELLATIONS, KV_CAPABILITIES, KV_JOB_TERMINAL)
 
 # Object store: files cross service boundaries here, never inside events.
 OBJECT_STAGING = "staging"
 OBJECT_STAGING_TTL = 2 * DAY
+
+
+def with_ack_wait(spec: ConsumerSpec, ack_wait: float) -> ConsumerSpec:
+    """`spec` with another ack wait: the consuming service tunes it (tests fail over in seconds)."""
+    return replace(spec, ack_wait=ack_wait)
 
 
 def stream_config(spec: StreamSpec, *, replicas: int) -> api.StreamConfig:

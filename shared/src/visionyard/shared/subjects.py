@@ -38,6 +38,22 @@ def dataset_event(dataset_id: str, kind: str) -> str:
     return f"evt.dataset.{dataset_id}.{kind}"
 
 
+def export_event(export_id: str, kind: str) -> str:
+    """Subject of one export-job event, e.g. `evt.export.<id>.completed`."""
+    return f"evt.export.{export_id}.{kind}"
+
+
+def infer_event(inference_id: str, kind: str) -> str:
+    """Subject of one inference-job event, e.g. `evt.infer.<id>.completed`."""
+    return f"evt.infer.{inference_id}.{kind}"
+
+
+EVT_EXPORT_ALL = "evt.export.>"
+EVT_INFER_ALL = "evt.infer.>"
+# Staged export packages and inference results are storage's input from runners.
+EVT_EXPORT_STAGED = "evt.export.*.staged"
+EVT_INFER_STAGED = "evt.infer.*.staged"
+
 # Checkpoint events are the storage service's input from runners.
 EVT_JOB_CHECKPOINT = "evt.job.*.checkpoint"
 
@@ -54,6 +70,14 @@ TRACKER_METRICS = "tracker.metrics"
 TRACKER_SUMMARY = "tracker.summary"
 STORAGE_PRESIGN = "storage.presign"
 STORAGE_STAGE = "storage.stage"
+# Dataset browsing: a stored version's images (with presigned URLs on S3), and one image's bytes
+# for the local backend, which has no URL a browser can fetch.
+STORAGE_LIST_IMAGES = "storage.list_images"
+STORAGE_READ_IMAGE = "storage.read_image"
+# Storage stages a stored object by its URI (inference inputs, export packages served by the API).
+STORAGE_STAGE_OBJECT = "storage.stage_object"
+# Storage keeps a file the API staged (an uploaded inference image) in its bucket.
+STORAGE_KEEP_UPLOAD = "storage.keep_upload"
 
 # Dead letters: `dlq.<consumer>`; kept in the DEADLETTERS stream.
 def dead_letter(consumer: str) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
 from visionyard.shared.config import ServiceSettings
@@ -25,6 +25,8 @@ class ApiSettings(ServiceSettings):
     outbox_poll_seconds: float = 0.5
     outbox_batch: int = 200
     projector_batch: int = 500
+    # Attempts a job gets in all when infrastructure loses them (only those failures are retried).
+    max_attempts: int = Field(default=3, ge=1)
 
     @field_validator("api_keys", mode="before")
     @classmethod

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from nats.aio.msg import Msg
 
 from visionyard.api.projector import Projector
 from visionyard.shared import streams
-from visionyard.shared.events import decode_dataset_event, decode_job_event
+from visionyard.shared.events import decode_dataset_event, decode_job_event, decode_ship_event
 from visionyard.shared.messages import Message
 
 log = logging.getLogger("visionyard.api.handlers")
@@ -30,15 +31,25 @@ def decode_event(subject: str, data: bytes) -> Message | None:
         return decode_job_event(subject, data)
     if subject.startswith("evt.dataset."):
         return decode_dataset_event(subject, data)
+    if subject.startswith(("evt.export.", "evt.infer.")):
+        return decode_ship_event(subject, data)
     return None
 
 
 class ProjectorHandler:
     """Applies each fetched batch in one transaction (in a worker thread: SQLAlchemy here is sync)."""
 
-    def __init__(self, *, projector: Projector, dead_letters: DeadLetters) -> None:
+    def __init__(
+        self,
+        *,
+        projector: Projector,
+        dead_letters: DeadLetters,
+        prepare: Callable[[Message], Awaitable[Message]] | None = None,
+    ) -> None:
         self._projector = projector
         self._dead_letters = dead_letters
+        # Async enrichment before the (threaded, transactional) projection, e.g. loading staged results.
+        self._prepare = prepare
         self.lag = 0
         self.applied = 0
 
@@ -52,6 +63,8 @@ class ProjectorHandler:
                 await self._reject(msg, f"undecodable event: {error}")
                 continue
             if event is not None:
+                if self._prepare is not None:
+                    event = await self._prepare(event)
                 decoded.append((msg, event))
         rejected = await asyncio.to_thread(self._projector.apply_batch, decoded)
         for poison in rejected:

@@ -17,6 +17,10 @@ class JobStatus(StrEnum):
     COMPLETED = "completed"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    # A new attempt the platform queued itself after an infrastructure failure (resumes from a checkpoint).
+    RETRYING = "retrying"
+    # A new attempt a user asked for with `resume`, continuing from the last stored checkpoint.
+    RESUMING = "resuming"
 
 
 class JobAction(StrEnum):
@@ -35,28 +39,35 @@ class JobOutcome(StrEnum):
     COMPLETED = "completed"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    # The attempt was lost to infrastructure and another attempt is allowed: the platform retries.
+    RETRY = "retry"
 
 
 TERMINAL: frozenset[JobStatus] = frozenset({JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED})
-ACTIVE: frozenset[JobStatus] = frozenset({JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.CANCELLING})
+# Waiting for a runner: no trainer of the current attempt is known to run yet.
+WAITING: frozenset[JobStatus] = frozenset({JobStatus.QUEUED, JobStatus.RETRYING, JobStatus.RESUMING})
+ACTIVE: frozenset[JobStatus] = frozenset({*WAITING, JobStatus.RUNNING, JobStatus.CANCELLING})
 
 USER_TRANSITIONS: dict[tuple[JobStatus, JobAction], JobStatus] = {
     (JobStatus.PENDING, JobAction.START): JobStatus.QUEUED,
     (JobStatus.PENDING, JobAction.CANCEL): JobStatus.CANCELLED,
     # Nobody runs a queued job yet (or a runner is about to and will see the KV cancel first).
-    (JobStatus.QUEUED, JobAction.CANCEL): JobStatus.CANCELLED,
+    **{(status, JobAction.CANCEL): JobStatus.CANCELLED for status in WAITING},
     # A running job is only cancelled once its runner confirms the process is gone.
     (JobStatus.RUNNING, JobAction.CANCEL): JobStatus.CANCELLING,
     **{(status, JobAction.RESTART): JobStatus.QUEUED for status in TERMINAL},
-    **{(status, JobAction.RESUME): JobStatus.QUEUED for status in TERMINAL},
+    **{(status, JobAction.RESUME): JobStatus.RESUMING for status in TERMINAL},
 }
 
 # Event-driven transitions of the current attempt. Terminal states are absent as sources: they are
 # sticky for their attempt, so a late `started` cannot revive a cancelled job.
 EVENT_TRANSITIONS: dict[tuple[JobStatus, JobOutcome], JobStatus] = {
     (JobStatus.PENDING, JobOutcome.STARTED): JobStatus.RUNNING,
-    (JobStatus.QUEUED, JobOutcome.STARTED): JobStatus.RUNNING,
-    **{(status, JobOutcome.COMPLETED): JobStatus.COMPLETED for status in (JobStatus.QUEUED, *ACTIVE)},
+    **{(status, JobOutcome.STARTED): JobStatus.RUNNING for status in WAITING},
+    **{(status, JobOutcome.COMPLETED): JobStatus.COMPLETED for status in ACTIVE},
+    # A cancelling job is not retried: the user wanted it stopped, and it is.
+    **{(status, JobOutcome.RETRY): JobStatus.RETRYING for status in (*WAITING, JobStatus.RUNNING)},
+    (JobStatus.CANCELLING, JobOutcome.RETRY): JobStatus.CANCELLED,
     **{(status, JobOutcome.FAILED): JobStatus.FAILED for status in (JobStatus.PENDING, *ACTIVE)},
     **{(status, JobOutcome.CANCELLED): JobStatus.CANCELLED for status in (JobStatus.PENDING, *ACTIVE)},
 }
@@ -83,3 +94,12 @@ def event_transition(current: str, outcome: JobOutcome) -> JobStatus | None:
 def is_terminal(status: str) -> bool:
     """Whether the job's current attempt has ended."""
     return JobStatus(status) in TERMINAL
+
+
+def may_take_over(current: str) -> bool:
+    """Whether a newer attempt the API did not issue (a runner failover) may take the job over.
+
+    Only while the job is unfinished: a finished job is reopened only by the API itself (restart,
+    resume, automatic retry), never by a late event or a redelivered command of a finished job.
+    """
+    return not is_terminal(current)

@@ -24,6 +24,7 @@ from visionyard.shared import subjects
 from visionyard.shared.bus import Bus
 from visionyard.shared.events import (
     ArtifactStored,
+    ExportStatusChanged,
     JobCancelled,
     JobCancelRequested,
     JobCompleted,
@@ -122,6 +123,17 @@ def translate(event: JobEvent, *, seq: int, view: JobView) -> list[WsMessage]:
         view.checkpoints[event.checkpoint_kind] = event.uri
     elif isinstance(event, JobTracked):
         view.mlflow_run_id = event.run_id
+    elif isinstance(event, ExportStatusChanged):
+        messages.append(
+            {
+                "type": "export_status_change",
+                "job_id": event.job_id,
+                "export_job_id": event.export_job_id,
+                "old_status": event.old_status,
+                "new_status": event.new_status,
+                "timestamp": _timestamp(event.occurred_at),
+            }
+        )
     elif isinstance(event, JobCompleted):
         messages.append(_terminal("training_complete", event, view, epochs=event.total_epochs_completed,
                                   final=event.final_metrics, best=event.best_metrics, best_epoch=event.best_epoch,

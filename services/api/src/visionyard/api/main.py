@@ -21,14 +21,23 @@ from visionyard.api.adapters.capabilities import KvCapabilitySource
 from visionyard.api.adapters.tracker import BusTrackerClient
 from visionyard.api.config import ApiSettings
 from visionyard.api.datasets.endpoints import router as datasets_router
+from visionyard.api.adapters.dataset_storage import BusDatasetStorage
 from visionyard.api.datasets.service import DatasetService
+from visionyard.api.datasets.versions import DatasetVersionService
 from visionyard.api.db.migrate import upgrade_to_head
 from visionyard.api.db.session import UnitOfWork, make_engine, make_session_factory
 from visionyard.api.errors import Conflict, InvalidInput, NotFound, TooLarge, Unavailable
+from visionyard.api.adapters.storage_client import BusStorageClient
+from visionyard.api.db import models_exports  # noqa: F401  (registers the export/inference tables)
+from visionyard.api.exports.endpoints import router as exports_router
+from visionyard.api.exports.service import ExportService
 from visionyard.api.handlers import ProjectorHandler
+from visionyard.api.inference.endpoints import router as inference_router
+from visionyard.api.inference.results_loader import InferenceResultsLoader
+from visionyard.api.inference.service import InferenceService
 from visionyard.api.models.endpoints import router as models_router
 from visionyard.api.outbox import OutboxRelay
-from visionyard.api.projector import Projector
+from visionyard.api.projector import Projector, RetryPolicy
 from visionyard.api.telemetry import ApiMetrics
 from visionyard.api.training.endpoints import router as training_router
 from visionyard.api.training.service import TrainingService
@@ -61,7 +70,12 @@ def create_app(settings: ApiSettings | None = None, *, bus: Bus | None = None) -
         )
         uow = UnitOfWork(session_factory, after_commit=relay.kick)
         capabilities = KvCapabilitySource(connected)
-        projector_handler = ProjectorHandler(projector=Projector(session_factory), dead_letters=connected)
+        projector = Projector(
+            session_factory, retry=RetryPolicy(max_attempts=settings.max_attempts), after_commit=relay.kick
+        )
+        projector_handler = ProjectorHandler(
+            projector=projector, dead_letters=connected, prepare=InferenceResultsLoader(connected)
+        )
         app.state.bus = connected
         app.state.relay = relay
         app.state.projector = projector_handler
@@ -69,7 +83,13 @@ def create_app(settings: ApiSettings | None = None, *, bus: Bus | None = None) -
         app.state.training = TrainingService(
             uow=uow, capabilities=capabilities, tracker=BusTrackerClient(connected, timeout=settings.request_timeout)
         )
+        storage_client = BusStorageClient(connected, timeout=settings.request_timeout)
+        app.state.exports = ExportService(uow=uow, capabilities=capabilities, storage=storage_client)
+        app.state.inference = InferenceService(uow=uow, storage=storage_client)
         app.state.datasets = DatasetService(uow=uow, staging=connected)
+        app.state.dataset_versions = DatasetVersionService(
+            uow=uow, storage=BusDatasetStorage(connected, timeout=settings.request_timeout)
+        )
         stop = asyncio.Event()
         workers = [
             asyncio.create_task(relay.run(stop), name="outbox-relay"),
@@ -103,6 +123,8 @@ def create_app(settings: ApiSettings | None = None, *, bus: Bus | None = None) -
     app.include_router(training_router)
     app.include_router(models_router)
     app.include_router(datasets_router)
+    app.include_router(exports_router)
+    app.include_router(inference_router)
     app.include_router(ws.router)
     _install_operational_routes(app)
     return app

@@ -9,7 +9,7 @@ the job's are fenced off.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -17,8 +17,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from visionyard.api import jobstate
 from visionyard.api.db.models import Checkpoint, TrainingJob, utcnow
-from visionyard.api.db.repositories import DatasetRepository, JobRepository
-from visionyard.api.jobstate import JobOutcome, JobStatus
+from visionyard.api.db.repositories import DatasetRepository, JobRepository, OutboxRepository
+from visionyard.api.jobstate import JobOutcome
+from visionyard.api.training import attempts
 from visionyard.shared.bus import PermanentError
 from visionyard.shared.events import (
     ArtifactStored,
@@ -33,17 +34,27 @@ from visionyard.shared.events import (
     JobFailed,
     JobQueued,
     JobStarted,
+    FailureReason,
     JobTracked,
     LogEmitted,
     ProgressReported,
 )
+from visionyard.shared.events import ShipEvent
 from visionyard.shared.messages import Message
+from visionyard.api.ship_projector import apply_ship_event
 
 log = logging.getLogger("visionyard.api.projector")
 
 METRIC_COLUMNS = ("loss", "accuracy", "learning_rate")
 
 Token = TypeVar("Token")
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How many attempts a job gets in all when its attempts are lost to infrastructure."""
+
+    max_attempts: int = 3
 
 
 @dataclass(frozen=True)
@@ -57,8 +68,17 @@ class Rejected(Generic[Token]):
 class Projector:
     """Applies batches of events, one transaction per batch, one savepoint per event."""
 
-    def __init__(self, session_factory: sessionmaker[Session]) -> None:
+    def __init__(
+        self,
+        session_factory: sessionmaker[Session],
+        *,
+        retry: RetryPolicy | None = None,
+        after_commit: Callable[[], None] | None = None,
+    ) -> None:
         self._session_factory = session_factory
+        self._retry = retry or RetryPolicy()
+        # Wakes the outbox relay: a projected event may have queued a retry or a terminal marker.
+        self._after_commit = after_commit
 
     def apply_batch(self, events: Sequence[tuple[Token, Message]]) -> list[Rejected[Token]]:
         """Apply events in order in one transaction; returns those that are poison (not applied)."""
@@ -67,26 +87,30 @@ class Projector:
             for token, event in events:
                 savepoint = session.begin_nested()
                 try:
-                    apply_event(session, event)
+                    apply_event(session, event, retry=self._retry)
                 except PermanentError as error:
                     savepoint.rollback()
                     rejected.append(Rejected(token, str(error)))
                     continue
                 savepoint.commit()
+        if self._after_commit is not None:
+            self._after_commit()
         return rejected
 
 
-def apply_event(session: Session, event: Message) -> None:
+def apply_event(session: Session, event: Message, *, retry: RetryPolicy | None = None) -> None:
     """Apply one event; raises PermanentError when it can never be applied."""
     if isinstance(event, DatasetEvent):
         apply_dataset_event(session, event)
     elif isinstance(event, JobEvent):
-        apply_job_event(session, event)
+        apply_job_event(session, event, retry=retry)
+    elif isinstance(event, ShipEvent):
+        apply_ship_event(session, event)
     else:
         raise PermanentError(f"no projection for {type(event).__name__}")
 
 
-def apply_job_event(session: Session, event: JobEvent) -> None:
+def apply_job_event(session: Session, event: JobEvent, *, retry: RetryPolicy | None = None) -> None:
     """Project one job event onto the job's rows."""
     jobs = JobRepository(session)
     job = jobs.get(event.job_id)
@@ -94,6 +118,8 @@ def apply_job_event(session: Session, event: JobEvent) -> None:
         raise PermanentError(f"event for unknown job {event.job_id}")
     if fence_stale_attempt(job, event):
         return
+    was_terminal = jobstate.is_terminal(job.status)
+    outbox = OutboxRepository(session)
     if isinstance(event, JobStarted):
         if _move(job, JobOutcome.STARTED) and job.started_at is None:
             job.started_at = event.occurred_at
@@ -115,7 +141,7 @@ def apply_job_event(session: Session, event: JobEvent) -> None:
     elif isinstance(event, JobCompleted):
         record_completion(jobs, job, event)
     elif isinstance(event, JobFailed):
-        if _move(job, JobOutcome.FAILED):
+        if not retry_lost_attempt(jobs, outbox, job, event, policy=retry or RetryPolicy()) and _move(job, JobOutcome.FAILED):
             job.error_message = f"{event.reason.value}: {event.error_message}"
             job.completed_at = event.occurred_at
             job.completion = None
@@ -128,6 +154,36 @@ def apply_job_event(session: Session, event: JobEvent) -> None:
     elif isinstance(event, (JobQueued, JobCancelRequested)):
         pass  # written by this API together with the state change it announces
     _raise_last_seq(job, event)
+    if not was_terminal and jobstate.is_terminal(job.status):
+        attempts.mark_terminal(outbox, job)
+
+
+def retry_lost_attempt(
+    jobs: JobRepository, outbox: OutboxRepository, job: TrainingJob, event: JobFailed, *, policy: RetryPolicy
+) -> bool:
+    """Queue the next attempt when infrastructure lost this one and attempts remain; whether it did.
+
+    Only infrastructure losses are retried: a user error, a crash, a timeout or a stall would fail
+    the same way again. The new attempt continues from the last stored checkpoint.
+    """
+    if not (event.retryable or event.reason is FailureReason.INFRASTRUCTURE):
+        return False
+    if job.attempt >= policy.max_attempts:
+        return False
+    target = jobstate.event_transition(job.status, JobOutcome.RETRY)
+    if target is None:
+        return False
+    if target is not jobstate.JobStatus.RETRYING:
+        job.status = target.value  # cancelling: the user's stop wins over a retry
+        job.completed_at = event.occurred_at
+        return True
+    resume_from = attempts.last_stored_checkpoint(jobs, job)
+    log.info("retrying a job after an infrastructure failure", extra={"job_id": job.id, "attempt": job.attempt})
+    attempts.begin_new_attempt(job)
+    job.status = target.value
+    job.error_message = f"retrying after {event.reason.value}: {event.error_message}"
+    attempts.queue_attempt(outbox, job, resume_from=resume_from)
+    return True
 
 
 def fence_stale_attempt(job: TrainingJob, event: JobEvent) -> bool:
@@ -136,13 +192,15 @@ def fence_stale_attempt(job: TrainingJob, event: JobEvent) -> bool:
         log.info("ignoring event of a superseded attempt", extra={"job_id": job.id, "attempt": event.attempt})
         return True
     if event.attempt > job.attempt:
+        if not jobstate.may_take_over(job.status):
+            # Only the API reopens a finished job (restart/resume/retry issue their own attempt):
+            # a late event or a redelivered command of a finished job must not "recover" it.
+            log.info("ignoring a newer attempt of a finished job", extra={"job_id": job.id, "attempt": event.attempt})
+            return True
         # Another runner took over after a failover: the job now follows the newer attempt.
         job.attempt = event.attempt
         job.last_seq = 0
         job.completion = None
-        if jobstate.is_terminal(job.status):
-            job.status = JobStatus.QUEUED.value
-            job.completed_at = None
     return False
 
 

@@ -1,10 +1,14 @@
-"""Checks an uploaded ImageFolder zip and writes its normalized archive.
+"""The safe-archive layer: checks an uploaded zip, plans ImageFolder layouts, writes normalized archives.
 
 The archive is untrusted input. Everything is decided from the zip's central directory first
 (paths, links, sizes, layout) so a hostile archive is refused before a byte is extracted; then each
 image is extracted on its own, counting bytes against the declared sizes (the central directory can
 lie), decoded with Pillow, hashed, and copied into a normalized archive. Nothing here touches a bucket:
 the caller stores the result only when the whole archive passed.
+
+Format detection (ImageFolder, YOLO, COCO, DICE) lives in `visionyard.storage.formats`; every format
+goes through the same entry checks (`safe_entries`), member reads (`read_member`) and normalized
+writer (`write_normalized`) defined here.
 """
 
 from __future__ import annotations
@@ -30,6 +34,11 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", 
 PILLOW_FORMATS = ("JPEG", "PNG", "BMP", "GIF", "WEBP", "TIFF")
 SPLIT_NAMES = {"train": "train", "val": "val", "valid": "val", "test": "test"}
 IGNORED_NAMES = frozenset({"__MACOSX", "Thumbs.db", "desktop.ini"})
+# Folders that carry meaning in some format, so they are never taken for a wrapper folder.
+RESERVED_FOLDERS = frozenset({"images", "labels", "annotations"})
+# Files that mark a format's root (data.yaml, an annotations JSON): a folder holding one directly
+# is a wrapper around the dataset, not a class folder.
+MARKER_SUFFIXES = frozenset({".yaml", ".yml", ".json"})
 # A small file with a high ratio (a flat-colour BMP) harms nobody; bombs need volume, so the ratio
 # limit applies to members (and archives) that expand to at least this much.
 RATIO_FLOOR_BYTES = 1024 * 1024
@@ -57,7 +66,7 @@ class ArchiveRejected(Exception):
 
 
 @dataclass(frozen=True)
-class ImageFolderDataset:
+class InspectedDataset:
     """An accepted dataset: its statistics, content hash and normalized archive on local disk."""
 
     content_hash: str
@@ -70,6 +79,9 @@ class ImageFolderDataset:
     size_bytes: int
     format: str = FORMAT
     task_types: list[str] = field(default_factory=lambda: list(TASK_TYPES))
+    num_annotations: int = 0
+    # (relative path, bytes) of every image in the normalized archive, sorted by path.
+    image_files: tuple[tuple[str, int], ...] = ()
 
     def manifest(self) -> dict[str, Any]:
         """The JSON stored beside the archive (and the stats of `DatasetReady`)."""
@@ -82,9 +94,50 @@ class ImageFolderDataset:
             "class_names": self.class_names,
             "class_counts": self.class_counts,
             "splits": self.splits,
+            "num_annotations": self.num_annotations,
             "size_bytes": self.size_bytes,
             "archive_sha256": self.archive_sha256,
         }
+
+
+# The name the ImageFolder-only first version used; every format now yields the same shape.
+ImageFolderDataset = InspectedDataset
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A safe regular file of the archive and its path parts (after dropping a wrapper folder)."""
+
+    info: zipfile.ZipInfo
+    parts: list[str]
+
+    @property
+    def path(self) -> str:
+        """The normalized relative path."""
+        return "/".join(self.parts)
+
+
+@dataclass(frozen=True)
+class PlannedFile:
+    """One file of the normalized archive: an image to decode, or annotation bytes already read."""
+
+    info: zipfile.ZipInfo
+    path: str
+    data: bytes | None = None
+
+
+@dataclass(frozen=True)
+class DatasetPlan:
+    """What a format check decided: which files to keep and the statistics they give."""
+
+    format: str
+    task_types: list[str]
+    images: list[PlannedFile]
+    class_names: list[str]
+    class_counts: dict[str, int]
+    splits: dict[str, int]
+    annotations: list[PlannedFile] = field(default_factory=list)
+    num_annotations: int = 0
 
 
 @dataclass(frozen=True)
@@ -97,27 +150,36 @@ class _Member:
 
 def inspect_imagefolder_archive(
     source: Path, *, workdir: Path, limits: ArchiveLimits, label: str | None = None
-) -> ImageFolderDataset:
+) -> InspectedDataset:
     """Validate an ImageFolder zip and write its normalized archive under `workdir`.
 
     Raises `ArchiveRejected` with a reason naming the offending file and the problem.
     """
     label = label or source.name
+    check_upload_file(source, limits=limits, label=label)
+    try:
+        with zipfile.ZipFile(source) as archive:
+            plan = plan_imagefolder(safe_entries(archive, limits))
+            return write_normalized(archive, plan, workdir=workdir, limits=limits)
+    except zipfile.BadZipFile as error:
+        raise ArchiveRejected(f"{label} is not a readable zip archive: {error}") from error
+
+
+def check_upload_file(source: Path, *, limits: ArchiveLimits, label: str) -> None:
+    """Refuse an upload that is too big or not a zip at all, before opening it."""
     size = source.stat().st_size
     if size > limits.max_upload_bytes:
         raise ArchiveRejected(f"{label} is {size} bytes; uploads are limited to {limits.max_upload_bytes} bytes")
     if not zipfile.is_zipfile(source):
         raise ArchiveRejected(f"{label} is not a zip archive")
-    try:
-        with zipfile.ZipFile(source) as archive:
-            members = _plan_members(archive, limits)
-            return _write_normalized(archive, members, workdir=workdir, limits=limits)
-    except zipfile.BadZipFile as error:
-        raise ArchiveRejected(f"{label} is not a readable zip archive: {error}") from error
 
 
-def _plan_members(archive: zipfile.ZipFile, limits: ArchiveLimits) -> list[_Member]:
-    """Decide from the central directory alone which members are images of which class."""
+def safe_entries(archive: zipfile.ZipFile, limits: ArchiveLimits) -> list[Entry]:
+    """The archive's regular files, decided from the central directory alone; refuses unsafe archives.
+
+    Rejects absolute paths, traversal, links, encrypted entries, duplicate names, too many entries
+    and declared sizes or ratios over the limits; drops OS litter and one wrapper folder.
+    """
     infos = archive.infolist()
     if len(infos) > limits.max_files:
         raise ArchiveRejected(f"archive holds {len(infos)} entries; the limit is {limits.max_files}")
@@ -142,7 +204,14 @@ def _plan_members(archive: zipfile.ZipFile, limits: ArchiveLimits) -> list[_Memb
         raise ArchiveRejected("archive holds no images")
     _check_declared_sizes([info for info, _ in files], limits)
     files, directories = _strip_wrapper_folder(files, directories)
-    return _classify(files, directories)
+    entries = [Entry(info=info, parts=parts) for info, parts in files]
+    # Empty folders matter to ImageFolder (an empty class); they ride along as zero-part markers.
+    return entries + [Entry(info=zipfile.ZipInfo("/".join(parts) + "/"), parts=parts) for parts in directories]
+
+
+def files_of(entries: list[Entry]) -> list[Entry]:
+    """The regular files among `safe_entries`' result."""
+    return [entry for entry in entries if not entry.info.is_dir()]
 
 
 def _check_entry_is_safe(info: zipfile.ZipInfo) -> None:
@@ -191,24 +260,33 @@ def _check_ratio(name: str, expanded: int, compressed: int, limits: ArchiveLimit
 def _strip_wrapper_folder(
     files: list[tuple[zipfile.ZipInfo, list[str]]], directories: list[list[str]]
 ) -> tuple[list[tuple[zipfile.ZipInfo, list[str]]], list[list[str]]]:
-    """Drop one top-level folder that wraps everything (`mydata/cats/1.png`), but not a split folder."""
+    """Drop one top-level folder that wraps everything (`mydata/cats/1.png`, `mydata/data.yaml`).
+
+    Never a split or format folder, and never the only class folder of an ImageFolder (whose
+    images sit directly in it): that is a one-class dataset, which the layout check refuses.
+    """
     tops = {parts[0] for _, parts in files}
     if len(tops) != 1:
         return files, directories
     top = next(iter(tops))
-    if top.lower() in SPLIT_NAMES or any(len(parts) < 3 for _, parts in files):
+    if top.lower() in SPLIT_NAMES or top.lower() in RESERVED_FOLDERS:
+        return files, directories
+    shallow = [parts for _, parts in files if len(parts) < 3]
+    if shallow and not any(PurePosixPath(parts[-1]).suffix.lower() in MARKER_SUFFIXES for parts in shallow):
         return files, directories
     stripped_dirs = [parts[1:] for parts in directories if parts[0] == top and len(parts) > 1]
     return [(info, parts[1:]) for info, parts in files], stripped_dirs
 
 
-def _classify(
-    files: list[tuple[zipfile.ZipInfo, list[str]]], directories: list[list[str]]
-) -> list[_Member]:
-    split_layout = all(parts[0].lower() in SPLIT_NAMES for _, parts in files)
+def plan_imagefolder(entries: list[Entry]) -> DatasetPlan:
+    """Class folders (optionally under train/val/test folders) of images: image classification."""
+    files = files_of(entries)
+    directories = [entry.parts for entry in entries if entry.info.is_dir()]
+    split_layout = all(entry.parts[0].lower() in SPLIT_NAMES for entry in files)
     depth = 3 if split_layout else 2
     members: list[_Member] = []
-    for info, parts in files:
+    for entry in files:
+        info, parts = entry.info, entry.parts
         suffix = PurePosixPath(parts[-1]).suffix.lower()
         if suffix not in IMAGE_EXTENSIONS:
             raise ArchiveRejected(
@@ -237,54 +315,92 @@ def _classify(
         raise ArchiveRejected(
             f"found {len(classes)} class folder ({found}); image classification needs at least 2 classes"
         )
-    return sorted(members, key=lambda member: member.path)
-
-
-def _write_normalized(
-    archive: zipfile.ZipFile, members: list[_Member], *, workdir: Path, limits: ArchiveLimits
-) -> ImageFolderDataset:
-    """Extract, decode and hash each image, and copy it into a deterministic normalized archive."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    scratch = workdir / "member.bin"
-    target = workdir / "dataset.zip"
-    hashed: list[tuple[str, str]] = []
-    expanded_total = 0
-    # Stored, not deflated: images are compressed already. Fixed timestamps and sorted order make
-    # the archive's bytes a function of its content.
-    with zipfile.ZipFile(target, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as normalized:
-        for member in members:
-            sha256, expanded = _extract_member(
-                archive, member.info, scratch, limits=limits, budget=limits.max_uncompressed_bytes - expanded_total
-            )
-            expanded_total += expanded
-            _check_image_decodes(scratch, member.info.filename)
-            entry = zipfile.ZipInfo(member.path, date_time=_FIXED_ZIP_TIME)
-            entry.compress_type = zipfile.ZIP_STORED
-            entry.external_attr = 0o100644 << 16
-            entry.file_size = expanded
-            with scratch.open("rb") as source, normalized.open(entry, "w") as sink:
-                shutil.copyfileobj(source, sink, _CHUNK)
-            hashed.append((member.path, sha256))
-    scratch.unlink(missing_ok=True)
-
-    content = hashlib.sha256()
-    for path, sha256 in sorted(hashed):
-        content.update(path.encode() + b"\0" + sha256.encode() + b"\n")
+    members.sort(key=lambda member: member.path)
     class_counts: dict[str, int] = {}
     split_counts: dict[str, int] = {}
     for member in members:
         class_counts[member.class_name] = class_counts.get(member.class_name, 0) + 1
         if member.split is not None:
             split_counts[member.split] = split_counts.get(member.split, 0) + 1
-    return ImageFolderDataset(
-        content_hash=content.hexdigest(),
+    return DatasetPlan(
+        format=FORMAT,
+        task_types=list(TASK_TYPES),
+        images=[PlannedFile(info=member.info, path=member.path) for member in members],
         class_names=sorted(class_counts),
         class_counts=dict(sorted(class_counts.items())),
         splits=dict(sorted(split_counts.items())),
-        num_images=len(members),
+    )
+
+
+def read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, *, limits: ArchiveLimits, cap: int) -> bytes:
+    """A small member's bytes (annotation files), refusing more than `cap` or than it declared."""
+    if info.file_size > cap:
+        raise ArchiveRejected(f"{info.filename}: {info.file_size} bytes; annotation files are limited to {cap} bytes")
+    chunks: list[bytes] = []
+    expanded = 0
+    try:
+        with archive.open(info) as source:
+            while chunk := source.read(_CHUNK):
+                expanded += len(chunk)
+                if expanded > info.file_size or expanded > cap:
+                    raise ArchiveRejected(f"{info.filename}: expands beyond its declared size (zip bomb?)")
+                _check_ratio(info.filename, expanded, info.compress_size, limits)
+                chunks.append(chunk)
+    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError) as error:
+        raise ArchiveRejected(f"{info.filename}: damaged or unsupported zip entry ({error})") from error
+    return b"".join(chunks)
+
+
+def write_normalized(
+    archive: zipfile.ZipFile, plan: DatasetPlan, *, workdir: Path, limits: ArchiveLimits
+) -> InspectedDataset:
+    """Extract, decode and hash each image, copy it and the annotation files into a deterministic archive."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    scratch = workdir / "member.bin"
+    target = workdir / "dataset.zip"
+    hashed: list[tuple[str, str]] = []
+    image_files: list[tuple[str, int]] = []
+    expanded_total = sum(len(item.data or b"") for item in plan.annotations)
+    # Stored, not deflated: images are compressed already. Fixed timestamps and sorted order make
+    # the archive's bytes a function of its content.
+    with zipfile.ZipFile(target, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as normalized:
+        for item in sorted(plan.images + plan.annotations, key=lambda planned: planned.path):
+            entry = zipfile.ZipInfo(item.path, date_time=_FIXED_ZIP_TIME)
+            entry.compress_type = zipfile.ZIP_STORED
+            entry.external_attr = 0o100644 << 16
+            if item.data is not None:
+                entry.file_size = len(item.data)
+                normalized.writestr(entry, item.data)
+                hashed.append((item.path, hashlib.sha256(item.data).hexdigest()))
+                continue
+            sha256, expanded = _extract_member(
+                archive, item.info, scratch, limits=limits, budget=limits.max_uncompressed_bytes - expanded_total
+            )
+            expanded_total += expanded
+            _check_image_decodes(scratch, item.info.filename)
+            entry.file_size = expanded
+            with scratch.open("rb") as source, normalized.open(entry, "w") as sink:
+                shutil.copyfileobj(source, sink, _CHUNK)
+            hashed.append((item.path, sha256))
+            image_files.append((item.path, expanded))
+    scratch.unlink(missing_ok=True)
+
+    content = hashlib.sha256()
+    for path, sha256 in sorted(hashed):
+        content.update(path.encode() + b"\0" + sha256.encode() + b"\n")
+    return InspectedDataset(
+        content_hash=content.hexdigest(),
+        class_names=list(plan.class_names),
+        class_counts=dict(plan.class_counts),
+        splits=dict(plan.splits),
+        num_images=len(plan.images),
         archive=target,
         archive_sha256=_sha256_file(target),
         size_bytes=target.stat().st_size,
+        format=plan.format,
+        task_types=list(plan.task_types),
+        num_annotations=plan.num_annotations,
+        image_files=tuple(sorted(image_files)),
     )
 
 

@@ -17,7 +17,14 @@ from pydantic import BaseModel, ValidationError
 
 from visionyard.shared.bus import PermanentError
 from visionyard.shared.commands import IngestDataset
-from visionyard.shared.events import CheckpointStaged, PresignRequest, StageRequest, decode_job_event
+from visionyard.shared.events import (
+    CheckpointStaged,
+    ListImagesRequest,
+    PresignRequest,
+    ReadImageRequest,
+    StageRequest,
+    decode_job_event,
+)
 from visionyard.storage.ports import StagedObjectCorrupt, StagedObjectMissing
 from visionyard.storage.service import InvalidMessage, StorageService
 
@@ -65,6 +72,24 @@ class StorageHandlers:
         except ValidationError as error:
             return _reply_error(f"invalid presign request: {error.errors()[0].get('msg')}")
         reply: BaseModel = await self.service.presign(request)
+        return reply.model_dump_json().encode()
+
+    async def on_list_images(self, data: bytes) -> bytes:
+        """`storage.list_images` request → `ListImagesReply`."""
+        try:
+            request = ListImagesRequest.model_validate_json(data)
+        except ValidationError as error:
+            return _reply_error(f"invalid list_images request: {error.errors()[0].get('msg')}")
+        reply: BaseModel = await self.service.list_images(request)
+        return reply.model_dump_json().encode()
+
+    async def on_read_image(self, data: bytes) -> bytes:
+        """`storage.read_image` request → `ReadImageReply`."""
+        try:
+            request = ReadImageRequest.model_validate_json(data)
+        except ValidationError as error:
+            return _reply_error(f"invalid read_image request: {error.errors()[0].get('msg')}")
+        reply: BaseModel = await self.service.read_image(request)
         return reply.model_dump_json().encode()
 
     @contextlib.asynccontextmanager

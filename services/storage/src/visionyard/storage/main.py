@@ -18,6 +18,7 @@ from visionyard.storage.config import StorageSettings
 from visionyard.storage.handlers import StorageHandlers
 from visionyard.storage.ports import ObjectBackend
 from visionyard.storage.service import Buckets, StorageService
+from visionyard.storage.shipping import serve_shipping
 
 log = logging.getLogger("visionyard.storage")
 
@@ -65,12 +66,15 @@ async def serve(settings: StorageSettings, *, stop: asyncio.Event, backend: Obje
         subscriptions = [
             await bus.serve(subjects.STORAGE_STAGE, handlers.on_stage, queue="storage"),
             await bus.serve(subjects.STORAGE_PRESIGN, handlers.on_presign, queue="storage"),
+            await bus.serve(subjects.STORAGE_LIST_IMAGES, handlers.on_list_images, queue="storage"),
+            await bus.serve(subjects.STORAGE_READ_IMAGE, handlers.on_read_image, queue="storage"),
         ]
         # One message per fetch: each can take minutes (a big archive), and messages fetched but
         # not yet started would sit out their ack_wait instead of going to an idle replica.
         consumers = [
             asyncio.create_task(bus.consume(streams.STORAGE_ARTIFACTS, handlers.on_checkpoint_staged, stop=stop, batch=1)),
             asyncio.create_task(bus.consume(streams.STORAGE_INGEST, handlers.on_ingest_dataset, stop=stop, batch=1)),
+            asyncio.create_task(serve_shipping(bus, handlers.service, stop=stop)),
         ]
         log.info("storage service running on the %s backend", settings.backend)
         await stop.wait()

@@ -15,6 +15,8 @@ class ObjectBackend(Protocol):
     Calls are blocking (boto3 and file I/O); the use cases run them in a worker thread.
     """
 
+    presigns_urls: bool  # whether `presign` gives a URL a browser can fetch (S3) or not (local files)
+
     def ensure_buckets(self, buckets: list[str]) -> None:
         """Create the buckets that do not exist yet."""
 

@@ -1,4 +1,5 @@
-"""The storage use cases: keep staged checkpoints, ingest datasets, stage stored files, presign URLs.
+"""The storage use cases: keep staged checkpoints, ingest datasets, stage stored files, presign URLs,
+list and read a stored dataset version's images.
 
 They take their ports (an object backend, the staging area, a publisher) as arguments and import no
 framework. Backend calls block (boto3, file I/O), so they run in worker threads; the event loop stays
@@ -8,7 +9,10 @@ free to answer requests while an archive is being checked.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import mimetypes
+import zipfile
 import logging
 import re
 import tempfile
@@ -24,13 +28,19 @@ from visionyard.shared.events import (
     DatasetEvent,
     DatasetReady,
     DatasetRejected,
+    ImageEntry,
+    ListImagesReply,
+    ListImagesRequest,
     PresignReply,
     PresignRequest,
+    ReadImageReply,
+    ReadImageRequest,
     StageReply,
     StageRequest,
 )
 from visionyard.shared.logs import bind
-from visionyard.storage.archive import ArchiveLimits, ArchiveRejected, inspect_imagefolder_archive
+from visionyard.storage.archive import ArchiveLimits, ArchiveRejected, InspectedDataset
+from visionyard.storage.formats import inspect_dataset_archive
 from visionyard.storage.ports import (
     EventPublisher,
     ObjectBackend,
@@ -57,6 +67,17 @@ class Buckets:
     internal: str = "visionyard-internal"
 
 
+# Key layout (identical on S3 and on the local-directory backend, `<root>/<bucket>/<key>`):
+#   external bucket  datasets/<dataset_id>/<content_hash>/dataset.zip      normalized archive
+#                    datasets/<dataset_id>/<content_hash>/manifest.json    stats; written last
+#                    datasets/<dataset_id>/<content_hash>/images.json      [{filename, size}] index
+#                    datasets/<dataset_id>/<content_hash>/files/<path>     each image, for browsing
+#                    inference-inputs/<session_id>/<file>                  uploaded inference images
+#   internal bucket  checkpoints/<job_id>/<kind>.pt (+ <kind>.json sidecar)
+#                    exports/<export_id>/...                               export packages
+#                    results/<inference_id>/...                            inference results
+
+
 def checkpoint_key(job_id: str, kind: str) -> str:
     """Key of a job's stored checkpoint of one kind."""
     return f"checkpoints/{job_id}/{kind}.pt"
@@ -75,6 +96,16 @@ def dataset_archive_key(dataset_id: str, content_hash: str) -> str:
 def dataset_manifest_key(dataset_id: str, content_hash: str) -> str:
     """Key of a stored dataset version's manifest (its stats); written last, so it marks completion."""
     return f"datasets/{dataset_id}/{content_hash}/manifest.json"
+
+
+def dataset_index_key(dataset_id: str, content_hash: str) -> str:
+    """Key of a stored dataset version's image index (`[{filename, size}]`, sorted by filename)."""
+    return f"datasets/{dataset_id}/{content_hash}/images.json"
+
+
+def dataset_file_key(dataset_id: str, content_hash: str, filename: str) -> str:
+    """Key of one image of a stored dataset version, kept beside the archive for browsing."""
+    return f"datasets/{dataset_id}/{content_hash}/files/{filename}"
 
 
 def staged_dataset_name(content_hash: str) -> str:
@@ -213,7 +244,7 @@ class StorageService:
                 return rejected(f"{command.filename}: the upload was corrupted in transit (sha256 mismatch)")
             try:
                 dataset = await asyncio.to_thread(
-                    inspect_imagefolder_archive,
+                    inspect_dataset_archive,
                     upload,
                     workdir=Path(scratch) / "normalized",
                     limits=self.limits,
@@ -230,6 +261,9 @@ class StorageService:
             # the archive it describes is complete.
             if not await asyncio.to_thread(self.backend.exists, bucket, manifest_key):
                 await asyncio.to_thread(self.backend.put_file, bucket, archive_key, dataset.archive)
+                await asyncio.to_thread(
+                    self._store_browse_copies, command.dataset_id, dataset, scratch=Path(scratch) / "browse"
+                )
                 await asyncio.to_thread(
                     self.backend.write_bytes, bucket, manifest_key, json.dumps(manifest, indent=2).encode()
                 )
@@ -301,7 +335,84 @@ class StorageService:
         url = await asyncio.to_thread(lambda: self.backend.presign(request.uri, expires_in=expires_in))
         return PresignReply(ok=True, url=url)
 
+    async def list_images(self, request: ListImagesRequest) -> ListImagesReply:
+        """A page of a stored version's images, each with a presigned URL where the backend has them."""
+        if not _SAFE_ID.match(request.dataset_id) or not _CONTENT_HASH.match(request.content_hash):
+            return ListImagesReply(ok=False, error="invalid dataset_id or content_hash")
+        bucket = self.buckets.external
+        index = await self._read_index(request.dataset_id, request.content_hash)
+        if index is None:
+            return ListImagesReply(
+                ok=False, not_found=True, error=f"no stored dataset {request.dataset_id} version {request.content_hash}"
+            )
+        if request.filename is not None:
+            chosen = [item for item in index if item["filename"] == request.filename]
+            if not chosen:
+                return ListImagesReply(ok=False, not_found=True, error=f"no image {request.filename!r} in this version")
+        else:
+            offset = max(0, request.offset)
+            chosen = index[offset : offset + max(0, min(request.limit, 1000))]
+        presigned = bool(getattr(self.backend, "presigns_urls", False))
+        expires_in = max(1, min(request.expires_in, 7 * 24 * 3600))
+
+        def entries() -> list[ImageEntry]:
+            listed = []
+            for item in chosen:
+                url = None
+                if presigned:
+                    key = dataset_file_key(request.dataset_id, request.content_hash, item["filename"])
+                    url = self.backend.presign(self.backend.uri(bucket, key), expires_in=expires_in)
+                listed.append(ImageEntry(filename=item["filename"], size=int(item["size"]), url=url))
+            return listed
+
+        images = await asyncio.to_thread(entries)
+        return ListImagesReply(ok=True, total_images=len(index), images=images, presigned=presigned)
+
+    async def read_image(self, request: ReadImageRequest) -> ReadImageReply:
+        """One image's bytes (capped: they travel in a NATS reply), for backends without URLs."""
+        if not _SAFE_ID.match(request.dataset_id) or not _CONTENT_HASH.match(request.content_hash):
+            return ReadImageReply(ok=False, error="invalid dataset_id or content_hash")
+        index = await self._read_index(request.dataset_id, request.content_hash)
+        # Only names from the version's own index are read: the filename never builds a path by itself.
+        entry = next((item for item in index or [] if item["filename"] == request.filename), None)
+        if entry is None:
+            return ReadImageReply(ok=False, not_found=True, error=f"no image {request.filename!r} in this version")
+        if int(entry["size"]) > request.max_bytes:
+            return ReadImageReply(
+                ok=False, error=f"{request.filename} is {entry['size']} bytes; served images are limited to {request.max_bytes}"
+            )
+        key = dataset_file_key(request.dataset_id, request.content_hash, request.filename)
+        data = await asyncio.to_thread(self.backend.read_bytes, self.buckets.external, key)
+        if data is None:
+            return ReadImageReply(ok=False, not_found=True, error=f"no image {request.filename!r} in this version")
+        content_type = mimetypes.guess_type(request.filename)[0] or "application/octet-stream"
+        return ReadImageReply(
+            ok=True, content_b64=base64.b64encode(data).decode(), content_type=content_type, size=len(data)
+        )
+
     # -- internals -------------------------------------------------------------------------------
+
+    def _store_browse_copies(self, dataset_id: str, dataset: InspectedDataset, *, scratch: Path) -> None:
+        """Each image as its own object (so S3 can presign it) and the index of them; blocking."""
+        bucket = self.buckets.external
+        scratch.mkdir(parents=True, exist_ok=True)
+        local = scratch / "image.bin"
+        with zipfile.ZipFile(dataset.archive) as archive:
+            for filename, _ in dataset.image_files:
+                with archive.open(filename) as source, local.open("wb") as sink:
+                    while chunk := source.read(1 << 20):
+                        sink.write(chunk)
+                self.backend.put_file(bucket, dataset_file_key(dataset_id, dataset.content_hash, filename), local)
+        index = [{"filename": filename, "size": size} for filename, size in dataset.image_files]
+        self.backend.write_bytes(bucket, dataset_index_key(dataset_id, dataset.content_hash), json.dumps(index).encode())
+
+    async def _read_index(self, dataset_id: str, content_hash: str) -> list[dict[str, Any]] | None:
+        data = await asyncio.to_thread(self.backend.read_bytes, self.buckets.external, dataset_index_key(dataset_id, content_hash))
+        if data is None:
+            return None
+        loaded: list[dict[str, Any]] = json.loads(data)
+        return loaded
+
 
     async def _read_json(self, bucket: str, key: str) -> dict[str, Any] | None:
         data = await asyncio.to_thread(self.backend.read_bytes, bucket, key)

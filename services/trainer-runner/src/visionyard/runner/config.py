@@ -37,14 +37,21 @@ class RunnerSettings(ServiceSettings):
     cancel_grace_seconds: float = Field(default=10.0, ge=0)
     heartbeat_seconds: float = Field(default=5.0, gt=0)
     trainer_base_env: dict[str, str] = Field(default_factory=_trainer_base_env)
+    # How long JetStream waits for a silent runner before handing its job to another (failover time);
+    # unset keeps the consumer's (30 s by default, or VISIONYARD_TOPOLOGY_ACK_WAITS' "runner").
+    ack_wait: float | None = Field(default=None, gt=0)
+    # A trainer that says nothing (no SDK record, no output line) for this long is stopped as stalled;
+    # a job may set its own `advanced_config.stall_seconds`. 0 disables the check.
+    stall_seconds: float = Field(default=1800.0, ge=0)
 
     @model_validator(mode="after")
     def _derive(self) -> RunnerSettings:
         if self.work_dir is None:
             self.work_dir = self.data_dir / "runner"
         # A heartbeat slower than the ack wait would let JetStream hand a live job to another runner.
-        if self.heartbeat_seconds >= streams.RUNNER.ack_wait:
-            raise ValueError(f"heartbeat_seconds must be < the runner ack wait ({streams.RUNNER.ack_wait}s)")
+        ack_wait = self.ack_wait or streams.RUNNER.ack_wait
+        if self.heartbeat_seconds >= ack_wait:
+            raise ValueError(f"heartbeat_seconds must be < the runner ack wait ({ack_wait}s)")
         return self
 
     @property

@@ -16,6 +16,7 @@ from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeoutError
 from pydantic import ValidationError
 
+from visionyard.runner.ship_handlers import SHIP_SUBJECTS, ShipCommandHandler
 from visionyard.runner.service import AttemptOutcome, StopReason, TrainingAttempts
 from visionyard.shared import streams
 from visionyard.shared.bus import AckAction, Bus, PermanentError, decide_ack
@@ -35,8 +36,10 @@ class TrainCommandConsumer:
         slots: int,
         heartbeat_seconds: float,
         spec: streams.ConsumerSpec = streams.RUNNER,
+        shipping: ShipCommandHandler | None = None,
     ) -> None:
         self._bus = bus
+        self._shipping = shipping
         self._attempts = attempts
         self._slots = asyncio.Semaphore(slots)
         self._heartbeat = heartbeat_seconds
@@ -52,7 +55,7 @@ class TrainCommandConsumer:
                     break
                 try:
                     messages = await subscription.fetch(1, timeout=1.0)
-                except NatsTimeoutError:
+                except (NatsTimeoutError, asyncio.TimeoutError):
                     self._slots.release()
                     continue
                 except Exception as error:  # broker away: keep trying, never exit
@@ -96,6 +99,10 @@ class TrainCommandConsumer:
     async def hold(self, msg: Msg) -> None:
         """Run one delivered command to its end and settle it."""
         delivered = msg.metadata.num_delivered if msg.metadata else 1
+        if msg.subject in SHIP_SUBJECTS and self._shipping is not None:
+            # Export and inference share the consumer and its slots; their own handler runs them.
+            await self._shipping.hold(msg, settle=self._settle)
+            return
         try:
             cmd = StartTraining.model_validate_json(msg.data)
         except ValidationError as error:

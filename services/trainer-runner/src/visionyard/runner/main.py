@@ -7,13 +7,22 @@ import contextlib
 import logging
 import signal
 
-from visionyard.runner.adapters.kv import KvCancellationLedger, publish_capabilities, watch_cancellations
+from visionyard.runner.adapters.kv import (
+    KvCancellationLedger,
+    KvTerminalLedger,
+    publish_capabilities,
+    watch_cancellations,
+)
+from visionyard.runner.adapters.object_staging import BusObjectStager
 from visionyard.runner.adapters.process import SubprocessLauncher
 from visionyard.runner.adapters.publisher import JetStreamEventPublisher
 from visionyard.runner.adapters.staging import BusStager
 from visionyard.runner.config import RunnerSettings
 from visionyard.runner.handlers import TrainCommandConsumer
+from visionyard.runner.ship_handlers import ShipCommandHandler
+from visionyard.runner.shipping import ShippingRuns
 from visionyard.runner.service import HeldJobs, RunnerOptions, TrainingAttempts
+from visionyard.shared import streams
 from visionyard.shared.bus import Bus
 from visionyard.shared.logs import configure_logging
 from visionyard.shared.manifest import TrainerManifest, installed_manifests
@@ -31,14 +40,27 @@ def build_attempts(bus: Bus, settings: RunnerSettings, manifests: list[TrainerMa
             trainer_python=settings.trainer_python,
             base_env=dict(settings.trainer_base_env),
             cancel_grace_seconds=settings.cancel_grace_seconds,
+            stall_seconds=settings.stall_seconds,
         ),
         manifests=manifests,
         stager=BusStager(bus, cache_dir=work_dir / "cache"),
         launcher=SubprocessLauncher(),
         ledger=KvCancellationLedger(bus),
+        terminal=KvTerminalLedger(bus),
         new_sink=lambda: JetStreamEventPublisher(bus),
         held=HeldJobs(),
     )
+
+
+def build_shipping(
+    bus: Bus, settings: RunnerSettings, manifests: list[TrainerManifest], attempts: TrainingAttempts
+) -> ShipCommandHandler:
+    """Export and inference runs, sharing the training attempts' settings, staging and launcher."""
+    runs = ShippingRuns(
+        options=attempts.options, manifests=manifests, stager=attempts.stager, objects=BusObjectStager(bus),
+        launcher=attempts.launcher, publisher=bus,
+    )
+    return ShipCommandHandler(runs, heartbeat_seconds=settings.heartbeat_seconds)
 
 
 async def serve(
@@ -54,6 +76,12 @@ async def serve(
         bus = await Bus.connect(settings.nats_url, service="trainer-runner")
     try:
         await bus.ensure_topology(replicas=settings.stream_replicas)
+        # The runner owns its consumer's ack wait: how fast a dead runner's job moves to another.
+        if settings.ack_wait is not None:
+            await bus.declare_consumer(streams.with_ack_wait(streams.RUNNER, settings.ack_wait))
+        consumer_spec = streams.with_ack_wait(streams.RUNNER, await bus.consumer_ack_wait(streams.RUNNER))
+        if settings.heartbeat_seconds >= consumer_spec.ack_wait:
+            raise ValueError(f"heartbeat_seconds must be < the runner ack wait ({consumer_spec.ack_wait}s)")
         trainers = installed_manifests() if manifests is None else manifests
         await publish_capabilities(bus, trainers)
         attempts = build_attempts(bus, settings, trainers)
@@ -63,7 +91,9 @@ async def serve(
         )
         watcher = asyncio.create_task(watch_cancellations(bus, attempts.held, stop=stop))
         consumer = TrainCommandConsumer(
-            bus, attempts, slots=settings.slots, heartbeat_seconds=settings.heartbeat_seconds
+            bus, attempts, slots=settings.slots, heartbeat_seconds=settings.heartbeat_seconds,
+            spec=consumer_spec,
+            shipping=build_shipping(bus, settings, trainers, attempts),
         )
         try:
             await consumer.run(stop)

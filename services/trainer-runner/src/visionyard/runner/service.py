@@ -69,6 +69,7 @@ class StopReason(StrEnum):
     SHUTDOWN = "shutdown"
     BROKER_LOST = "broker_lost"
     TIMEOUT = "timeout"
+    STALLED = "stalled"
 
 
 @dataclass(frozen=True)
@@ -206,6 +207,9 @@ class AttemptEvents:
         if outcome.stopped_by is StopReason.TIMEOUT:
             return self.failed(FailureReason.TIMEOUT, "the job ran past its time limit and was stopped",
                                exit_code=outcome.returncode)
+        if outcome.stopped_by is StopReason.STALLED:
+            return self.failed(FailureReason.STALLED, "the trainer reported nothing for too long and was stopped",
+                               exit_code=outcome.returncode)
         code = outcome.returncode
         if code == 0:
             return self._completed()
@@ -342,6 +346,14 @@ class CancellationLedger(Protocol):
         ...
 
 
+class TerminalLedger(Protocol):
+    """The durable record of finished jobs (KV `job_terminal`), written by the API."""
+
+    async def terminal_attempt(self, job_id: str) -> int | None:
+        """The attempt at which the job reached a terminal status, or None."""
+        ...
+
+
 # -- holding jobs -------------------------------------------------------------------------------
 
 
@@ -436,6 +448,7 @@ class RunnerOptions:
     trainer_python: str
     base_env: dict[str, str]
     cancel_grace_seconds: float
+    stall_seconds: float = 0.0
 
 
 class TrainingAttempts:
@@ -451,6 +464,7 @@ class TrainingAttempts:
         ledger: CancellationLedger,
         new_sink: Any,
         held: HeldJobs | None = None,
+        terminal: TerminalLedger | None = None,
     ) -> None:
         self.options = options
         self.manifests = manifests
@@ -459,6 +473,7 @@ class TrainingAttempts:
         self.ledger = ledger
         self.new_sink = new_sink
         self.held = held or HeldJobs()
+        self.terminal = terminal
 
     async def run(self, cmd: StartTraining, *, delivered: int, final_delivery: bool) -> AttemptOutcome:
         """Run one delivery of `cmd` to its end; a raised error means nak with backoff."""
@@ -476,6 +491,12 @@ class TrainingAttempts:
         events = AttemptEvents(job_id=cmd.job_id, attempt=attempt)
         sink: EventSink = self.new_sink()
         try:
+            finished = await self.terminal.terminal_attempt(cmd.job_id) if self.terminal is not None else None
+            if finished is not None and finished >= cmd.attempt:
+                # A redelivered command of a job the API already shows finished (its runner died before
+                # acking): running it again would reopen a completed job, so it is only acknowledged.
+                logger.info("job already finished at attempt %s; acknowledging the command", finished)
+                return AttemptOutcome.FINISHED
             cancelled = await self.ledger.cancelled_attempt(cmd.job_id)
             if (cancelled is not None and cancelled >= cmd.attempt) or control.reason is StopReason.CANCEL:
                 # The API already shows it cancelled; the event closes it for a runner that died holding it.
@@ -551,6 +572,7 @@ class TrainingAttempts:
             outbox_dir=job_dir / "outbox",
             resume_checkpoint=resume.path if resume else None,
             resume_epoch=resume.epoch if resume else None,
+            split=cmd.dataset.split,
         )
         job_file = job_dir / "job.json"
         job_file.write_text(job.model_dump_json(indent=2))
@@ -565,13 +587,18 @@ class TrainingAttempts:
             cmd, runner_id=self.options.runner_id, pid=handle.pid,
             resumed_from_epoch=resume.epoch if resume else None,
         ))
-        pump = asyncio.create_task(self._pump(handle, events, sink))
+        activity = TrainerActivity()
+        pump = asyncio.create_task(self._pump(handle, events, sink, activity=activity))
         exited = asyncio.create_task(handle.wait())
         stop_requested = asyncio.create_task(control.wait())
+        stall_seconds = job_limit(cmd, "stall_seconds", default=self.options.stall_seconds)
+        watchdog = asyncio.create_task(watch_for_stall(activity, control, stall_seconds=stall_seconds))
         stopped_by: StopReason | None = None
         try:
             done, _ = await asyncio.wait(
-                {exited, stop_requested}, timeout=cmd.timeout_seconds, return_when=asyncio.FIRST_COMPLETED
+                {exited, stop_requested},
+                timeout=cmd.timeout_seconds or job_limit(cmd, "timeout_seconds", default=0.0) or None,
+                return_when=asyncio.FIRST_COMPLETED,
             )
             if exited in done:
                 returncode = exited.result()
@@ -581,6 +608,7 @@ class TrainingAttempts:
                 returncode = await handle.stop(grace=self.options.cancel_grace_seconds)
         finally:
             stop_requested.cancel()
+            watchdog.cancel()
             # Whatever happened, no process of the job's group may outlive the attempt.
             final_code = await handle.stop(grace=0)
         if not exited.done():
@@ -595,8 +623,52 @@ class TrainingAttempts:
             return AttemptOutcome.REQUEUE
         return await self._finish(sink, terminal)
 
-    async def _pump(self, handle: TrainerHandle, events: AttemptEvents, sink: EventSink) -> None:
+    async def _pump(
+        self, handle: TrainerHandle, events: AttemptEvents, sink: EventSink, *, activity: TrainerActivity
+    ) -> None:
         async for stream, text in handle.lines():
+            activity.touch()
             item = events.from_sdk_line(text) if stream == "sdk" else events.from_output(stream, text)
             if item is not None:
                 sink.emit(item)
+
+
+# -- limits: wall-clock timeout and stall detection ---------------------------------------------------
+
+
+class TrainerActivity:
+    """When the trainer last said anything (an SDK record or an output line)."""
+
+    def __init__(self) -> None:
+        self.last = asyncio.get_running_loop().time()
+
+    def touch(self) -> None:
+        """Record that the trainer just spoke."""
+        self.last = asyncio.get_running_loop().time()
+
+    def silent_for(self) -> float:
+        """Seconds since the trainer last spoke."""
+        return asyncio.get_running_loop().time() - self.last
+
+
+def job_limit(cmd: StartTraining, key: str, *, default: float) -> float:
+    """A per-job limit from `advanced_config[key]` (seconds), else `default`; unreadable values are ignored."""
+    raw = (cmd.config.advanced_config or {}).get(key)
+    try:
+        value = float(raw) if raw is not None else default
+    except (TypeError, ValueError):
+        return default
+    return value if value >= 0 else default
+
+
+async def watch_for_stall(activity: TrainerActivity, control: RunControl, *, stall_seconds: float) -> None:
+    """Stop the attempt as stalled once the trainer has been silent for `stall_seconds` (0: never)."""
+    if stall_seconds <= 0:
+        return
+    while True:
+        silent = activity.silent_for()
+        if silent >= stall_seconds:
+            control.request_stop(StopReason.STALLED)
+            return
+        # Check often enough to stop within ~10% of the limit, but never spin.
+        await asyncio.sleep(max(min(stall_seconds - silent, stall_seconds / 10, 5.0), 0.05))

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import tempfile
-from pathlib import Path
+import zipfile
+from pathlib import Path, PurePosixPath
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import RedirectResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.types import Message
@@ -16,6 +18,7 @@ from visionyard.api.auth import CurrentPrincipal, authorize_project, require_pri
 from visionyard.api.config import ApiSettings
 from visionyard.api.datasets import schemas
 from visionyard.api.datasets.service import DatasetService
+from visionyard.api.datasets.versions import DatasetVersionService
 from visionyard.api.errors import InvalidInput, TooLarge
 
 router = APIRouter(prefix="/api/v1/datasets", tags=["datasets"], dependencies=[Depends(require_principal)])
@@ -33,6 +36,18 @@ def dataset_service(request: Request) -> DatasetService:
 
 
 Service = Annotated[DatasetService, Depends(dataset_service)]
+
+
+def version_service(request: Request) -> DatasetVersionService:
+    """The app's dataset version use cases."""
+    service: DatasetVersionService = request.app.state.dataset_versions
+    return service
+
+
+Versions = Annotated[DatasetVersionService, Depends(version_service)]
+# A folder upload may name this many files (the storage limit on archive entries still applies).
+MAX_FOLDER_FILES = 50_000
+ANNOTATION_FIELDS = ("annotations", "annotations.json")
 
 
 @router.post("", response_model=schemas.CreateDatasetResponse, status_code=201)
@@ -56,12 +71,87 @@ def get_dataset(dataset_id: str, service: Service, principal: CurrentPrincipal) 
     return dataset
 
 
-@router.delete("/{dataset_id}")
-def delete_dataset(dataset_id: str, service: Service, principal: CurrentPrincipal) -> dict[str, str]:
-    """Delete a dataset (409 while a queued or running job uses it)."""
+@router.delete("/{dataset_id}", response_model=schemas.DeleteResponse)
+def delete_dataset(dataset_id: str, service: Service, versions: Versions, principal: CurrentPrincipal) -> Any:
+    """Delete a dataset (409 while a queued or running job pins any version); says what stays stored."""
     authorize_project(principal, service.get_dataset(dataset_id).project_id)
-    service.delete_dataset(dataset_id)
-    return {"status": "deleted", "dataset_id": dataset_id}
+    return versions.delete_dataset(dataset_id)
+
+
+@router.post("/{dataset_id}/split", response_model=schemas.SplitResponse)
+async def set_split(
+    dataset_id: str, body: schemas.SplitRequest, service: Service, versions: Versions, principal: CurrentPrincipal
+) -> Any:
+    """Configure the current version's train/val(/test) split (auto, manual or partial)."""
+    authorize_project(principal, (await run_in_threadpool(service.get_dataset, dataset_id)).project_id)
+    return await versions.set_split(dataset_id, body)
+
+
+@router.get("/{dataset_id}/split", response_model=schemas.SplitResponse)
+def get_split(
+    dataset_id: str, service: Service, versions: Versions, principal: CurrentPrincipal, version: str | None = None
+) -> Any:
+    """The split of the current version (or `?version=<content_hash>`)."""
+    authorize_project(principal, service.get_dataset(dataset_id).project_id)
+    return versions.get_split(dataset_id, version)
+
+
+@router.post("/{dataset_id}/snapshot", response_model=schemas.SnapshotResponse, status_code=201)
+def create_snapshot(
+    dataset_id: str, body: schemas.SnapshotRequest, service: Service, versions: Versions, principal: CurrentPrincipal
+) -> Any:
+    """Name the current version (409 when the tag exists)."""
+    authorize_project(principal, service.get_dataset(dataset_id).project_id)
+    return versions.create_snapshot(dataset_id, body)
+
+
+@router.get("/{dataset_id}/snapshots", response_model=schemas.SnapshotListResponse)
+def list_snapshots(dataset_id: str, service: Service, versions: Versions, principal: CurrentPrincipal) -> Any:
+    """Named snapshots and every stored version."""
+    authorize_project(principal, service.get_dataset(dataset_id).project_id)
+    return versions.list_snapshots(dataset_id)
+
+
+@router.get("/{dataset_id}/images", response_model=schemas.ImageListResponse)
+async def list_images(
+    dataset_id: str,
+    request: Request,
+    service: Service,
+    versions: Versions,
+    principal: CurrentPrincipal,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    offset: Annotated[int, Query(ge=0)] = 0,
+    version: str | None = None,
+) -> Any:
+    """A page of the current (or a named) version's images with URLs a browser can fetch."""
+    authorize_project(principal, (await run_in_threadpool(service.get_dataset, dataset_id)).project_id)
+    return await versions.list_images(
+        dataset_id, limit=limit, offset=offset, version=version, base_url=str(request.base_url)
+    )
+
+
+@router.get("/{dataset_id}/images/{filename:path}/url", response_model=schemas.ImageResponse)
+async def image_url(
+    dataset_id: str, filename: str, request: Request, service: Service, versions: Versions,
+    principal: CurrentPrincipal, version: str | None = None,
+) -> Any:
+    """Where one image can be fetched."""
+    authorize_project(principal, (await run_in_threadpool(service.get_dataset, dataset_id)).project_id)
+    return await versions.image_url(dataset_id, filename, version=version, base_url=str(request.base_url))
+
+
+@router.get("/{dataset_id}/images/{filename:path}/content")
+async def image_content(
+    dataset_id: str, filename: str, request: Request, service: Service, versions: Versions,
+    principal: CurrentPrincipal, version: str | None = None,
+) -> Response:
+    """The image itself: served from storage's reply on the local backend, a redirect on S3."""
+    authorize_project(principal, (await run_in_threadpool(service.get_dataset, dataset_id)).project_id)
+    located = await versions.image_url(dataset_id, filename, version=version, base_url=str(request.base_url))
+    if "/content?" not in located.presigned_url:
+        return RedirectResponse(located.presigned_url, status_code=307)
+    data, content_type = await versions.image_content(dataset_id, filename, version=version)
+    return Response(content=data, media_type=content_type, headers={"Cache-Control": "private, max-age=3600"})
 
 
 @router.post(
@@ -108,6 +198,109 @@ async def upload_dataset(dataset_id: str, request: Request, service: Service, pr
         return await service.ingest_upload(dataset_id, path=target, filename=filename)
     finally:
         target.unlink(missing_ok=True)
+
+
+@router.post(
+    "/{dataset_id}/upload-images",
+    status_code=202,
+    response_model=schemas.UploadAccepted,
+    openapi_extra={
+        "requestBody": {
+            "content": {
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "properties": {
+                            "files": {"type": "array", "items": {"type": "string", "format": "binary"}},
+                            "annotations": {"type": "string", "format": "binary"},
+                        },
+                        "required": ["files"],
+                    }
+                }
+            }
+        }
+    },
+)
+async def upload_images(dataset_id: str, request: Request, service: Service, principal: CurrentPrincipal) -> Any:
+    """Upload a folder: many `files` named by relative path (+ optional `annotations.json`), zipped server-side."""
+    dataset = await run_in_threadpool(service.get_dataset, dataset_id)
+    authorize_project(principal, dataset.project_id)
+    settings: ApiSettings = request.app.state.settings
+    limit = settings.upload_max_bytes
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type != "multipart/form-data":
+        raise InvalidInput("files", "send multipart/form-data with one 'files' part per image, named by relative path")
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit + MULTIPART_SLACK:
+        raise TooLarge(f"files: the upload is {declared} bytes; the limit is {limit} bytes")
+    spool_dir = settings.data_dir / "uploads"
+    spool_dir.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(prefix="folder-", suffix=".zip", dir=spool_dir)
+    os.close(handle)
+    target = Path(name)
+    try:
+        count = await _receive_folder(request, target, limit=limit)
+        return await service.ingest_upload(dataset_id, path=target, filename=f"folder upload ({count} files)")
+    finally:
+        target.unlink(missing_ok=True)
+
+
+def _folder_member_name(raw: str | None, index: int) -> str:
+    """A part's relative path, refused (naming the part) when it could not be a dataset file."""
+    name = (raw or "").replace("\\", "/")
+    where = f"files[{index}]"
+    if not name.strip():
+        raise InvalidInput(where, "a file part has no filename (use the file's path relative to the folder)")
+    if name.startswith("/") or (len(name) > 1 and name[1] == ":"):
+        raise InvalidInput(where, f"{name!r} is an absolute path; use the path relative to the folder")
+    parts = PurePosixPath(name).parts
+    if ".." in parts:
+        raise InvalidInput(where, f"{name!r} leaves the folder ('..'); use the path relative to the folder")
+    return "/".join(part for part in parts if part not in ("", "."))
+
+
+async def _receive_folder(request: Request, target: Path, *, limit: int) -> int:
+    """Write every uploaded part into a stored zip on disk, chunk by chunk; the number of files."""
+    received = 0
+
+    async def counting_receive() -> Message:
+        nonlocal received
+        message = await request.receive()
+        if message["type"] == "http.request":
+            received += len(message.get("body", b""))
+            if received > limit + MULTIPART_SLACK:
+                raise TooLarge(f"files: the upload exceeds the limit of {limit} bytes")
+        return message
+
+    counted = Request(request.scope, counting_receive)
+    seen: dict[str, int] = {}
+    async with counted.form(max_files=MAX_FOLDER_FILES + 1, max_fields=20) as form:
+        parts: list[tuple[str, UploadFile]] = []
+        for index, upload in enumerate(form.getlist("files")):
+            if not isinstance(upload, UploadFile):
+                raise InvalidInput(f"files[{index}]", "must be a file part with a filename (its path relative to the folder)")
+            parts.append((_folder_member_name(upload.filename, index), upload))
+        for field_name in ANNOTATION_FIELDS:
+            annotation = form.get(field_name)
+            if isinstance(annotation, UploadFile):
+                parts.append(("annotations.json", annotation))
+        if not parts:
+            raise InvalidInput("files", "no files: send one multipart part named 'files' per image")
+        size = 0
+        # Stored, not deflated: images are compressed already, and storage re-checks everything.
+        with zipfile.ZipFile(target, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+            for index, (member, upload) in enumerate(parts):
+                folded = member.casefold()
+                if folded in seen:
+                    raise InvalidInput(f"files[{index}]", f"{member!r} is uploaded twice (also files[{seen[folded]}])")
+                seen[folded] = index
+                with archive.open(zipfile.ZipInfo(member, date_time=(1980, 1, 1, 0, 0, 0)), "w", force_zip64=True) as sink:
+                    while chunk := await upload.read(CHUNK):
+                        size += len(chunk)
+                        if size > limit:
+                            raise TooLarge(f"files: the upload exceeds the limit of {limit} bytes")
+                        sink.write(chunk)
+        return len(parts)
 
 
 async def _receive_raw(request: Request, target: Path, *, limit: int) -> None:

@@ -60,3 +60,95 @@ class UploadAccepted(BaseModel):
     object_name: str
     sha256: str
     size_bytes: int
+
+
+class SplitRequest(BaseModel):
+    """Body of `POST /datasets/{id}/split`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: Literal["auto", "manual", "partial"] = "auto"
+    default_ratio: list[float] = Field(default_factory=lambda: [0.8, 0.2])
+    seed: int = 42
+    splits: dict[str, list[str]] | None = None
+
+
+class SplitResponse(BaseModel):
+    """A version's split: how it was asked for, how many images each split got, and which."""
+
+    dataset_id: str
+    content_hash: str
+    method: str
+    default_ratio: list[float]
+    seed: int
+    counts: dict[str, int]
+    splits: dict[str, list[str]]
+    updated_at: datetime
+
+
+class SnapshotRequest(BaseModel):
+    """Body of `POST /datasets/{id}/snapshot`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    version_tag: str | None = Field(default=None, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    description: str | None = Field(default=None, max_length=10_000)
+
+
+class SnapshotResponse(BaseModel):
+    """A named dataset version."""
+
+    id: int
+    dataset_id: str
+    version_tag: str
+    description: str | None
+    content_hash: str
+    created_at: datetime
+
+
+class VersionResponse(BaseModel):
+    """One stored version of a dataset and who pins it."""
+
+    content_hash: str
+    created_at: datetime
+    format: str | None
+    num_images: int
+    tags: list[str]
+    pinned_by_jobs: int
+    current: bool
+
+
+class SnapshotListResponse(BaseModel):
+    """Answer to `GET /datasets/{id}/snapshots`: the named snapshots and every stored version."""
+
+    dataset_id: str
+    snapshots: list[SnapshotResponse]
+    versions: list[VersionResponse]
+
+
+class ImageResponse(BaseModel):
+    """One image of a dataset version and where a browser can fetch it."""
+
+    filename: str
+    presigned_url: str
+    size: int
+
+
+class ImageListResponse(BaseModel):
+    """Answer to `GET /datasets/{id}/images`."""
+
+    dataset_id: str
+    content_hash: str
+    total_images: int
+    limit: int
+    offset: int
+    images: list[ImageResponse]
+
+
+class DeleteResponse(BaseModel):
+    """Answer to `DELETE /datasets/{id}`: what went, and what stays in storage and why."""
+
+    status: str
+    dataset_id: str
+    kept_versions: list[str]
+    message: str

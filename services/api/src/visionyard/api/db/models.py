@@ -208,3 +208,7 @@ class OutboxMessage(Base):
     headers: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     sent_at: Mapped[datetime | None] = mapped_column(nullable=True, index=True)
+
+
+# Registers the dataset split/snapshot tables on `Base.metadata` (their module imports `Base` from here).
+from visionyard.api.db import models_datasets as _models_datasets  # noqa: E402,F401

@@ -62,7 +62,7 @@ class JobRepository:
         return self.session.scalar(
             select(func.count())
             .select_from(TrainingJob)
-            .where(TrainingJob.dataset_id == dataset_id, TrainingJob.status.in_(("queued", "running", "cancelling")))
+            .where(TrainingJob.dataset_id == dataset_id, TrainingJob.status.in_(("queued", "retrying", "resuming", "running", "cancelling")))
         ) or 0
 
     def add_metric_once(self, row: dict[str, Any]) -> bool:

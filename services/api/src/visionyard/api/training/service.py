@@ -20,9 +20,9 @@ from visionyard.api.db.session import UnitOfWork
 from visionyard.api.errors import Conflict, NotFound
 from visionyard.api.jobstate import JobAction, JobStatus
 from visionyard.api.models.service import CapabilitySource, default_primary_metric, resolve_trainer
-from visionyard.api.training import schemas
+from visionyard.api.training import attempts, schemas
 from visionyard.shared import streams
-from visionyard.shared.commands import CheckpointRef, DatasetRef, StartTraining, TrainingConfig
+from visionyard.shared.commands import CheckpointRef, TrainingConfig
 from visionyard.shared.events import (
     FailureReason,
     JobCancelled,
@@ -30,7 +30,6 @@ from visionyard.shared.events import (
     JobCompleted,
     JobEvent,
     JobFailed,
-    JobQueued,
     LogEmitted,
     ProgressReported,
 )
@@ -160,6 +159,7 @@ class TrainingService:
             if target is JobStatus.CANCELLED:
                 job.completed_at = utcnow()
                 outbox.add(JobCancelled(job_id=job.id, attempt=job.attempt))
+                attempts.mark_terminal(outbox, job)
             else:
                 outbox.add(JobCancelRequested(job_id=job.id, attempt=job.attempt))
             session.flush()
@@ -172,23 +172,11 @@ class TrainingService:
         target = jobstate.user_transition(job.id, job.status, action)
         resume_from: CheckpointRef | None = None
         if action is JobAction.RESUME:
-            resume_from = _last_stored_checkpoint(JobRepository(session), job)
+            resume_from = attempts.require_checkpoint(JobRepository(session), job)
         if action in (JobAction.RESTART, JobAction.RESUME):
-            _begin_new_attempt(job)
+            attempts.begin_new_attempt(job)
         job.status = target.value
-        outbox = OutboxRepository(session)
-        outbox.add(
-            StartTraining(
-                job_id=job.id,
-                attempt=job.attempt,
-                project_id=job.project_id,
-                experiment_name=job.experiment_name,
-                config=_training_config(job),
-                dataset=DatasetRef(dataset_id=job.dataset_id, content_hash=job.dataset_snapshot_id),
-                resume_from=resume_from,
-            )
-        )
-        outbox.add(JobQueued(job_id=job.id, attempt=job.attempt))
+        attempts.queue_attempt(OutboxRepository(session), job, resume_from=resume_from)
         session.flush()
         return schemas.TrainingJobResponse.model_validate(job)
 
@@ -336,37 +324,6 @@ def _job(session: Session, job_id: str, *, for_update: bool = False) -> Training
     if job is None:
         raise NotFound(f"job_id: training job {job_id} not found")
     return job
-
-
-def _begin_new_attempt(job: TrainingJob) -> None:
-    job.attempt += 1
-    job.last_seq = 0
-    job.ingress_seq = 0
-    job.error_message = None
-    job.current_epoch = 0
-    job.progress_percent = 0.0
-    job.final_accuracy = None
-    job.started_at = None
-    job.completed_at = None
-    job.completion = None
-
-
-def _last_stored_checkpoint(jobs: JobRepository, job: TrainingJob) -> CheckpointRef:
-    stored = {row.kind: row for row in jobs.checkpoints(job.id) if row.status == "stored" and row.uri and row.sha256}
-    for kind in ("last", "best", *sorted(stored)):
-        row = stored.get(kind)
-        if row is not None and row.uri is not None and row.sha256 is not None:
-            return CheckpointRef(kind=row.kind, uri=row.uri, sha256=row.sha256, epoch=row.epoch)
-    raise Conflict(f"cannot resume job {job.id}: no stored checkpoint")
-
-
-def _training_config(job: TrainingJob) -> TrainingConfig:
-    return TrainingConfig(
-        framework=job.framework, model_name=job.model_name, task_type=job.task_type, num_classes=job.num_classes,
-        dataset_id=job.dataset_id, dataset_format=job.dataset_format, epochs=job.epochs, batch_size=job.batch_size,
-        learning_rate=job.learning_rate, advanced_config=job.advanced_config, primary_metric=job.primary_metric,
-        primary_metric_mode=job.primary_metric_mode,  # type: ignore[arg-type]
-    )
 
 
 def _metric_context(job: schemas.TrainingJobResponse) -> dict[str, Any]:

@@ -17,6 +17,9 @@ from urllib.parse import unquote, urlparse
 class LocalDirectoryBackend:
     """Buckets as directories under one root."""
 
+    # `file://` URIs are no use to a browser: the API serves image bytes it asks storage for.
+    presigns_urls = False
+
     def __init__(self, root: Path) -> None:
         self.root = root.resolve()
 

@@ -23,6 +23,9 @@ _NOT_FOUND = {"404", "NoSuchKey", "NotFound"}
 class S3Backend:
     """Buckets in S3; URIs `s3://bucket/key`."""
 
+    # Presigned URLs are fetchable by a browser, so the API hands them out directly.
+    presigns_urls = True
+
     def __init__(
         self,
         *,

@@ -50,6 +50,22 @@ class KvCancellationLedger:
         return parse_cancel_attempt(entry.value)
 
 
+class KvTerminalLedger:
+    """Reads `job_terminal`: the attempt at which the API saw a job finish."""
+
+    def __init__(self, bus: Bus) -> None:
+        self._bus = bus
+
+    async def terminal_attempt(self, job_id: str) -> int | None:
+        """The attempt recorded for `job_id`, or None while the job is not finished."""
+        kv = await self._bus.kv(streams.KV_JOB_TERMINAL)
+        try:
+            entry = await kv.get(job_id)
+        except KeyNotFoundError:
+            return None
+        return parse_cancel_attempt(entry.value)
+
+
 async def watch_cancellations(bus: Bus, held: HeldJobs, *, stop: asyncio.Event) -> None:
     """Forward every cancellation entry to the held job it names, until `stop`; re-watch after errors."""
     while not stop.is_set():

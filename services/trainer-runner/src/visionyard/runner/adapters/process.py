@@ -8,12 +8,13 @@ import ctypes
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from visionyard.runner.service import LaunchSpec
 
 LINE_LIMIT = 4 * 1024 * 1024
 PR_SET_CHILD_SUBREAPER = 36
+PR_SET_PDEATHSIG = 1
 
 
 class SubprocessTrainer:
@@ -106,6 +107,22 @@ def become_child_subreaper() -> bool:
         return False
 
 
+def _die_with_parent(parent_pid: int) -> Callable[[], None]:
+    """A pre-exec hook: the trainer is SIGKILLed if the runner dies (kill -9 included).
+
+    The trainer runs in its own session, so nothing else would stop it: an orphan would keep training
+    with nobody reading its events while another runner resumes the job (two trainers, one job).
+    """
+
+    def arm() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent_pid:  # the runner died before the signal was armed
+            os._exit(1)
+
+    return arm
+
+
 class SubprocessLauncher:
     """Starts trainers with asyncio subprocess APIs."""
 
@@ -126,6 +143,7 @@ class SubprocessLauncher:
                 stderr=asyncio.subprocess.PIPE,
                 pass_fds=(write_fd,),
                 start_new_session=True,
+                preexec_fn=_die_with_parent(os.getpid()) if sys.platform.startswith("linux") else None,
                 limit=LINE_LIMIT,
             )
         except BaseException:

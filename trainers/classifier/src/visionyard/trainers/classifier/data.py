@@ -108,10 +108,40 @@ def stratified_split(labels: np.ndarray, *, val_split: float, seed: int) -> tupl
     return np.asarray(sorted(train_idx), dtype=np.int64), np.asarray(sorted(val_idx), dtype=np.int64)
 
 
+def _files_of_split(dataset_dir: Path, paths: list[str]) -> dict[str, list[Path]]:
+    """Relative image paths of a configured split, grouped by class (the image's folder name)."""
+    grouped: dict[str, list[Path]] = {}
+    for relative in paths:
+        parts = Path(relative).parts
+        if len(parts) < 2 or ".." in parts:
+            raise DatasetError(f"split entry {relative!r} is not <class>/<image> inside the dataset")
+        grouped.setdefault(parts[-2], []).append(dataset_dir / relative)
+    return {name: sorted(files) for name, files in sorted(grouped.items())}
+
+
 def load_imagefolder(
-    dataset_dir: Path, *, image_size: int, val_split: float, seed: int, in_channels: int | None = None
+    dataset_dir: Path,
+    *,
+    image_size: int,
+    val_split: float,
+    seed: int,
+    in_channels: int | None = None,
+    split: dict[str, list[str]] | None = None,
 ) -> LoadedDataset:
-    """Read `<root>/<class>/*` or `<root>/train/<class>/*` + `<root>/val/<class>/*` into memory."""
+    """Read `<root>/<class>/*` or `<root>/train/<class>/*` + `<root>/val/<class>/*` into memory.
+
+    A configured `split` (`{"train": [...], "val": [...]}` paths relative to `dataset_dir`, from the
+    job file) overrides both the folders and `val_split`.
+    """
+    if split is not None and split.get("train"):
+        train_files = _files_of_split(dataset_dir, split["train"])
+        class_names = sorted(train_files)
+        if len(class_names) < 2:
+            raise DatasetError(f"the configured train split needs at least 2 classes, found {class_names}")
+        train = _read_split(train_files, class_names, image_size=image_size)
+        val = _read_split(_files_of_split(dataset_dir, split.get("val", [])), class_names, image_size=image_size)
+        channels = in_channels or _channels_needed(train.images)
+        return LoadedDataset(train=train, val=val, class_names=class_names, in_channels=channels, val_from_folder=True)
     root = find_root(dataset_dir)
     by_name = {d.name.lower(): d for d in _visible_dirs(root)}
     val_dir = next((by_name[n] for n in VAL_DIR_NAMES if n in by_name), None)

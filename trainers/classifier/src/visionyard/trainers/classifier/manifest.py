@@ -51,4 +51,7 @@ MANIFEST = TrainerManifest(
         },
     },
     supports_resume=True,
+    export_module="visionyard.trainers.classifier.export",
+    predict_module="visionyard.trainers.classifier.predict",
+    export_formats=["onnx", "torchscript"],
 )

@@ -152,6 +152,7 @@ def train(job: TrainerJob, reporter: Reporter, stop: StopRequested) -> int:
         val_split=params.val_split,
         seed=params.seed,
         in_channels=int(resume["in_channels"]) if resume else None,
+        split=job.split,
     )
     if resume and list(resume["class_names"]) != dataset.class_names:
         raise DatasetError(f"checkpoint classes {resume['class_names']} differ from the dataset's {dataset.class_names}")

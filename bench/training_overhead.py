@@ -1,0 +1,102 @@
+"""Training overhead: wall time of a real training job through the platform ÷ the same trainer run
+standalone (`python -m visionyard.trainers.classifier` with a job file) on the same data and epochs.
+
+The job is the built-in PyTorch classifier on scikit-learn's digits (an ImageFolder of PNGs), sized to
+about a minute standalone in the full run. Platform time runs from the `start` request to the job row
+showing `completed` (which the API shows only once every declared checkpoint is stored). The fixed cost
+is platform − standalone, in seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+from bench.harness import BenchStack, row, spread
+from visionyard.cli.datasets_digits import build_digits_imagefolder
+from visionyard.shared.commands import TrainingConfig
+from visionyard.shared.sdk import TrainerJob
+
+GOAL_RATIO = 1.03
+GOAL_FIXED_S = 1.0
+TARGET_SECONDS = 60.0
+
+
+def _config(epochs: int) -> dict[str, object]:
+    return {"framework": "pytorch", "model_name": "simple_cnn", "task_type": "image_classification",
+            "epochs": epochs, "batch_size": 32, "learning_rate": 0.001}
+
+
+def standalone_seconds(scratch: Path, dataset_dir: Path, *, epochs: int) -> float:
+    """Wall time of the classifier run directly, on `dataset_dir`, as the runner would spawn it."""
+    job_dir = scratch / f"standalone-{time.time_ns()}"
+    job_dir.mkdir(parents=True)
+    job = TrainerJob(job_id="standalone", config=TrainingConfig(dataset_id="digits", **_config(epochs)),  # type: ignore[arg-type]
+                     dataset_dir=dataset_dir, output_dir=job_dir / "output", outbox_dir=job_dir / "outbox")
+    (job_dir / "job.json").write_text(job.model_dump_json())
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "visionyard.trainers.classifier"], cwd=job_dir, check=True,
+                   env={"VISIONYARD_JOB_FILE": str(job_dir / "job.json"), "PATH": "/usr/bin:/bin"},
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
+def platform_seconds(bench: BenchStack, dataset_id: str, *, epochs: int) -> float:
+    """Wall time from the start request to the job row showing completed."""
+    job_id = bench.create_job({**_config(epochs), "dataset_id": dataset_id})
+    start = time.perf_counter()
+    bench.start_job(job_id)
+    job = bench.wait_jobs([job_id], every=0.05, timeout=900)[job_id]
+    elapsed = time.perf_counter() - start
+    if job["status"] != "completed":
+        raise RuntimeError(f"training job {job_id} ended {job['status']}: {job.get('error_message')}")
+    return elapsed
+
+
+async def run(scratch: Path, *, quick: bool, runs: int) -> str:
+    """Calibrate the epochs, then alternate standalone and platform runs; the report section."""
+    summary = build_digits_imagefolder(scratch / "digits.zip", scratch / "heldout")
+    dataset_dir = scratch / "digits"
+    with zipfile.ZipFile(summary.zip_path) as archive:
+        archive.extractall(dataset_dir)
+    if quick:
+        epochs = 2
+    else:
+        one = standalone_seconds(scratch, dataset_dir, epochs=1)
+        three = standalone_seconds(scratch, dataset_dir, epochs=3)
+        per_epoch = max((three - one) / 2, 0.01)
+        epochs = max(1, min(1000, round((TARGET_SECONDS - (one - per_epoch)) / per_epoch)))
+    alone: list[float] = []
+    through: list[float] = []
+    with BenchStack(scratch / "overhead", runners=1, slots=1) as bench:
+        dataset_id = bench.upload(summary.zip_path, name="digits")
+        await asyncio.to_thread(platform_seconds, bench, dataset_id, epochs=1)  # stages and caches the dataset
+        for _ in range(runs):
+            alone.append(await asyncio.to_thread(standalone_seconds, scratch, dataset_dir, epochs=epochs))
+            through.append(await asyncio.to_thread(platform_seconds, bench, dataset_id, epochs=epochs))
+    ratios = [p / s for p, s in zip(through, alone, strict=True)]
+    fixed = [p - s for p, s in zip(through, alone, strict=True)]
+    verdict = ("meets" if statistics.median(ratios) <= GOAL_RATIO and statistics.median(fixed) <= GOAL_FIXED_S
+               else "misses")
+    return "\n".join([
+        "## Training overhead: a job through the platform vs the same trainer standalone",
+        "",
+        f"PyTorch simple_cnn on the digits ImageFolder, {epochs} epochs (dataset already cached by the runner), "
+        "standalone and platform runs alternating.",
+        "",
+        "| figure | median (min–max) |",
+        "|---|---|",
+        row("standalone wall time, s (baseline)", spread(alone, "{:.2f}")),
+        row("through the platform (start request → completed), s", spread(through, "{:.2f}")),
+        row("ratio platform ÷ standalone", spread(ratios, "{:.3f}")),
+        row("fixed cost per job (platform − standalone), s", spread(fixed, "{:.2f}")),
+        "",
+        f"Ratio (platform ÷ standalone): **{statistics.median(ratios):.3f}** (goal ≤ {GOAL_RATIO}); fixed cost "
+        f"**{statistics.median(fixed):.2f} s** (goal ≤ {GOAL_FIXED_S:.0f} s): **{verdict}**.",
+        "",
+    ])

@@ -1,0 +1,46 @@
+"""Asks storage (request-reply) for a stored dataset version's images: a page of them, or one's bytes."""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from visionyard.api.errors import Unavailable
+from visionyard.shared import subjects
+from visionyard.shared.bus import Bus, TransientError
+from visionyard.shared.events import ListImagesReply, ListImagesRequest, ReadImageReply, ReadImageRequest
+
+R = TypeVar("R", bound=BaseModel)
+
+
+class BusDatasetStorage:
+    """Storage's dataset browsing as the API sees it."""
+
+    def __init__(self, bus: Bus, *, timeout: float) -> None:
+        self._bus = bus
+        self._timeout = timeout
+
+    async def list_images(self, request: ListImagesRequest) -> ListImagesReply:
+        """`storage.list_images`."""
+        return _decode(ListImagesReply, await self._ask(subjects.STORAGE_LIST_IMAGES, request))
+
+    async def read_image(self, request: ReadImageRequest) -> ReadImageReply:
+        """`storage.read_image`."""
+        return _decode(ReadImageReply, await self._ask(subjects.STORAGE_READ_IMAGE, request))
+
+    async def _ask(self, subject: str, request: BaseModel) -> bytes:
+        try:
+            raw = await self._bus.request(subject, request, timeout=self._timeout)
+        except TransientError as error:
+            raise Unavailable(f"the storage service did not answer {subject}: {error}") from error
+        except Exception as error:  # broker disconnected
+            raise Unavailable(f"the storage service is unreachable ({subject}): {error}") from error
+        return raw
+
+
+def _decode(model: type[R], raw: bytes) -> R:
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as error:
+        raise Unavailable(f"the storage service sent an unreadable reply ({model.__name__})") from error

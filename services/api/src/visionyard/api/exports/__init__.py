@@ -1,0 +1,1 @@
+"""Export jobs: REST endpoints, use cases, schemas."""

@@ -1,0 +1,1 @@
+"""Inference jobs: REST endpoints, use cases, schemas."""

@@ -1,0 +1,174 @@
+"""Inference use cases: keep uploaded images (through storage), create jobs, read results.
+
+Creating a job writes the row and its `cmd.infer` in one transaction (the outbox). A job may only
+name images that were uploaded through this API (kept by storage), or a split of the training job's
+own dataset version.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from sqlalchemy import func, select
+
+from visionyard.api.db.models import TrainingJob, utcnow
+from visionyard.api.db.models_exports import InferenceJob, InferenceResult, InferenceUpload
+from visionyard.api.db.repositories import OutboxRepository
+from visionyard.api.db.session import UnitOfWork
+from visionyard.api.errors import InvalidInput, NotFound, Unavailable
+from visionyard.api.exports.service import completed_training_job, resolve_checkpoint
+from visionyard.api.inference import schemas
+from visionyard.shared.commands import CheckpointRef, DatasetRef, StartInference
+from visionyard.shared.events import KeepUploadReply
+
+MAX_IMAGES_PER_JOB = 10_000
+IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"BM", b"RIFF", b"II*\x00", b"MM\x00*")
+
+
+class UploadKeeper(Protocol):
+    """Storage's keeping of uploaded files."""
+
+    async def keep_upload(self, *, session_id: str, filename: str, path: Path) -> KeepUploadReply:
+        """Stage the file and ask storage to keep it."""
+        ...
+
+
+@dataclass(frozen=True)
+class ReceivedFile:
+    """An uploaded file spooled to disk by the endpoint."""
+
+    filename: str
+    path: Path
+
+
+def looks_like_image(path: Path) -> bool:
+    """Whether the file starts like an image format the trainers read (a cheap first check)."""
+    with path.open("rb") as handle:
+        head = handle.read(12)
+    return any(head.startswith(magic) for magic in IMAGE_MAGIC)
+
+
+class InferenceService:
+    """The inference use cases over a unit of work and storage."""
+
+    def __init__(self, *, uow: UnitOfWork, storage: UploadKeeper) -> None:
+        self._uow = uow
+        self._storage = storage
+
+    async def upload_images(self, files: list[ReceivedFile], *, training_job_id: str | None) -> schemas.UploadResponse:
+        """Keep every file (all must be images: one bad file rejects the request, changing nothing)."""
+        if not files:
+            raise InvalidInput("files", "no files were uploaded")
+        if training_job_id:
+            with self._uow.read() as session:
+                if session.get(TrainingJob, training_job_id) is None:
+                    raise NotFound(f"training_job_id: training job {training_job_id} not found")
+        for received in files:
+            if not looks_like_image(received.path):
+                raise InvalidInput("files", f"{received.filename} is not an image (PNG, JPEG, GIF, BMP, WEBP or TIFF)")
+        session_id = uuid.uuid4().hex
+        kept: list[schemas.UploadedFile] = []
+        for received in files:
+            try:
+                reply = await self._storage.keep_upload(session_id=session_id, filename=received.filename,
+                                                        path=received.path)
+            except Exception as error:
+                raise Unavailable(f"storage did not keep {received.filename}: {error}") from error
+            if not reply.ok or not reply.uri or not reply.key:
+                raise InvalidInput("files", reply.error or f"{received.filename} was refused")
+            kept.append(schemas.UploadedFile(original_filename=received.filename,
+                                             unique_filename=Path(reply.key).name, s3_uri=reply.uri, s3_key=reply.key))
+        with self._uow.transaction() as session:
+            for item in kept:
+                session.add(InferenceUpload(session_id=session_id, training_job_id=training_job_id,
+                                            original_filename=item.original_filename,
+                                            unique_filename=item.unique_filename, uri=item.s3_uri, key=item.s3_key))
+        prefix = kept[0].s3_uri.rsplit("/", 1)[0] + "/"
+        return schemas.UploadResponse(status="success", inference_session_id=session_id, s3_prefix=prefix,
+                                      uploaded_files=kept, total_files=len(kept))
+
+    def create(self, request: schemas.CreateInferenceRequest) -> schemas.InferenceJobResponse:
+        """Create a `pending` inference job and queue `cmd.infer`."""
+        data = request.input_data
+        with self._uow.transaction() as session:
+            job = completed_training_job(session, request.training_job_id)
+            checkpoint = resolve_checkpoint(session, job, request.checkpoint_path, field="checkpoint_path")
+            uris = list(dict.fromkeys(data.image_paths_s3))
+            dataset: DatasetRef | None = None
+            if request.inference_type == "dataset":
+                if not job.dataset_snapshot_id:
+                    raise InvalidInput("inference_type", "the training job has no pinned dataset version")
+                dataset = DatasetRef(dataset_id=job.dataset_id, content_hash=job.dataset_snapshot_id)
+            else:
+                if not uris:
+                    raise InvalidInput("input_data.image_paths_s3", "give at least one uploaded image")
+                if request.inference_type == "single" and len(uris) != 1:
+                    raise InvalidInput("input_data.image_paths_s3", f"a single inference takes 1 image, got {len(uris)}")
+                if len(uris) > MAX_IMAGES_PER_JOB:
+                    raise InvalidInput("input_data.image_paths_s3", f"at most {MAX_IMAGES_PER_JOB} images per job")
+                known = set(session.scalars(select(InferenceUpload.uri).where(InferenceUpload.uri.in_(uris))))
+                unknown = [uri for uri in uris if uri not in known]
+                if unknown:
+                    raise InvalidInput("input_data.image_paths_s3",
+                                       f"{unknown[0]} was not uploaded through upload-images")
+            inference = InferenceJob(
+                id=uuid.uuid4().hex, project_id=job.project_id, training_job_id=job.id,
+                checkpoint_kind=checkpoint.kind, checkpoint_path=checkpoint.uri,
+                inference_type=request.inference_type, input_data=data.model_dump(), task_type=job.task_type,
+                status="pending", attempt=1, created_at=utcnow(),
+            )
+            session.add(inference)
+            OutboxRepository(session).add(StartInference(
+                job_id=inference.id, attempt=1, training_job_id=job.id,
+                checkpoint=CheckpointRef(kind=checkpoint.kind, uri=checkpoint.uri or "", sha256=checkpoint.sha256 or "",
+                                         epoch=checkpoint.epoch),
+                framework=job.framework, model_name=job.model_name, task_type=job.task_type,
+                inference_type=request.inference_type, image_uris=uris if dataset is None else [],
+                dataset=dataset, split=(data.dataset_split or "val") if dataset else None,
+                top_k=data.top_k, confidence_threshold=data.confidence_threshold,
+            ))
+            session.flush()
+            return schemas.InferenceJobResponse.model_validate(inference)
+
+    def get(self, inference_id: str) -> schemas.InferenceJobResponse:
+        """One inference job."""
+        with self._uow.read() as session:
+            inference = session.get(InferenceJob, inference_id)
+            if inference is None:
+                raise NotFound(f"inference_job_id: inference job {inference_id} not found")
+            return schemas.InferenceJobResponse.model_validate(inference)
+
+    def list_for_training_job(self, training_job_id: str) -> schemas.InferenceListResponse:
+        """Every inference job of a training job, newest first, with totals."""
+        with self._uow.read() as session:
+            if session.get(TrainingJob, training_job_id) is None:
+                raise NotFound(f"training_job_id: training job {training_job_id} not found")
+            rows = session.scalars(select(InferenceJob).where(InferenceJob.training_job_id == training_job_id)
+                                   .order_by(InferenceJob.created_at.desc())).all()
+            jobs = [schemas.InferenceJobResponse.model_validate(row) for row in rows]
+        done = [job for job in jobs if job.status == "completed"]
+        images = sum(job.total_images or 0 for job in done)
+        total_ms = sum(job.total_inference_time_ms or 0.0 for job in done)
+        return schemas.InferenceListResponse(
+            training_job_id=training_job_id, total=len(jobs), completed=len(done), total_images=images,
+            avg_inference_time_ms=round(total_ms / images, 3) if images else None, jobs=jobs,
+        )
+
+    def results(self, inference_id: str, *, skip: int, limit: int) -> schemas.ResultsResponse:
+        """A page of per-image results in input order."""
+        with self._uow.read() as session:
+            inference = session.get(InferenceJob, inference_id)
+            if inference is None:
+                raise NotFound(f"inference_job_id: inference job {inference_id} not found")
+            total = session.scalar(select(func.count()).select_from(InferenceResult)
+                                   .where(InferenceResult.inference_job_id == inference_id)) or 0
+            rows = session.scalars(select(InferenceResult).where(InferenceResult.inference_job_id == inference_id)
+                                   .order_by(InferenceResult.position).offset(skip).limit(limit)).all()
+            return schemas.ResultsResponse(
+                inference_job_id=inference.id, training_job_id=inference.training_job_id, total_count=total,
+                skip=skip, limit=limit, avg_inference_time_ms=inference.avg_inference_time_ms,
+                results=[schemas.ResultRow.model_validate(row) for row in rows],
+            )

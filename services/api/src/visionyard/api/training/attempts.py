@@ -1,0 +1,91 @@
+"""Queueing a job attempt: the one place that turns a job row into a `cmd.train` written to the outbox.
+
+Both a user's start/restart/resume (training service) and the platform's automatic retry after an
+infrastructure failure (projector) queue attempts, so both go through here: the new attempt number,
+the command and its `queued` event are written in the caller's transaction.
+"""
+
+from __future__ import annotations
+
+from visionyard.api.datasets.versions import split_for_version
+from visionyard.api.db.models import TrainingJob
+from visionyard.api.db.repositories import JobRepository, OutboxRepository
+from visionyard.api.errors import Conflict
+from visionyard.shared import streams
+from visionyard.shared.commands import CheckpointRef, DatasetRef, StartTraining, TrainingConfig
+from visionyard.shared.events import JobQueued
+
+
+def begin_new_attempt(job: TrainingJob) -> None:
+    """Reset the projection of the current attempt and number the next one."""
+    job.attempt += 1
+    job.last_seq = 0
+    job.ingress_seq = 0
+    job.error_message = None
+    job.current_epoch = 0
+    job.progress_percent = 0.0
+    job.final_accuracy = None
+    job.started_at = None
+    job.completed_at = None
+    job.completion = None
+
+
+def last_stored_checkpoint(jobs: JobRepository, job: TrainingJob) -> CheckpointRef | None:
+    """The checkpoint a new attempt continues from (`last`, else `best`, else any), or None."""
+    stored = {row.kind: row for row in jobs.checkpoints(job.id) if row.status == "stored" and row.uri and row.sha256}
+    for kind in ("last", "best", *sorted(stored)):
+        row = stored.get(kind)
+        if row is not None and row.uri is not None and row.sha256 is not None:
+            return CheckpointRef(kind=row.kind, uri=row.uri, sha256=row.sha256, epoch=row.epoch)
+    return None
+
+
+def require_checkpoint(jobs: JobRepository, job: TrainingJob) -> CheckpointRef:
+    """The checkpoint to resume from; Conflict when the job has none."""
+    found = last_stored_checkpoint(jobs, job)
+    if found is None:
+        raise Conflict(f"cannot resume job {job.id}: no stored checkpoint")
+    return found
+
+
+def training_config(job: TrainingJob) -> TrainingConfig:
+    """The job's training configuration as the runner receives it."""
+    return TrainingConfig(
+        framework=job.framework, model_name=job.model_name, task_type=job.task_type, num_classes=job.num_classes,
+        dataset_id=job.dataset_id, dataset_format=job.dataset_format, epochs=job.epochs, batch_size=job.batch_size,
+        learning_rate=job.learning_rate, advanced_config=job.advanced_config, primary_metric=job.primary_metric,
+        primary_metric_mode=job.primary_metric_mode,  # type: ignore[arg-type]
+    )
+
+
+def queue_attempt(outbox: OutboxRepository, job: TrainingJob, *, resume_from: CheckpointRef | None) -> None:
+    """Write `cmd.train` for the job's current attempt and its `queued` event to the outbox."""
+    outbox.add(
+        StartTraining(
+            job_id=job.id,
+            attempt=job.attempt,
+            project_id=job.project_id,
+            experiment_name=job.experiment_name,
+            config=training_config(job),
+            dataset=DatasetRef(
+                dataset_id=job.dataset_id, content_hash=job.dataset_snapshot_id,
+                split=split_for_version(outbox.session, dataset_id=job.dataset_id, content_hash=job.dataset_snapshot_id),
+            ),
+            resume_from=resume_from,
+        )
+    )
+    outbox.add(JobQueued(job_id=job.id, attempt=job.attempt))
+
+
+def mark_terminal(outbox: OutboxRepository, job: TrainingJob) -> None:
+    """Record durably (KV `job_terminal`) that the job's current attempt is finished.
+
+    A runner that later receives a redelivered command of this attempt acks it instead of running
+    it again, so a finished job is never "recovered".
+    """
+    outbox.add_kv_put(
+        bucket=streams.KV_JOB_TERMINAL,
+        key=job.id,
+        value={"attempt": job.attempt, "status": job.status},
+        message_id=f"terminal-{job.id}-{job.attempt}",
+    )

@@ -1,0 +1,271 @@
+"""The runner's export and inference use cases: stage a stored checkpoint (and images), spawn the
+trainer's `export_module`/`predict_module`, stage what it wrote, and publish the job's events.
+
+They share the training attempts' launcher, staging and settings, and the consumer's slots (the
+commands arrive on the same `runner` consumer). No framework imports: ports are Protocols.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import shutil
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any, Protocol
+
+from visionyard.runner.service import (
+    EXIT_USER_ERROR,
+    LaunchSpec,
+    RunnerOptions,
+    Stager,
+    TrainerLauncher,
+    _describe_exit,
+    find_manifest,
+)
+from visionyard.shared.bus import PermanentError
+from visionyard.shared.commands import StartExport, StartInference
+from visionyard.shared.events import (
+    ExportCompleted,
+    ExportFailed,
+    ExportPackageStaged,
+    ExportProgress,
+    ExportStarted,
+    FailureReason,
+    InferenceCompleted,
+    InferenceFailed,
+    InferenceProgress,
+    InferenceResultsStaged,
+    InferenceStarted,
+    ShipEvent,
+)
+from visionyard.shared.logs import bind
+from visionyard.shared.manifest import TrainerManifest
+from visionyard.shared.messages import Message
+from visionyard.shared.sdk import ExportJob, PredictInput, PredictJob
+
+log = logging.getLogger("visionyard.runner.shipping")
+
+DEFAULT_TIMEOUT_SECONDS = 900.0
+
+
+class ShipPublisher(Protocol):
+    """Publishes events and puts files into the staging object store."""
+
+    async def publish(self, message: Message) -> Any:
+        """Publish awaiting the broker's acknowledgement."""
+        ...
+
+    async def put_file(self, name: str, path: Path) -> tuple[str, int]:
+        """Stage a local file; returns (sha256, size)."""
+        ...
+
+
+class ObjectStager(Protocol):
+    """Fetches stored objects (inference inputs) by the URI storage issued."""
+
+    async def stage_object(self, uri: str, destination: Path) -> Path:
+        """The object at `uri` copied to `destination`."""
+        ...
+
+
+class ShipFailure(Exception):
+    """The job cannot succeed; carries the classified reason for its `failed` event."""
+
+    def __init__(self, reason: FailureReason, message: str, *, exit_code: int | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.exit_code = exit_code
+
+
+@dataclass
+class ShipStamp:
+    """Stamps every event of one export/inference attempt with ids and a monotonic seq."""
+
+    job_id: str
+    attempt: int
+    training_job_id: str
+    seq: int = 0
+
+    def fields(self) -> dict[str, Any]:
+        """The common fields of the next event."""
+        self.seq += 1
+        return {"job_id": self.job_id, "attempt": self.attempt, "seq": self.seq,
+                "training_job_id": self.training_job_id}
+
+
+def find_shipper(manifests: Iterable[TrainerManifest], *, framework: str, model_name: str) -> TrainerManifest | None:
+    """The installed trainer of this framework/model (its manifest names the export/predict modules)."""
+    return find_manifest(manifests, framework=framework, model_name=model_name)
+
+
+def _safe_name(uri: str, index: int) -> str:
+    name = PurePosixPath(uri.split("?", 1)[0]).name or f"image-{index}"
+    return f"{index:05d}-{name.replace('/', '_')}"
+
+
+class ShippingRuns:
+    """Runs export and inference commands to their terminal event."""
+
+    def __init__(
+        self,
+        *,
+        options: RunnerOptions,
+        manifests: list[TrainerManifest],
+        stager: Stager,
+        objects: ObjectStager,
+        launcher: TrainerLauncher,
+        publisher: ShipPublisher,
+    ) -> None:
+        self.options = options
+        self.manifests = manifests
+        self.stager = stager
+        self.objects = objects
+        self.launcher = launcher
+        self.publisher = publisher
+
+    async def run_export(self, cmd: StartExport, *, delivered: int) -> None:
+        """Export a checkpoint; publishes started … staged, completed (or failed)."""
+        stamp = ShipStamp(cmd.job_id, cmd.attempt + max(delivered, 1) - 1, cmd.training_job_id)
+        job_dir = self.options.work_dir / "exports" / cmd.job_id / str(stamp.attempt)
+        try:
+            manifest = self._manifest(cmd.framework, cmd.model_name, module="export_module")
+            if cmd.export_format not in manifest.export_formats:
+                raise ShipFailure(FailureReason.USER_ERROR,
+                                  f"{manifest.name} cannot export to {cmd.export_format!r}")
+            checkpoint = await self._checkpoint(cmd.training_job_id, cmd.checkpoint.kind, job_dir)
+            job = ExportJob(
+                export_id=cmd.job_id, training_job_id=cmd.training_job_id, checkpoint=checkpoint,
+                output_dir=job_dir / "output", export_format=cmd.export_format, framework=cmd.framework,
+                model_name=cmd.model_name, task_type=cmd.task_type,
+                export_config=cmd.export_config.model_dump(), validation_config=cmd.validation_config.model_dump(),
+            )
+            await self._spawn(str(manifest.export_module), job.model_dump_json(), job_dir=job_dir, stamp=stamp,
+                              started=ExportStarted, progress=ExportProgress, timeout=cmd.timeout_seconds)
+            if not job.package_path.is_file():
+                raise ShipFailure(FailureReason.TRAINER_CRASH, "the exporter exited 0 but wrote no package")
+            results = json.loads(job.result_path.read_text()) if job.result_path.is_file() else {}
+            object_name = f"export/{cmd.job_id}/{stamp.attempt}/package.zip"
+            sha256, size = await self.publisher.put_file(object_name, job.package_path)
+            await self.publisher.publish(ExportPackageStaged(**stamp.fields(), object_name=object_name,
+                                                             sha256=sha256, size_bytes=size))
+            await self.publisher.publish(ExportCompleted(**stamp.fields(), results=results))
+        except PermanentError as error:
+            await self.publisher.publish(ExportFailed(**stamp.fields(), reason=FailureReason.USER_ERROR,
+                                                      error_message=str(error)))
+        except ShipFailure as failure:
+            await self.publisher.publish(ExportFailed(**stamp.fields(), reason=failure.reason,
+                                                      error_message=str(failure), exit_code=failure.exit_code))
+        finally:
+            shutil.rmtree(job_dir, ignore_errors=True)
+
+    async def run_inference(self, cmd: StartInference, *, delivered: int) -> None:
+        """Classify the command's images; publishes started … staged results, completed (or failed)."""
+        stamp = ShipStamp(cmd.job_id, cmd.attempt + max(delivered, 1) - 1, cmd.training_job_id)
+        job_dir = self.options.work_dir / "inference" / cmd.job_id / str(stamp.attempt)
+        try:
+            manifest = self._manifest(cmd.framework, cmd.model_name, module="predict_module")
+            checkpoint = await self._checkpoint(cmd.training_job_id, cmd.checkpoint.kind, job_dir)
+            images: list[PredictInput] = []
+            for index, uri in enumerate(cmd.image_uris):
+                name = _safe_name(uri, index)
+                path = await self.objects.stage_object(uri, job_dir / "inputs" / name)
+                images.append(PredictInput(path=path, name=PurePosixPath(uri).name))
+            dataset_dir = await self.stager.stage_dataset(cmd.dataset) if cmd.dataset is not None else None
+            job = PredictJob(
+                inference_id=cmd.job_id, training_job_id=cmd.training_job_id, checkpoint=checkpoint,
+                output_dir=job_dir / "output", images=images, dataset_dir=dataset_dir, split=cmd.split,
+                top_k=cmd.top_k, confidence_threshold=cmd.confidence_threshold,
+            )
+            await self._spawn(str(manifest.predict_module), job.model_dump_json(), job_dir=job_dir, stamp=stamp,
+                              started=InferenceStarted, progress=InferenceProgress, timeout=cmd.timeout_seconds)
+            if not job.results_path.is_file():
+                raise ShipFailure(FailureReason.TRAINER_CRASH, "the predictor exited 0 but wrote no results")
+            summary = json.loads(job.results_path.read_text()).get("summary", {})
+            object_name = f"results/{cmd.job_id}/{stamp.attempt}/results.json"
+            sha256, size = await self.publisher.put_file(object_name, job.results_path)
+            await self.publisher.publish(InferenceResultsStaged(**stamp.fields(), object_name=object_name,
+                                                                sha256=sha256, size_bytes=size))
+            await self.publisher.publish(InferenceCompleted(**stamp.fields(), results=summary,
+                                                            results_object=object_name, results_sha256=sha256))
+        except PermanentError as error:
+            await self.publisher.publish(InferenceFailed(**stamp.fields(), reason=FailureReason.USER_ERROR,
+                                                      error_message=str(error)))
+        except ShipFailure as failure:
+            await self.publisher.publish(InferenceFailed(**stamp.fields(), reason=failure.reason,
+                                                         error_message=str(failure), exit_code=failure.exit_code))
+        finally:
+            shutil.rmtree(job_dir, ignore_errors=True)
+
+    def _manifest(self, framework: str, model_name: str, *, module: str) -> TrainerManifest:
+        manifest = find_shipper(self.manifests, framework=framework, model_name=model_name)
+        if manifest is None or not getattr(manifest, module):
+            raise ShipFailure(FailureReason.USER_ERROR,
+                              f"no installed trainer offers {module.split('_')[0]} for {framework}/{model_name}")
+        return manifest
+
+    async def _checkpoint(self, training_job_id: str, kind: str, job_dir: Path) -> Path:
+        staged = await self.stager.stage_checkpoint(training_job_id, kind, job_dir / "checkpoint")
+        if staged is None:
+            raise ShipFailure(FailureReason.USER_ERROR,
+                              f"training job {training_job_id} has no stored {kind} checkpoint")
+        return staged.path
+
+    async def _spawn(
+        self, module: str, job_json: str, *, job_dir: Path, stamp: ShipStamp, started: type[ShipEvent],
+        progress: type[ShipEvent], timeout: float | None,
+    ) -> None:
+        logger = bind(log, job_id=stamp.job_id, attempt=stamp.attempt)
+        job_dir.mkdir(parents=True, exist_ok=True)
+        job_file = job_dir / "job.json"
+        job_file.write_text(job_json)
+        spec = LaunchSpec(
+            argv=[self.options.trainer_python, "-m", module], cwd=job_dir,
+            env={**self.options.base_env, "VISIONYARD_JOB_FILE": str(job_file), "PYTHONUNBUFFERED": "1"},
+        )
+        handle = await self.launcher.launch(spec)
+        await self.publisher.publish(started(**stamp.fields(), runner_id=self.options.runner_id, pid=handle.pid))
+        tail: deque[str] = deque(maxlen=20)
+
+        async def pump() -> None:
+            async for stream, text in handle.lines():
+                if stream == "stderr":
+                    tail.append(text)
+                elif stream == "sdk":
+                    event = self._progress_of(text, stamp=stamp, progress=progress)
+                    if event is not None:
+                        await self.publisher.publish(event)
+
+        pumping = asyncio.create_task(pump())
+        try:
+            code = await asyncio.wait_for(handle.wait(), timeout=timeout or DEFAULT_TIMEOUT_SECONDS)
+        except TimeoutError:
+            await handle.stop(grace=self.options.cancel_grace_seconds)
+            pumping.cancel()
+            raise ShipFailure(FailureReason.TIMEOUT, "the job ran past its time limit and was stopped") from None
+        finally:
+            await handle.stop(grace=0)  # no process of the group outlives the job
+        await asyncio.gather(pumping, return_exceptions=True)
+        logger.info("%s exited", module, extra={"returncode": code})
+        if code == EXIT_USER_ERROR:
+            last = next((line.strip() for line in reversed(tail) if line.strip()), "the job was rejected")
+            raise ShipFailure(FailureReason.USER_ERROR, last.removeprefix("error: "), exit_code=code)
+        if code != 0:
+            raise ShipFailure(FailureReason.TRAINER_CRASH, _describe_exit(code, tail), exit_code=code)
+
+    def _progress_of(self, line: str, *, stamp: ShipStamp, progress: type[ShipEvent]) -> ShipEvent | None:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            return None
+        if not isinstance(record, dict):
+            return None
+        if record.get("type") == "log":
+            return progress(**stamp.fields(), message=str(record.get("message", "")))
+        if record.get("type") == "progress" and record.get("total_epochs"):
+            done, total = int(record.get("epoch") or 0), int(record["total_epochs"])
+            return progress(**stamp.fields(), message=f"{done}/{total}", percent=round(100.0 * done / total, 2))
+        return None
