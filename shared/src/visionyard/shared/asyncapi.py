@@ -17,6 +17,7 @@ from visionyard.shared import commands, events, streams, subjects
 _COMMANDS: dict[str, type[BaseModel]] = {
     subjects.CMD_TRAIN: commands.StartTraining,
     subjects.CMD_DATASET_INGEST: commands.IngestDataset,
+    subjects.CMD_DATASET_DELETE: commands.DeleteDataset,
 }
 
 

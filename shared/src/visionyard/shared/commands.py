@@ -72,6 +72,15 @@ class IngestDataset(Message):
     filename: str
 
 
+class DeleteDataset(Message):
+    """Delete a deleted dataset's stored versions from the bucket, except the `keep_hashes` jobs pinned."""
+
+    subject: ClassVar[str] = subjects.CMD_DATASET_DELETE
+
+    dataset_id: str
+    keep_hashes: list[str] = Field(default_factory=list)
+
+
 # -- shipping what was trained: export and inference ---------------------------------------------
 
 

@@ -219,6 +219,18 @@ DATASET_EVENT_TYPES: dict[str, type[DatasetEvent]] = {
 }
 
 
+class DatasetDeleted(DatasetEvent):
+    """Storage removed a deleted dataset's versions; `kept_hashes` stay because jobs pinned them."""
+
+    kind: ClassVar[str] = "deleted"
+
+    deleted_hashes: list[str] = Field(default_factory=list)
+    kept_hashes: list[str] = Field(default_factory=list)
+
+
+DATASET_EVENT_TYPES[DatasetDeleted.kind] = DatasetDeleted
+
+
 def decode_dataset_event(subject: str, data: bytes) -> DatasetEvent:
     """Decode a dataset event from its subject kind."""
     kind = subjects.job_event_kind(subject)
@@ -376,6 +388,26 @@ SHIP_EVENT_TYPES: dict[tuple[str, str], type[ShipEvent]] = {
 }
 
 
+class _Cancelled(ShipEvent):
+    kind: ClassVar[str] = "cancelled"
+
+
+class ExportCancelled(_Cancelled):
+    """The export was stopped on request (or skipped: cancelled before it started); no process of it remains."""
+
+    family: ClassVar[str] = "export"
+
+
+class InferenceCancelled(_Cancelled):
+    """The inference was stopped on request (or skipped: cancelled before it started); no process of it remains."""
+
+    family: ClassVar[str] = "infer"
+
+
+SHIP_EVENT_TYPES[(ExportCancelled.family, ExportCancelled.kind)] = ExportCancelled
+SHIP_EVENT_TYPES[(InferenceCancelled.family, InferenceCancelled.kind)] = InferenceCancelled
+
+
 def decode_ship_event(subject: str, data: bytes) -> ShipEvent:
     """Decode an `evt.export.*` / `evt.infer.*` event; raises `ValueError` for an unknown one."""
     parts = subject.split(".")
@@ -509,6 +541,9 @@ class ReadImageRequest(BaseModel):
     content_hash: str
     filename: str
     max_bytes: int = 700 * 1024
+    # Larger images are put into the staging object store (`browse/<hash>/<path>`) and named in the
+    # reply instead of refused: a NATS reply cannot carry them (the broker's 1 MB message limit).
+    stage_larger: bool = False
 
 
 class ReadImageReply(BaseModel):
@@ -520,5 +555,8 @@ class ReadImageReply(BaseModel):
     size: int | None = None
     error: str | None = None
     not_found: bool = False
+    # Set instead of `content_b64` when the image was staged (ReadImageRequest.stage_larger).
+    object_name: str | None = None
+    sha256: str | None = None
 
 ANY_JSON = TypeAdapter(dict[str, Any])

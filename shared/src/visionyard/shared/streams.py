@@ -115,6 +115,15 @@ STORAGE_SHIPPED = ConsumerSpec(
     ack_wait=120.0,
     max_deliver=200,
 )
+# Storage deletes the stored versions of deleted datasets (its own consumer: a long ingest on
+# `storage-ingest` must not hold a delete back, and an existing server needs no filter change).
+STORAGE_DATASET_DELETE = ConsumerSpec(
+    stream=COMMANDS.name,
+    durable="storage-dataset-delete",
+    filter_subjects=(subjects.CMD_DATASET_DELETE,),
+    ack_wait=120.0,
+    max_deliver=20,
+)
 CONSUMERS: tuple[ConsumerSpec, ...] = (
     API_PROJECTOR,
     TRACKER,
@@ -122,6 +131,7 @@ CONSUMERS: tuple[ConsumerSpec, ...] = (
     STORAGE_INGEST,
     RUNNER,
     STORAGE_SHIPPED,
+    STORAGE_DATASET_DELETE,
 )
 
 # KV: a cancel is recorded here (durably) so a runner that claims a job later still sees it.

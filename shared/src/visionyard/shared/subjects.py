@@ -11,6 +11,8 @@ CMD_TRAIN = "cmd.train"
 CMD_INFER = "cmd.infer"
 CMD_EXPORT = "cmd.export"
 CMD_DATASET_INGEST = "cmd.dataset.ingest"
+# Storage deletes a deleted dataset's stored versions, except those finished jobs pinned.
+CMD_DATASET_DELETE = "cmd.dataset.delete"
 
 # Events (stream EVENTS, limits retention)
 EVT_ALL = "evt.>"

@@ -50,6 +50,9 @@ class ObjectBackend(Protocol):
     def delete_prefix(self, bucket: str, prefix: str) -> int:
         """Delete every object under `prefix`; returns how many."""
 
+    def list_folders(self, bucket: str, prefix: str) -> list[str]:
+        """Names of the "folders" directly under a `/`-terminated prefix (e.g. a dataset's versions)."""
+
 
 @dataclass(frozen=True)
 class StagedObject:

@@ -120,16 +120,39 @@ class LocalDirectoryBackend:
         return self.uri(bucket, key)
 
     def delete_prefix(self, bucket: str, prefix: str) -> int:
-        """Delete every file under `prefix`."""
+        """Delete every file under `prefix` (and the folders it leaves empty)."""
         base = self._bucket_dir(bucket)
         deleted = 0
         if not base.is_dir():
             return 0
-        for path in sorted(base.rglob("*")):
-            if path.is_file() and path.relative_to(base).as_posix().startswith(prefix):
+        # A folder prefix (`datasets/<id>/<hash>/`) walks only that folder, not the whole bucket.
+        folder = prefix.endswith("/") and bool(prefix.strip("/"))
+        top = self._path(bucket, prefix.strip("/"), create=False) if folder else base
+        if not top.is_dir():
+            return 0
+        # Deepest first, so a folder is emptied before it is looked at.
+        for path in sorted(top.rglob("*"), reverse=True):
+            if not folder and not path.relative_to(base).as_posix().startswith(prefix):
+                continue
+            if path.is_file() or path.is_symlink():
                 path.unlink()
                 deleted += 1
+            elif path.is_dir() and not any(path.iterdir()):
+                path.rmdir()
+        if folder and not any(top.iterdir()):
+            top.rmdir()
         return deleted
+
+    def list_folders(self, bucket: str, prefix: str) -> list[str]:
+        """Names of the folders directly under `prefix` (a `/`-terminated key prefix)."""
+        if not prefix.strip("/"):
+            folder = self._bucket_dir(bucket)
+        else:
+            folder = self._path(bucket, prefix.strip("/"), create=False)
+        if not folder.is_dir():
+            return []
+        # Hidden names are our own partial writes, never objects.
+        return sorted(child.name for child in folder.iterdir() if child.is_dir() and not child.name.startswith("."))
 
     def _bucket_dir(self, bucket: str) -> Path:
         if not bucket or "/" in bucket or bucket in (".", ".."):

@@ -154,6 +154,15 @@ class S3Backend:
                 deleted += len(keys)
         return deleted
 
+    def list_folders(self, bucket: str, prefix: str) -> list[str]:
+        """Names of the "folders" directly under `prefix` (common prefixes with delimiter `/`)."""
+        folders: list[str] = []
+        paginator = self.client.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=bucket, Prefix=prefix, Delimiter="/"):
+            for common in page.get("CommonPrefixes", []):
+                folders.append(str(common["Prefix"])[len(prefix):].rstrip("/"))
+        return sorted(folders)
+
 
 def _code(error: ClientError) -> str:
     return str(error.response.get("Error", {}).get("Code", ""))
