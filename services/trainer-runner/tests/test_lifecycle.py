@@ -150,3 +150,11 @@ def test_job_limits_ignore_unreadable_values() -> None:
     assert job_limit(command(stall_seconds="soon"), "stall_seconds", default=7.0) == 7.0
     assert job_limit(command(stall_seconds=-1), "stall_seconds", default=7.0) == 7.0
     assert job_limit(command(stall_seconds=12), "stall_seconds", default=7.0) == 12.0
+
+
+async def test_the_last_delivery_after_lost_runners_fails_the_attempt_instead_of_running(tmp_path: Path) -> None:
+    attempts, sink, launcher = attempts_with(tmp_path)
+    assert await attempts.run(command(), delivered=5, final_delivery=True) is AttemptOutcome.FINISHED
+    failed = sink.items[-1]
+    assert isinstance(failed, JobFailed) and failed.reason is FailureReason.INFRASTRUCTURE and failed.retryable
+    assert launcher.specs == []  # no trainer was started that nobody could take over again

@@ -502,6 +502,15 @@ class TrainingAttempts:
                 # The API already shows it cancelled; the event closes it for a runner that died holding it.
                 logger.info("job was cancelled before it started; skipping")
                 return await self._finish(sink, events.cancelled())
+            if final_delivery and delivered > 1:
+                # Every earlier delivery lost its runner. Were this one lost too, no delivery would be
+                # left and the job would show `running` for ever; so the last delivery closes the attempt
+                # as an infrastructure loss and the API decides whether a new attempt remains.
+                return await self._finish(sink, events.failed(
+                    FailureReason.INFRASTRUCTURE,
+                    f"the job lost its runner {delivered - 1} times; giving up on this attempt",
+                    retryable=True,
+                ))
             manifest = find_manifest(self.manifests, framework=cmd.config.framework, model_name=cmd.config.model_name)
             if manifest is None:
                 return await self._finish(sink, events.failed(
