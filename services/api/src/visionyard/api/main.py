@@ -88,7 +88,8 @@ def create_app(settings: ApiSettings | None = None, *, bus: Bus | None = None) -
         app.state.inference = InferenceService(uow=uow, storage=storage_client)
         app.state.datasets = DatasetService(uow=uow, staging=connected)
         app.state.dataset_versions = DatasetVersionService(
-            uow=uow, storage=BusDatasetStorage(connected, timeout=settings.request_timeout)
+            uow=uow, storage=BusDatasetStorage(connected, timeout=settings.request_timeout),
+            spool_dir=settings.data_dir / "tmp" / "images",
         )
         stop = asyncio.Event()
         workers = [

@@ -4,6 +4,7 @@ An export is `completed` only when the exporter succeeded AND storage holds its 
 event may come first). Every export status change is also announced on its training job's feed
 (`evt.job.<training_job_id>.export_status`, through the outbox), which is how WebSocket clients
 subscribed to the training job receive `export_status_change`. Events of an older attempt are ignored.
+A cancelled job stays cancelled: a runner that finished before the cancel reached it changes nothing.
 """
 
 from __future__ import annotations
@@ -18,11 +19,13 @@ from visionyard.api.db.models import TrainingJob, utcnow
 from visionyard.api.db.models_exports import ExportJob, InferenceJob, InferenceResult
 from visionyard.api.db.repositories import OutboxRepository
 from visionyard.shared.events import (
+    ExportCancelled,
     ExportCompleted,
     ExportFailed,
     ExportPackageStored,
     ExportStarted,
     ExportStatusChanged,
+    InferenceCancelled,
     InferenceCompleted,
     InferenceFailed,
     InferenceResultsStored,
@@ -32,7 +35,7 @@ from visionyard.shared.events import (
 
 log = logging.getLogger("visionyard.api.ship_projector")
 
-TERMINAL = ("completed", "failed")
+TERMINAL = ("completed", "failed", "cancelled")
 
 
 def apply_ship_event(session: Session, event: ShipEvent) -> None:
@@ -85,6 +88,10 @@ def apply_export_event(session: Session, export: ExportJob, event: ShipEvent) ->
             export.status = "failed"
             export.error_message = f"{event.reason.value}: {event.error_message}"
             export.completed_at = event.occurred_at
+    elif isinstance(event, ExportCancelled):
+        if export.status not in TERMINAL:
+            export.status = "cancelled"
+            export.completed_at = event.occurred_at
     if export.exporter_done and export.export_path and export.status not in TERMINAL:
         export.status = "completed"
         export.completed_at = utcnow()
@@ -118,7 +125,7 @@ def apply_inference_event(session: Session, inference: InferenceJob, event: Ship
     elif isinstance(event, InferenceResultsStored):
         inference.results_uri = event.uri
     elif isinstance(event, InferenceCompleted):
-        if inference.status == "completed":
+        if inference.status in TERMINAL:
             return
         record_results(session, inference, event.results)
         inference.status = "completed"
@@ -128,6 +135,10 @@ def apply_inference_event(session: Session, inference: InferenceJob, event: Ship
         if inference.status not in TERMINAL:
             inference.status = "failed"
             inference.error_message = f"{event.reason.value}: {event.error_message}"
+            inference.completed_at = event.occurred_at
+    elif isinstance(event, InferenceCancelled):
+        if inference.status not in TERMINAL:
+            inference.status = "cancelled"
             inference.completed_at = event.occurred_at
 
 

@@ -16,7 +16,7 @@ from nats.aio.msg import Msg
 from pydantic import BaseModel, ValidationError
 
 from visionyard.shared.bus import PermanentError
-from visionyard.shared.commands import IngestDataset
+from visionyard.shared.commands import DeleteDataset, IngestDataset
 from visionyard.shared.events import (
     CheckpointStaged,
     ListImagesRequest,
@@ -55,6 +55,12 @@ class StorageHandlers:
         command = _decode(lambda: IngestDataset.model_validate_json(msg.data))
         async with self._keep_alive(msg):
             await _permanent_on(_PERMANENT, self.service.ingest_dataset(command))
+
+    async def on_delete_dataset(self, msg: Msg) -> None:
+        """`cmd.dataset.delete` → delete the unpinned versions and publish `DatasetDeleted`."""
+        command = _decode(lambda: DeleteDataset.model_validate_json(msg.data))
+        async with self._keep_alive(msg):
+            await _permanent_on(_PERMANENT, self.service.delete_dataset(command))
 
     async def on_stage(self, data: bytes) -> bytes:
         """`storage.stage` request → `StageReply`."""

@@ -74,6 +74,9 @@ async def serve(settings: StorageSettings, *, stop: asyncio.Event, backend: Obje
         consumers = [
             asyncio.create_task(bus.consume(streams.STORAGE_ARTIFACTS, handlers.on_checkpoint_staged, stop=stop, batch=1)),
             asyncio.create_task(bus.consume(streams.STORAGE_INGEST, handlers.on_ingest_dataset, stop=stop, batch=1)),
+            asyncio.create_task(
+                bus.consume(streams.STORAGE_DATASET_DELETE, handlers.on_delete_dataset, stop=stop, batch=1)
+            ),
             asyncio.create_task(serve_shipping(bus, handlers.service, stop=stop)),
         ]
         log.info("storage service running on the %s backend", settings.backend)

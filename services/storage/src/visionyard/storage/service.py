@@ -21,10 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from visionyard.shared.commands import IngestDataset
+from visionyard.shared.commands import DeleteDataset, IngestDataset
 from visionyard.shared.events import (
     ArtifactStored,
     CheckpointStaged,
+    DatasetDeleted,
     DatasetEvent,
     DatasetReady,
     DatasetRejected,
@@ -106,6 +107,26 @@ def dataset_index_key(dataset_id: str, content_hash: str) -> str:
 def dataset_file_key(dataset_id: str, content_hash: str, filename: str) -> str:
     """Key of one image of a stored dataset version, kept beside the archive for browsing."""
     return f"datasets/{dataset_id}/{content_hash}/files/{filename}"
+
+
+def dataset_prefix(dataset_id: str) -> str:
+    """Key prefix of every stored version of a dataset (one folder per content hash)."""
+    return f"datasets/{dataset_id}/"
+
+
+def dataset_version_prefix(dataset_id: str, content_hash: str) -> str:
+    """Key prefix of one stored dataset version."""
+    return f"datasets/{dataset_id}/{content_hash}/"
+
+
+def dataset_tombstone_key(dataset_id: str) -> str:
+    """Key of the marker a deleted dataset leaves, so an upload still being checked is not stored."""
+    return f"datasets/{dataset_id}/deleted.json"
+
+
+def staged_browse_name(content_hash: str, filename: str) -> str:
+    """Staging object name of one image handed to the API for browsing (too big for a NATS reply)."""
+    return f"browse/{content_hash}/{filename}"
 
 
 def staged_dataset_name(content_hash: str) -> str:
@@ -229,6 +250,8 @@ class StorageService:
         def rejected(reason: str) -> DatasetRejected:
             return DatasetRejected(message_id=message_id, dataset_id=command.dataset_id, reason=reason)
 
+        if await self._is_deleted(command.dataset_id):
+            return rejected(f"dataset {command.dataset_id} was deleted; {command.filename} was not stored")
         if command.size_bytes > self.limits.max_upload_bytes:
             return rejected(
                 f"{command.filename} is {command.size_bytes} bytes; uploads are limited to "
@@ -267,7 +290,57 @@ class StorageService:
                 await asyncio.to_thread(
                     self.backend.write_bytes, bucket, manifest_key, json.dumps(manifest, indent=2).encode()
                 )
+        # Checked again after the write: a delete writes its marker before it lists the versions, so
+        # either that listing sees this version or this check sees the marker; nothing is left behind.
+        tombstone = await self._read_json(bucket, dataset_tombstone_key(command.dataset_id))
+        if tombstone is not None:
+            if dataset.content_hash not in tombstone.get("kept_hashes", []):
+                await self._delete_version(command.dataset_id, dataset.content_hash)
+            return rejected(f"dataset {command.dataset_id} was deleted while {command.filename} was being checked")
         return DatasetReady(message_id=message_id, dataset_id=command.dataset_id, **manifest)
+
+    async def delete_dataset(self, command: DeleteDataset) -> DatasetDeleted:
+        """Delete every stored version of a deleted dataset except `keep_hashes`; announce what went.
+
+        Idempotent: a redelivered command finds less (or nothing) to delete and announces under the
+        same message id, so JetStream keeps the first announcement.
+        """
+        _require_safe_id(command.dataset_id, "dataset_id")
+        for index, content_hash in enumerate(command.keep_hashes):
+            # Refuse rather than guess: a malformed pin must never let a pinned version be deleted.
+            if not _CONTENT_HASH.match(content_hash):
+                raise InvalidMessage(f"keep_hashes[{index}] {content_hash!r} is not a content hash")
+        logger = bind(log, dataset_id=command.dataset_id)
+        bucket = self.buckets.external
+        keep = set(command.keep_hashes)
+        marker = {"message_id": command.message_id, "kept_hashes": sorted(keep), "occurred_at": command.occurred_at.isoformat()}
+        # The marker goes first (see `_check_and_store`): an upload still being checked is then not kept.
+        await asyncio.to_thread(
+            self.backend.write_bytes, bucket, dataset_tombstone_key(command.dataset_id), json.dumps(marker).encode()
+        )
+        stored = await asyncio.to_thread(self.backend.list_folders, bucket, dataset_prefix(command.dataset_id))
+        deleted = [content_hash for content_hash in stored if content_hash not in keep]
+        for content_hash in deleted:
+            await self._delete_version(command.dataset_id, content_hash)
+        kept = sorted(keep & set(stored))
+        if missing := sorted(keep - set(stored)):
+            logger.warning("pinned version(s) %s were not in storage", ", ".join(missing))
+        event = DatasetDeleted(
+            message_id=f"deleted-{command.message_id}", dataset_id=command.dataset_id,
+            deleted_hashes=deleted, kept_hashes=kept,
+        )
+        await self.publisher.publish(event)
+        logger.info("deleted %d stored version(s) of dataset; kept %d pinned by jobs", len(deleted), len(kept))
+        return event
+
+    async def _delete_version(self, dataset_id: str, content_hash: str) -> None:
+        bucket = self.buckets.external
+        # The manifest first: without it the version is incomplete, so nothing stages it meanwhile.
+        await asyncio.to_thread(self.backend.delete_prefix, bucket, dataset_manifest_key(dataset_id, content_hash))
+        await asyncio.to_thread(self.backend.delete_prefix, bucket, dataset_version_prefix(dataset_id, content_hash))
+
+    async def _is_deleted(self, dataset_id: str) -> bool:
+        return await asyncio.to_thread(self.backend.exists, self.buckets.external, dataset_tombstone_key(dataset_id))
 
     # -- request-reply ---------------------------------------------------------------------------
 
@@ -377,17 +450,37 @@ class StorageService:
         entry = next((item for item in index or [] if item["filename"] == request.filename), None)
         if entry is None:
             return ReadImageReply(ok=False, not_found=True, error=f"no image {request.filename!r} in this version")
+        key = dataset_file_key(request.dataset_id, request.content_hash, request.filename)
+        content_type = mimetypes.guess_type(request.filename)[0] or "application/octet-stream"
         if int(entry["size"]) > request.max_bytes:
+            if request.stage_larger:
+                return await self._stage_browse_image(request, key=key, size=int(entry["size"]), content_type=content_type)
             return ReadImageReply(
                 ok=False, error=f"{request.filename} is {entry['size']} bytes; served images are limited to {request.max_bytes}"
             )
-        key = dataset_file_key(request.dataset_id, request.content_hash, request.filename)
         data = await asyncio.to_thread(self.backend.read_bytes, self.buckets.external, key)
         if data is None:
             return ReadImageReply(ok=False, not_found=True, error=f"no image {request.filename!r} in this version")
-        content_type = mimetypes.guess_type(request.filename)[0] or "application/octet-stream"
         return ReadImageReply(
             ok=True, content_b64=base64.b64encode(data).decode(), content_type=content_type, size=len(data)
+        )
+
+    async def _stage_browse_image(
+        self, request: ReadImageRequest, *, key: str, size: int, content_type: str
+    ) -> ReadImageReply:
+        """Put a big image into the staging object store (once per version and path) and name it."""
+        name = staged_browse_name(request.content_hash, request.filename)
+        # A version's files never change, so an earlier staging of the same name is the same bytes.
+        staged = await self.staging.info(name)
+        if staged is None or staged.size_bytes != size:
+            with self._scratch() as scratch:
+                try:
+                    local = await asyncio.to_thread(self.backend.get_file, self.buckets.external, key, Path(scratch) / "image")
+                except FileNotFoundError:
+                    return ReadImageReply(ok=False, not_found=True, error=f"no image {request.filename!r} in this version")
+                staged = await self.staging.stage(name, local)
+        return ReadImageReply(
+            ok=True, object_name=staged.name, sha256=staged.sha256, size=staged.size_bytes, content_type=content_type
         )
 
     # -- internals -------------------------------------------------------------------------------

@@ -58,7 +58,7 @@ def build_shipping(
     """Export and inference runs, sharing the training attempts' settings, staging and launcher."""
     runs = ShippingRuns(
         options=attempts.options, manifests=manifests, stager=attempts.stager, objects=BusObjectStager(bus),
-        launcher=attempts.launcher, publisher=bus,
+        launcher=attempts.launcher, publisher=bus, held=attempts.held, ledger=attempts.ledger,
     )
     return ShipCommandHandler(runs, heartbeat_seconds=settings.heartbeat_seconds)
 

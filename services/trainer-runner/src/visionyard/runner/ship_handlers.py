@@ -2,7 +2,8 @@
 
 The `runner` consumer delivers these next to `cmd.train` (same slots); `TrainCommandConsumer` hands
 them here by subject. A command is acked once its terminal event is stored; an undecodable one is
-dead-lettered; a transient failure (storage unreachable) naks it with backoff.
+dead-lettered; a transient failure (storage unreachable) naks it with backoff; a job the runner
+stopped without a terminal event (its shutdown) is nak'ed at once so another runner takes it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from nats.aio.msg import Msg
 from pydantic import ValidationError
 
+from visionyard.runner.service import AttemptOutcome
 from visionyard.runner.shipping import ShippingRuns
 from visionyard.shared import subjects
 from visionyard.shared.bus import PermanentError
@@ -46,12 +48,17 @@ class ShipCommandHandler:
             return
         beat = asyncio.create_task(self._keep_alive(msg))
         error: BaseException | None = None
+        outcome = AttemptOutcome.FINISHED
         try:
-            await work
+            outcome = await work
         except Exception as failure:
             error = failure
         finally:
             beat.cancel()
+        if error is None and outcome is AttemptOutcome.REQUEUE:
+            with contextlib.suppress(Exception):
+                await msg.nak()
+            return
         await settle(msg, error, delivered=delivered)
 
     async def _keep_alive(self, msg: Msg) -> None:

@@ -2,7 +2,11 @@
 trainer's `export_module`/`predict_module`, stage what it wrote, and publish the job's events.
 
 They share the training attempts' launcher, staging and settings, and the consumer's slots (the
-commands arrive on the same `runner` consumer). No framework imports: ports are Protocols.
+commands arrive on the same `runner` consumer). They are held in the same `HeldJobs` as training
+attempts, so a cancel recorded in KV `job_cancellations` (keyed by the export/inference id) stops them
+(SIGTERM to the group, grace, SIGKILL; then a `cancelled` event) and a runner shutdown hands them back
+unfinished (no terminal event: the command is nak'ed and another runner runs it again).
+No framework imports: ports are Protocols.
 """
 
 from __future__ import annotations
@@ -12,16 +16,21 @@ import json
 import logging
 import shutil
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 
 from visionyard.runner.service import (
     EXIT_USER_ERROR,
+    AttemptOutcome,
+    CancellationLedger,
+    HeldJobs,
     LaunchSpec,
+    RunControl,
     RunnerOptions,
     Stager,
+    StopReason,
     TrainerLauncher,
     _describe_exit,
     find_manifest,
@@ -29,12 +38,14 @@ from visionyard.runner.service import (
 from visionyard.shared.bus import PermanentError
 from visionyard.shared.commands import StartExport, StartInference
 from visionyard.shared.events import (
+    ExportCancelled,
     ExportCompleted,
     ExportFailed,
     ExportPackageStaged,
     ExportProgress,
     ExportStarted,
     FailureReason,
+    InferenceCancelled,
     InferenceCompleted,
     InferenceFailed,
     InferenceProgress,
@@ -70,6 +81,14 @@ class ObjectStager(Protocol):
     async def stage_object(self, uri: str, destination: Path) -> Path:
         """The object at `uri` copied to `destination`."""
         ...
+
+
+class ShipStopped(Exception):
+    """The runner stopped the job before it finished (cancel, shutdown, broker lost)."""
+
+    def __init__(self, reason: StopReason) -> None:
+        super().__init__(f"stopped: {reason}")
+        self.reason = reason
 
 
 class ShipFailure(Exception):
@@ -119,6 +138,8 @@ class ShippingRuns:
         objects: ObjectStager,
         launcher: TrainerLauncher,
         publisher: ShipPublisher,
+        held: HeldJobs | None = None,
+        ledger: CancellationLedger | None = None,
     ) -> None:
         self.options = options
         self.manifests = manifests
@@ -126,12 +147,19 @@ class ShippingRuns:
         self.objects = objects
         self.launcher = launcher
         self.publisher = publisher
+        # Shared with the training attempts so one cancellation watcher and one shutdown reach all jobs.
+        self.held = held or HeldJobs()
+        self.ledger = ledger
 
-    async def run_export(self, cmd: StartExport, *, delivered: int) -> None:
-        """Export a checkpoint; publishes started … staged, completed (or failed)."""
+    async def run_export(self, cmd: StartExport, *, delivered: int) -> AttemptOutcome:
+        """Export a checkpoint; publishes started … staged, completed (or failed, cancelled).
+
+        REQUEUE means the runner stopped it without a terminal event (shutdown): nak the command.
+        """
         stamp = ShipStamp(cmd.job_id, cmd.attempt + max(delivered, 1) - 1, cmd.training_job_id)
         job_dir = self.options.work_dir / "exports" / cmd.job_id / str(stamp.attempt)
-        try:
+
+        async def export(control: RunControl) -> None:
             manifest = self._manifest(cmd.framework, cmd.model_name, module="export_module")
             if cmd.export_format not in manifest.export_formats:
                 raise ShipFailure(FailureReason.USER_ERROR,
@@ -144,7 +172,8 @@ class ShippingRuns:
                 export_config=cmd.export_config.model_dump(), validation_config=cmd.validation_config.model_dump(),
             )
             await self._spawn(str(manifest.export_module), job.model_dump_json(), job_dir=job_dir, stamp=stamp,
-                              started=ExportStarted, progress=ExportProgress, timeout=cmd.timeout_seconds)
+                              started=ExportStarted, progress=ExportProgress, timeout=cmd.timeout_seconds,
+                              control=control)
             if not job.package_path.is_file():
                 raise ShipFailure(FailureReason.TRAINER_CRASH, "the exporter exited 0 but wrote no package")
             results = json.loads(job.result_path.read_text()) if job.result_path.is_file() else {}
@@ -153,20 +182,16 @@ class ShippingRuns:
             await self.publisher.publish(ExportPackageStaged(**stamp.fields(), object_name=object_name,
                                                              sha256=sha256, size_bytes=size))
             await self.publisher.publish(ExportCompleted(**stamp.fields(), results=results))
-        except PermanentError as error:
-            await self.publisher.publish(ExportFailed(**stamp.fields(), reason=FailureReason.USER_ERROR,
-                                                      error_message=str(error)))
-        except ShipFailure as failure:
-            await self.publisher.publish(ExportFailed(**stamp.fields(), reason=failure.reason,
-                                                      error_message=str(failure), exit_code=failure.exit_code))
-        finally:
-            shutil.rmtree(job_dir, ignore_errors=True)
 
-    async def run_inference(self, cmd: StartInference, *, delivered: int) -> None:
-        """Classify the command's images; publishes started … staged results, completed (or failed)."""
+        return await self._held(cmd, stamp=stamp, job_dir=job_dir, body=export, failed=ExportFailed,
+                                cancelled=ExportCancelled)
+
+    async def run_inference(self, cmd: StartInference, *, delivered: int) -> AttemptOutcome:
+        """Classify the command's images; publishes started … staged results, completed (or failed, cancelled)."""
         stamp = ShipStamp(cmd.job_id, cmd.attempt + max(delivered, 1) - 1, cmd.training_job_id)
         job_dir = self.options.work_dir / "inference" / cmd.job_id / str(stamp.attempt)
-        try:
+
+        async def infer(control: RunControl) -> None:
             manifest = self._manifest(cmd.framework, cmd.model_name, module="predict_module")
             checkpoint = await self._checkpoint(cmd.training_job_id, cmd.checkpoint.kind, job_dir)
             images: list[PredictInput] = []
@@ -181,7 +206,8 @@ class ShippingRuns:
                 top_k=cmd.top_k, confidence_threshold=cmd.confidence_threshold,
             )
             await self._spawn(str(manifest.predict_module), job.model_dump_json(), job_dir=job_dir, stamp=stamp,
-                              started=InferenceStarted, progress=InferenceProgress, timeout=cmd.timeout_seconds)
+                              started=InferenceStarted, progress=InferenceProgress, timeout=cmd.timeout_seconds,
+                              control=control)
             if not job.results_path.is_file():
                 raise ShipFailure(FailureReason.TRAINER_CRASH, "the predictor exited 0 but wrote no results")
             summary = json.loads(job.results_path.read_text()).get("summary", {})
@@ -191,13 +217,41 @@ class ShippingRuns:
                                                                 sha256=sha256, size_bytes=size))
             await self.publisher.publish(InferenceCompleted(**stamp.fields(), results=summary,
                                                             results_object=object_name, results_sha256=sha256))
+
+        return await self._held(cmd, stamp=stamp, job_dir=job_dir, body=infer, failed=InferenceFailed,
+                                cancelled=InferenceCancelled)
+
+    async def _held(
+        self, cmd: StartExport | StartInference, *, stamp: ShipStamp, job_dir: Path,
+        body: Callable[[RunControl], Awaitable[None]], failed: type[ShipEvent], cancelled: type[ShipEvent],
+    ) -> AttemptOutcome:
+        """Run `body` as a held job: cancellable, stoppable at shutdown, ending in exactly one terminal event."""
+        # HeldJobs reads only `job_id` and `attempt`; registering before reading the ledger means a
+        # cancel recorded in between is seen by the watcher instead of being lost.
+        control = self.held.hold(cmd)  # type: ignore[arg-type]
+        try:
+            recorded = await self.ledger.cancelled_attempt(cmd.job_id) if self.ledger is not None else None
+            if (recorded is not None and recorded >= cmd.attempt) or control.reason is StopReason.CANCEL:
+                # Cancelled while queued (or before a dead runner's redelivery): close it without running.
+                await self.publisher.publish(cancelled(**stamp.fields()))
+                return AttemptOutcome.FINISHED
+            await body(control)
+            return AttemptOutcome.FINISHED
+        except ShipStopped as stopped:
+            if stopped.reason is StopReason.CANCEL:
+                await self.publisher.publish(cancelled(**stamp.fields()))
+                return AttemptOutcome.FINISHED
+            return AttemptOutcome.REQUEUE  # shutdown / broker lost: another runner takes the command
         except PermanentError as error:
-            await self.publisher.publish(InferenceFailed(**stamp.fields(), reason=FailureReason.USER_ERROR,
-                                                      error_message=str(error)))
+            await self.publisher.publish(failed(**stamp.fields(), reason=FailureReason.USER_ERROR,
+                                                error_message=str(error)))
+            return AttemptOutcome.FINISHED
         except ShipFailure as failure:
-            await self.publisher.publish(InferenceFailed(**stamp.fields(), reason=failure.reason,
-                                                         error_message=str(failure), exit_code=failure.exit_code))
+            await self.publisher.publish(failed(**stamp.fields(), reason=failure.reason,
+                                                error_message=str(failure), exit_code=failure.exit_code))
+            return AttemptOutcome.FINISHED
         finally:
+            self.held.release(control)
             shutil.rmtree(job_dir, ignore_errors=True)
 
     def _manifest(self, framework: str, model_name: str, *, module: str) -> TrainerManifest:
@@ -216,9 +270,11 @@ class ShippingRuns:
 
     async def _spawn(
         self, module: str, job_json: str, *, job_dir: Path, stamp: ShipStamp, started: type[ShipEvent],
-        progress: type[ShipEvent], timeout: float | None,
+        progress: type[ShipEvent], timeout: float | None, control: RunControl,
     ) -> None:
         logger = bind(log, job_id=stamp.job_id, attempt=stamp.attempt)
+        if control.reason is not None:
+            raise ShipStopped(control.reason)  # stopped while its inputs were being staged
         job_dir.mkdir(parents=True, exist_ok=True)
         job_file = job_dir / "job.json"
         job_file.write_text(job_json)
@@ -227,7 +283,6 @@ class ShippingRuns:
             env={**self.options.base_env, "VISIONYARD_JOB_FILE": str(job_file), "PYTHONUNBUFFERED": "1"},
         )
         handle = await self.launcher.launch(spec)
-        await self.publisher.publish(started(**stamp.fields(), runner_id=self.options.runner_id, pid=handle.pid))
         tail: deque[str] = deque(maxlen=20)
 
         async def pump() -> None:
@@ -239,17 +294,36 @@ class ShippingRuns:
                     if event is not None:
                         await self.publisher.publish(event)
 
-        pumping = asyncio.create_task(pump())
+        pumping: asyncio.Task[None] | None = None
+        exited = asyncio.create_task(handle.wait())
+        stop_requested = asyncio.create_task(control.wait())
+        stopped_by: StopReason | None = None
+        code: int | None = None
         try:
-            code = await asyncio.wait_for(handle.wait(), timeout=timeout or DEFAULT_TIMEOUT_SECONDS)
-        except TimeoutError:
-            await handle.stop(grace=self.options.cancel_grace_seconds)
-            pumping.cancel()
-            raise ShipFailure(FailureReason.TIMEOUT, "the job ran past its time limit and was stopped") from None
+            await self.publisher.publish(started(**stamp.fields(), runner_id=self.options.runner_id, pid=handle.pid))
+            pumping = asyncio.create_task(pump())
+            done, _ = await asyncio.wait({exited, stop_requested}, timeout=timeout or DEFAULT_TIMEOUT_SECONDS,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if exited in done:
+                code = exited.result()
+            else:
+                stopped_by = control.reason if stop_requested in done else StopReason.TIMEOUT
+                logger.info("stopping %s", module, extra={"reason": str(stopped_by)})
+                code = await handle.stop(grace=self.options.cancel_grace_seconds)
         finally:
-            await handle.stop(grace=0)  # no process of the group outlives the job
-        await asyncio.gather(pumping, return_exceptions=True)
+            stop_requested.cancel()
+            # Whatever happened (even a failed publish), no process of the group outlives the job.
+            final_code = await handle.stop(grace=0)
+            if not exited.done():
+                exited.cancel()
+        if pumping is not None:
+            await asyncio.gather(pumping, return_exceptions=True)
+        code = code if code is not None else final_code
         logger.info("%s exited", module, extra={"returncode": code})
+        if stopped_by is StopReason.TIMEOUT:
+            raise ShipFailure(FailureReason.TIMEOUT, "the job ran past its time limit and was stopped", exit_code=code)
+        if stopped_by is not None:
+            raise ShipStopped(stopped_by)
         if code == EXIT_USER_ERROR:
             last = next((line.strip() for line in reversed(tail) if line.strip()), "the job was rejected")
             raise ShipFailure(FailureReason.USER_ERROR, last.removeprefix("error: "), exit_code=code)

@@ -9,7 +9,8 @@ from pathlib import Path, PurePosixPath
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
-from fastapi.responses import RedirectResponse, Response
+from fastapi.responses import FileResponse, RedirectResponse, Response
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.types import Message
@@ -150,8 +151,15 @@ async def image_content(
     located = await versions.image_url(dataset_id, filename, version=version, base_url=str(request.base_url))
     if "/content?" not in located.presigned_url:
         return RedirectResponse(located.presigned_url, status_code=307)
-    data, content_type = await versions.image_content(dataset_id, filename, version=version)
-    return Response(content=data, media_type=content_type, headers={"Cache-Control": "private, max-age=3600"})
+    image = await versions.image_content(dataset_id, filename, version=version)
+    headers = {"Cache-Control": "private, max-age=3600"}
+    if image.path is not None:
+        # Streamed from the spooled copy in chunks, then deleted once sent (or the client went away).
+        return FileResponse(
+            image.path, media_type=image.content_type, headers=headers,
+            background=BackgroundTask(image.path.unlink, missing_ok=True),
+        )
+    return Response(content=image.data or b"", media_type=image.content_type, headers=headers)
 
 
 @router.post(

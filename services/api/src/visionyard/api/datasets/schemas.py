@@ -151,4 +151,6 @@ class DeleteResponse(BaseModel):
     status: str
     dataset_id: str
     kept_versions: list[str]
+    # Versions whose files storage is deleting (asynchronously: `evt.dataset.<id>.deleted` says when).
+    deleted_versions: list[str] = []
     message: str

@@ -80,18 +80,6 @@ class DatasetService:
                 raise NotFound(f"dataset_id: dataset {dataset_id} not found")
             return to_response(dataset)
 
-    def delete_dataset(self, dataset_id: str) -> None:
-        """Delete a dataset unless a queued or running job trains on it."""
-        with self._uow.transaction() as session:
-            datasets = DatasetRepository(session)
-            dataset = datasets.get(dataset_id)
-            if dataset is None:
-                raise NotFound(f"dataset_id: dataset {dataset_id} not found")
-            active = JobRepository(session).active_using_dataset(dataset_id)
-            if active:
-                raise Conflict(f"cannot delete dataset {dataset_id}: {active} queued or running job(s) use it")
-            datasets.delete(dataset)
-
     async def ingest_upload(self, dataset_id: str, *, path: Path, filename: str) -> schemas.UploadAccepted:
         """Stage an uploaded archive and ask storage to ingest it (status → processing)."""
         check_zip_magic(path)

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import tempfile
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 from urllib.parse import quote
 
@@ -19,9 +23,11 @@ from visionyard.api.datasets import schemas
 from visionyard.api.datasets.splits import check_ratio, resolve_split
 from visionyard.api.db.models import Dataset, DatasetVersion, TrainingJob, utcnow
 from visionyard.api.db.models_datasets import DatasetSnapshot, DatasetSplit
+from visionyard.api.db.repositories import OutboxRepository
 from visionyard.api.db.session import UnitOfWork
 from visionyard.api.errors import Conflict, NotFound, TooLarge, Unavailable
 from visionyard.api.jobstate import ACTIVE
+from visionyard.shared.commands import DeleteDataset
 from visionyard.shared.events import ListImagesReply, ListImagesRequest, ReadImageReply, ReadImageRequest
 
 ACTIVE_STATUSES = tuple(sorted(str(status) for status in ACTIVE))
@@ -39,6 +45,19 @@ class DatasetStorage(Protocol):
         """One image's bytes."""
         ...
 
+    async def fetch_staged(self, object_name: str, destination: Path, *, sha256: str | None) -> Path:
+        """Copy an image storage staged (too big for a reply) to a local file, verifying its sha256."""
+        ...
+
+
+@dataclass(frozen=True)
+class ServedImage:
+    """One image to send: its bytes (small images) or a spooled file the response streams, then deletes."""
+
+    content_type: str
+    data: bytes | None = None
+    path: Path | None = None
+
 
 def split_for_version(session: Session, *, dataset_id: str, content_hash: str) -> dict[str, list[str]] | None:
     """The stored split assignment of a version (what a job pinned to it trains with), or None."""
@@ -51,10 +70,20 @@ def split_for_version(session: Session, *, dataset_id: str, content_hash: str) -
 class DatasetVersionService:
     """Splits, snapshots, images and deletion of dataset versions."""
 
-    def __init__(self, *, uow: UnitOfWork, storage: DatasetStorage, max_served_image_bytes: int = 700 * 1024) -> None:
+    def __init__(
+        self,
+        *,
+        uow: UnitOfWork,
+        storage: DatasetStorage,
+        inline_image_bytes: int = 256 * 1024,
+        spool_dir: Path | None = None,
+    ) -> None:
         self._uow = uow
         self._storage = storage
-        self._max_served = max_served_image_bytes
+        # Images up to this size come back inside storage's NATS reply (base64, under the broker's
+        # 1 MB message limit); bigger ones come through the staging object store.
+        self._inline_bytes = inline_image_bytes
+        self._spool_dir = spool_dir or Path(tempfile.gettempdir()) / "visionyard-api-images"
 
     # -- reading ----------------------------------------------------------------------------------
 
@@ -229,19 +258,32 @@ class DatasetVersionService:
             presigned_url=image.url or _served_url(base_url, dataset_id, image.filename, content_hash),
         )
 
-    async def image_content(self, dataset_id: str, filename: str, *, version: str | None) -> tuple[bytes, str]:
-        """One image's bytes and content type, asked of storage (the API never reads its directory)."""
+    async def image_content(self, dataset_id: str, filename: str, *, version: str | None) -> ServedImage:
+        """One image, asked of storage (the API never reads its directory): inline, or spooled to a file."""
         _, content_hash = await asyncio.to_thread(self._ready_version, dataset_id, version)
         reply = await self._storage.read_image(
-            ReadImageRequest(dataset_id=dataset_id, content_hash=content_hash, filename=filename, max_bytes=self._max_served)
+            ReadImageRequest(
+                dataset_id=dataset_id, content_hash=content_hash, filename=filename,
+                max_bytes=self._inline_bytes, stage_larger=True,
+            )
         )
         if reply.not_found:
             raise NotFound(f"filename: dataset {dataset_id} version {content_hash} has no image {filename!r}")
         if not reply.ok:
-            if reply.error and "limited to" in reply.error:
+            if reply.error and "limited to" in reply.error:  # a storage release that cannot stage images
                 raise TooLarge(f"filename: {reply.error}")
             raise Unavailable(f"storage could not read {filename!r}: {reply.error}")
-        return base64.b64decode(reply.content_b64 or ""), reply.content_type or "application/octet-stream"
+        content_type = reply.content_type or "application/octet-stream"
+        if reply.object_name is None:
+            return ServedImage(content_type=content_type, data=base64.b64decode(reply.content_b64 or ""))
+        self._spool_dir.mkdir(parents=True, exist_ok=True)
+        destination = self._spool_dir / f"{uuid.uuid4().hex}.img"
+        try:
+            await self._storage.fetch_staged(reply.object_name, destination, sha256=reply.sha256)
+        except BaseException:
+            destination.unlink(missing_ok=True)
+            raise
+        return ServedImage(content_type=content_type, path=destination)
 
     # -- deletion ---------------------------------------------------------------------------------
 
@@ -260,18 +302,24 @@ class DatasetVersionService:
                 raise Conflict(
                     f"cannot delete dataset {dataset_id}: {len(active)} queued or running job(s) use it: {listed}"
                 )
-            kept = sorted(set(session.scalars(
+            kept = sorted({pin for pin in session.scalars(
                 select(TrainingJob.dataset_snapshot_id).where(TrainingJob.dataset_id == dataset_id)
-            ).all()))
+            ).all() if pin})
+            known = set(session.scalars(select(DatasetVersion.content_hash).where(DatasetVersion.dataset_id == dataset_id)).all())
+            # Same transaction as the delete (outbox): storage removes the files iff the rows are gone.
+            OutboxRepository(session).add(DeleteDataset(dataset_id=dataset_id, keep_hashes=kept))
             session.execute(delete(DatasetSplit).where(DatasetSplit.dataset_id == dataset_id))
             session.execute(delete(DatasetSnapshot).where(DatasetSnapshot.dataset_id == dataset_id))
             session.execute(delete(DatasetVersion).where(DatasetVersion.dataset_id == dataset_id))
             session.delete(dataset)
+        removed = sorted(known - set(kept))
         message = (
             f"dataset deleted; {len(kept)} version(s) stay in storage because finished jobs trained on them "
             "(so those jobs stay reproducible)" if kept else "dataset deleted; no job trained on it"
+        ) + f"; storage is removing the files of {len(removed)} other version(s)"
+        return schemas.DeleteResponse(
+            status="deleted", dataset_id=dataset_id, kept_versions=kept, deleted_versions=removed, message=message
         )
-        return schemas.DeleteResponse(status="deleted", dataset_id=dataset_id, kept_versions=kept, message=message)
 
 
 def _served_url(base_url: str, dataset_id: str, filename: str, content_hash: str) -> str:

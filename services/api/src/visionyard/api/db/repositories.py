@@ -9,7 +9,6 @@ from typing import Any
 
 from sqlalchemy import delete, func, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from visionyard.api.db.models import (
@@ -199,10 +198,17 @@ def _subject_of(message: Message) -> str:
 
 def _insert_ignoring_duplicate(session: Session, model: type[Any], row: dict[str, Any], keys: tuple[str, ...]) -> bool:
     dialect = session.get_bind().dialect.name
+    # A Core insert on the table with the row as parameters (not ORM `.values(...)`) skips the ORM
+    # bulk path and the autoflush of every dirty object, and on SQLite `INSERT OR IGNORE` (unlike the
+    # dialect's `on_conflict_do_nothing`, which SQLAlchemy never caches) compiles once: together they
+    # dominated the projector's per-event cost (profiled). The unique key is the only constraint
+    # these rows can violate (every other column is filled by the caller). Pending new rows are
+    # flushed first, since this row may reference one.
+    table = model.__table__
     if dialect == "postgresql":
-        statement: Any = pg_insert(model).values(**row).on_conflict_do_nothing(index_elements=list(keys))
+        statement: Any = pg_insert(table).on_conflict_do_nothing(index_elements=list(keys))
     elif dialect == "sqlite":
-        statement = sqlite_insert(model).values(**row).on_conflict_do_nothing(index_elements=list(keys))
+        statement = table.insert().prefix_with("OR IGNORE")
     else:  # pragma: no cover - other dialects check first
         existing = session.scalars(select(model).filter_by(**{key: row[key] for key in keys})).first()
         if existing is not None:
@@ -210,5 +216,7 @@ def _insert_ignoring_duplicate(session: Session, model: type[Any], row: dict[str
         session.add(model(**row))
         session.flush()
         return True
-    result = session.execute(statement)
+    if session.new:
+        session.flush()
+    result = session.execute(statement, row)
     return bool(result.rowcount)

@@ -53,6 +53,12 @@ def get_export(export_job_id: str, service: Service) -> Any:
     return service.get(export_job_id)
 
 
+@router.post("/jobs/{export_job_id}/cancel", response_model=schemas.ExportJobResponse)
+def cancel_export(export_job_id: str, service: Service) -> Any:
+    """Stop an export: pending → cancelled, running → cancelling until the runner confirms."""
+    return service.cancel(export_job_id)
+
+
 @router.get("/{export_job_id}/download", response_model=schemas.DownloadResponse)
 async def download(export_job_id: str, request: Request, service: Service) -> Any:
     """Where to download a completed export's package."""

@@ -14,12 +14,14 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from visionyard.api.db.models import Checkpoint, TrainingJob, utcnow
-from visionyard.api.db.models_exports import ExportJob
+from visionyard.api.db.models_exports import ExportJob, InferenceJob
 from visionyard.api.db.repositories import OutboxRepository
 from visionyard.api.db.session import UnitOfWork
 from visionyard.api.errors import Conflict, InvalidInput, NotFound, Unavailable
 from visionyard.api.exports import schemas
 from visionyard.api.models.service import TASK_ALIASES, CapabilitySource, task_matches
+from visionyard.api.ship_projector import announce_export_status
+from visionyard.shared import streams
 from visionyard.shared.commands import CheckpointRef, StartExport
 from visionyard.shared.manifest import TrainerManifest
 
@@ -61,6 +63,31 @@ def resolve_checkpoint(session: Session, job: TrainingJob, checkpoint_path: str 
         raise InvalidInput(field, "'pretrained' is not available: the built-in trainers ship no pretrained weights")
     known = ", ".join(sorted(stored)) or "none"
     raise NotFound(f"{field}: training job {job.id} has no stored checkpoint {wanted!r} (stored: {known})")
+
+
+CANCELLABLE = ("pending", "running")
+
+
+def request_cancel(session: Session, row: ExportJob | InferenceJob, *, field: str, what: str) -> str:
+    """Record a cancel for an export/inference job; pending → cancelled, running → cancelling; the old status.
+
+    The durable record (KV `job_cancellations`, keyed by the job's id) reaches the runner holding the
+    job, or the runner that claims its command later, which then publishes `cancelled`.
+    """
+    if row.status not in CANCELLABLE:
+        raise Conflict(f"{field}: cannot cancel {what} {row.id}: status is {row.status}")
+    old = row.status
+    OutboxRepository(session).add_kv_put(
+        bucket=streams.KV_CANCELLATIONS, key=row.id, value={"attempt": row.attempt},
+        message_id=f"cancel-{row.id}-{row.attempt}",
+    )
+    if old == "pending":
+        # No runner shows it started: it is cancelled now; a runner that already holds it confirms later.
+        row.status = "cancelled"
+        row.completed_at = utcnow()
+    else:
+        row.status = "cancelling"
+    return old
 
 
 def completed_training_job(session: Session, training_job_id: str, *, field: str = "training_job_id") -> TrainingJob:
@@ -182,6 +209,15 @@ class ExportService:
         """One export."""
         with self._uow.read() as session:
             return to_response(self._export(session, export_id))
+
+    def cancel(self, export_id: str) -> schemas.ExportJobResponse:
+        """pending → cancelled, running → cancelling (the runner confirms); 409 naming a finished status."""
+        with self._uow.transaction() as session:
+            export = self._export(session, export_id)
+            old = request_cancel(session, export, field="export_job_id", what="export")
+            announce_export_status(session, export, old=old)
+            session.flush()
+            return to_response(export)
 
     def _export(self, session: Session, export_id: str) -> ExportJob:
         export = session.get(ExportJob, export_id)

@@ -59,6 +59,12 @@ def create_inference(body: schemas.CreateInferenceRequest, service: Service) -> 
     return service.create(body)
 
 
+@router.post("/inference/jobs/{inference_job_id}/cancel", response_model=schemas.InferenceJobResponse)
+def cancel_inference(inference_job_id: str, service: Service) -> Any:
+    """Stop an inference job: pending → cancelled, running → cancelling until the runner confirms."""
+    return service.cancel(inference_job_id)
+
+
 @router.get("/inference/jobs/detail/{inference_job_id}", response_model=schemas.InferenceJobResponse)
 def get_inference(inference_job_id: str, service: Service) -> Any:
     """One inference job."""

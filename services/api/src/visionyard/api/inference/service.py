@@ -19,7 +19,7 @@ from visionyard.api.db.models_exports import InferenceJob, InferenceResult, Infe
 from visionyard.api.db.repositories import OutboxRepository
 from visionyard.api.db.session import UnitOfWork
 from visionyard.api.errors import InvalidInput, NotFound, Unavailable
-from visionyard.api.exports.service import completed_training_job, resolve_checkpoint
+from visionyard.api.exports.service import completed_training_job, request_cancel, resolve_checkpoint
 from visionyard.api.inference import schemas
 from visionyard.shared.commands import CheckpointRef, DatasetRef, StartInference
 from visionyard.shared.events import KeepUploadReply
@@ -139,6 +139,16 @@ class InferenceService:
             inference = session.get(InferenceJob, inference_id)
             if inference is None:
                 raise NotFound(f"inference_job_id: inference job {inference_id} not found")
+            return schemas.InferenceJobResponse.model_validate(inference)
+
+    def cancel(self, inference_id: str) -> schemas.InferenceJobResponse:
+        """pending → cancelled, running → cancelling (the runner confirms); 409 naming a finished status."""
+        with self._uow.transaction() as session:
+            inference = session.get(InferenceJob, inference_id)
+            if inference is None:
+                raise NotFound(f"inference_job_id: inference job {inference_id} not found")
+            request_cancel(session, inference, field="inference_job_id", what="inference job")
+            session.flush()
             return schemas.InferenceJobResponse.model_validate(inference)
 
     def list_for_training_job(self, training_job_id: str) -> schemas.InferenceListResponse:

@@ -122,24 +122,24 @@ class LocalDirectoryBackend:
     def delete_prefix(self, bucket: str, prefix: str) -> int:
         """Delete every file under `prefix` (and the folders it leaves empty)."""
         base = self._bucket_dir(bucket)
-        deleted = 0
-        if not base.is_dir():
-            return 0
-        # A folder prefix (`datasets/<id>/<hash>/`) walks only that folder, not the whole bucket.
-        folder = prefix.endswith("/") and bool(prefix.strip("/"))
-        top = self._path(bucket, prefix.strip("/"), create=False) if folder else base
+        # Walk only the folder the prefix lies in (`datasets/<id>/<hash>/`), not the whole bucket.
+        folder_prefix = prefix.endswith("/") and bool(prefix.strip("/"))
+        parent = prefix.strip("/") if folder_prefix else prefix.rpartition("/")[0]
+        top = self._path(bucket, parent, create=False) if parent else base
         if not top.is_dir():
             return 0
+        deleted = 0
         # Deepest first, so a folder is emptied before it is looked at.
         for path in sorted(top.rglob("*"), reverse=True):
-            if not folder and not path.relative_to(base).as_posix().startswith(prefix):
+            relative = path.relative_to(base).as_posix()
+            if not relative.startswith(prefix):
                 continue
             if path.is_file() or path.is_symlink():
                 path.unlink()
                 deleted += 1
             elif path.is_dir() and not any(path.iterdir()):
                 path.rmdir()
-        if folder and not any(top.iterdir()):
+        if folder_prefix and not any(top.iterdir()):
             top.rmdir()
         return deleted
 

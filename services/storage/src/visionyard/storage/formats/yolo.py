@@ -114,6 +114,11 @@ def plan_yolo(archive: zipfile.ZipFile, files: list[Entry], *, limits: ArchiveLi
 def _parse_data_yaml(name: str, data: bytes) -> list[str]:
     try:
         loaded: Any = yaml.safe_load(data.decode("utf-8"))
+    except yaml.MarkedYAMLError as error:
+        # One line for the user (the parser's own message spans several, with a caret drawing).
+        mark = error.problem_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        raise ArchiveRejected(f"{name}: not valid YAML ({where}{error.problem or error.context or 'parse error'})") from error
     except (UnicodeDecodeError, yaml.YAMLError) as error:
         raise ArchiveRejected(f"{name}: not valid YAML ({error.__class__.__name__}: {error})") from error
     if not isinstance(loaded, dict):

@@ -1,0 +1,145 @@
+"""What the export and inference API tests share: a classifier manifest that can ship, a completed
+training job with a stored `best` checkpoint (driven through the real projector by published events),
+a fake storage answering `storage.keep_upload`, and readers of the database and the streams."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import httpx
+from sqlalchemy import func, select
+
+from visionyard.api.db.models_exports import ExportJob, InferenceJob, InferenceUpload
+from visionyard.shared import streams, subjects
+from visionyard.shared.bus import Bus
+from visionyard.shared.events import (
+    ArtifactStored,
+    CheckpointStaged,
+    DatasetReady,
+    JobCompleted,
+    JobStarted,
+    KeepUploadReply,
+    KeepUploadRequest,
+)
+
+from .conftest import CLASSIFIER, until
+
+JOBS = "/api/v1/training/jobs"
+EXPORTS = "/api/v1/export"
+INFERENCE = "/api/v1/test_inference/inference"
+
+SHIPPING_CLASSIFIER = CLASSIFIER.model_copy(update={
+    "export_module": "visionyard.trainers.classifier.export",
+    "predict_module": "visionyard.trainers.classifier.predict",
+    "export_formats": ["onnx", "torchscript"],
+})
+
+PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 32
+
+
+async def install_shipping_manifest(bus: Bus) -> None:
+    """Publish a classifier manifest that offers export and predict (as a runner would)."""
+    kv = await bus.kv(streams.KV_CAPABILITIES)
+    await kv.put(SHIPPING_CLASSIFIER.name, SHIPPING_CLASSIFIER.model_dump_json().encode())
+
+
+async def training_job(client: httpx.AsyncClient, bus: Bus, *, start: bool = True) -> str:
+    """A training job on a ready dataset: `queued` (start) or `pending`."""
+    created = await client.post("/api/v1/datasets", json={"name": "digits", "visibility": "private"})
+    assert created.status_code == 201, created.text
+    dataset_id = created.json()["dataset_id"]
+    await bus.publish(DatasetReady(
+        dataset_id=dataset_id, content_hash="hash-1", format="imagefolder", num_images=100, num_classes=3,
+        class_names=["0", "1", "2"], size_bytes=4096, uri="file:///d.zip",
+    ))
+
+    async def is_ready() -> bool:
+        return (await client.get(f"/api/v1/datasets/{dataset_id}")).json()["status"] == "ready"
+
+    await until(is_ready)
+    body = {"config": {"framework": "pytorch", "model_name": "simple_cnn", "task_type": "classification",
+                       "dataset_id": dataset_id, "epochs": 1}}
+    job = await client.post(JOBS, json=body)
+    assert job.status_code == 201, job.text
+    job_id: str = job.json()["id"]
+    if start:
+        assert (await client.post(f"{JOBS}/{job_id}/start")).status_code == 200
+    return job_id
+
+
+async def completed_training_job(client: httpx.AsyncClient, bus: Bus) -> tuple[str, str]:
+    """A training job the projector shows `completed` with a stored `best` checkpoint: (id, checkpoint uri)."""
+    job_id = await training_job(client, bus)
+    uri = f"file:///store/checkpoints/{job_id}/best.pt"
+    for event in (
+        JobStarted(job_id=job_id, attempt=1, seq=1, runner_id="r1"),
+        CheckpointStaged(job_id=job_id, attempt=1, seq=2, checkpoint_kind="best", object_name=f"ckpt/{job_id}/best.pt",
+                         sha256="b" * 64, size_bytes=12, epoch=1),
+        JobCompleted(job_id=job_id, attempt=1, seq=3, total_epochs_completed=1, final_metrics={"accuracy": 0.9},
+                     declared_checkpoints=["best"]),
+        ArtifactStored(job_id=job_id, attempt=1, seq=2, checkpoint_kind="best", uri=uri, sha256="b" * 64,
+                       size_bytes=12, epoch=1),
+    ):
+        await bus.publish(event)
+
+    async def completed() -> bool:
+        return (await client.get(f"{JOBS}/{job_id}")).json()["status"] == "completed"
+
+    await until(completed)
+    return job_id, uri
+
+
+async def serve_keep_upload(bus: Bus, kept: list[KeepUploadRequest]) -> None:
+    """A fake storage that keeps every staged upload under `file:///store/uploads/<session>/<name>`."""
+
+    async def keep(data: bytes) -> bytes:
+        request = KeepUploadRequest.model_validate_json(data)
+        kept.append(request)
+        key = f"uploads/{request.session_id}/{len(kept):03d}-{request.filename}"
+        return KeepUploadReply(ok=True, uri=f"file:///store/{key}", key=key).model_dump_json().encode()
+
+    await bus.serve(subjects.STORAGE_KEEP_UPLOAD, keep, queue="storage")
+
+
+def count_rows(client: httpx.AsyncClient, model: type[ExportJob] | type[InferenceJob] | type[InferenceUpload]) -> int:
+    """How many rows of `model` the API's database holds."""
+    with client.app.state.session_factory() as session:  # type: ignore[attr-defined]
+        return int(session.scalar(select(func.count()).select_from(model)) or 0)
+
+
+async def stream_messages(bus: Bus, stream: str, subject_prefix: str) -> list[tuple[str, bytes]]:
+    """Every stored message of `stream` whose subject starts with `subject_prefix` (read directly)."""
+    info = await bus.js.stream_info(stream)
+    found: list[tuple[str, bytes]] = []
+    for seq in range(info.state.first_seq, info.state.last_seq + 1):
+        try:
+            msg = await bus.js.get_msg(stream, seq)
+        except Exception:  # acked from the work queue, or expired
+            continue
+        if msg.subject.startswith(subject_prefix) and msg.data is not None:
+            found.append((msg.subject, msg.data))
+    return found
+
+
+async def kv_cancel_entry(bus: Bus, key: str) -> dict[str, Any] | None:
+    """The `job_cancellations` entry for `key`, if any."""
+    kv = await bus.kv(streams.KV_CANCELLATIONS)
+    try:
+        entry = await kv.get(key)
+    except Exception:
+        return None
+    return json.loads(entry.value) if entry.value else None
+
+
+async def stage_results(bus: Bus, tmp_path: Path, rows: list[dict[str, Any]], *, name: str) -> tuple[str, str]:
+    """Put a predictor's results document into the staging object store: (object name, sha256)."""
+    total_ms = sum(row.get("inference_time_ms") or 0.0 for row in rows)
+    document = {"summary": {"total_images": len(rows), "total_inference_time_ms": total_ms,
+                            "avg_inference_time_ms": total_ms / len(rows) if rows else None},
+                "results": rows}
+    path = tmp_path / f"{name.replace('/', '_')}.json"
+    path.write_text(json.dumps(document))
+    sha256, _ = await bus.put_file(name, path)
+    return name, sha256
