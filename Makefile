@@ -6,7 +6,7 @@ PACKAGES := -e shared -e services/api -e services/trainer-runner -e services/tra
             -e services/storage -e trainers/classifier -e "cli[demo]"
 PYPROJECTS := $(wildcard shared/pyproject.toml services/*/pyproject.toml trainers/*/pyproject.toml cli/pyproject.toml)
 
-.PHONY: install demo up test test-unit bench clean
+.PHONY: install demo up test test-unit lint bench clean
 
 install: $(VENV)/.installed
 
@@ -29,6 +29,9 @@ test: install
 
 test-unit: install
 	$(BIN)/python -m pytest -m "not integration and not e2e"
+
+lint: install
+	$(BIN)/ruff check --select F,E9 shared services trainers cli bench tests
 
 bench: install
 	$(BIN)/python -m bench

@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Protocol
 
 from visionyard.api.db.models import Dataset, utcnow
-from visionyard.api.db.repositories import DatasetRepository, JobRepository, OutboxRepository
+from visionyard.api.db.repositories import DatasetRepository, OutboxRepository
 from visionyard.api.db.session import UnitOfWork
 from visionyard.api.datasets import schemas
-from visionyard.api.errors import Conflict, InvalidInput, NotFound
+from visionyard.api.errors import InvalidInput, NotFound
 from visionyard.shared.commands import IngestDataset
 
 # A zip archive starts with a local file header, or (when empty) with the end-of-directory record.
