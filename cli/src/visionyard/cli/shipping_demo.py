@@ -32,7 +32,7 @@ def wait_until(client: ApiClient, path: str, *, timeout: float = 300.0) -> dict[
     deadline = time.monotonic() + timeout
     while True:
         body: dict[str, Any] = client.request("GET", path)
-        if body.get("status") in ("completed", "failed") or time.monotonic() > deadline:
+        if body.get("status") in ("completed", "failed", "cancelled") or time.monotonic() > deadline:
             return body
         time.sleep(0.5)
 

@@ -148,7 +148,7 @@ class ShippingRuns:
         self.launcher = launcher
         self.publisher = publisher
         # Shared with the training attempts so one cancellation watcher and one shutdown reach all jobs.
-        self.held = held or HeldJobs()
+        self.held = held if held is not None else HeldJobs()  # an empty HeldJobs is falsy
         self.ledger = ledger
 
     async def run_export(self, cmd: StartExport, *, delivered: int) -> AttemptOutcome:
