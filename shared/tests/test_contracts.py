@@ -39,5 +39,6 @@ def test_asyncapi_document_lists_every_event() -> None:
     addresses = {channel["address"] for channel in document["channels"].values()}
     for kind in JOB_EVENT_TYPES:
         assert f"evt.job.{{job_id}}.{kind}" in addresses
-    assert "cmd.train" in addresses
+    assert "cmd.train" in addresses and "cmd.export" in addresses and "cmd.infer" in addresses
+    assert "evt.export.{export_id}.completed" in addresses and "evt.infer.{infer_id}.cancelled" in addresses
     assert "reason" in document["components"]["schemas"][JobFailed.__name__]["properties"]

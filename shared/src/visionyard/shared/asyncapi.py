@@ -18,6 +18,8 @@ _COMMANDS: dict[str, type[BaseModel]] = {
     subjects.CMD_TRAIN: commands.StartTraining,
     subjects.CMD_DATASET_INGEST: commands.IngestDataset,
     subjects.CMD_DATASET_DELETE: commands.DeleteDataset,
+    subjects.CMD_EXPORT: commands.StartExport,
+    subjects.CMD_INFER: commands.StartInference,
 }
 
 
@@ -57,6 +59,11 @@ def asyncapi_document() -> dict[str, Any]:
         name = add_message(model, (model.__doc__ or "").strip())
         channels[f"job_{kind}"] = _channel(
             "evt.job.{job_id}." + kind, name, f"Event stream {streams.EVENTS.name}; per-job `seq` and `attempt`"
+        )
+    for (family, kind), ship_model in events.SHIP_EVENT_TYPES.items():
+        name = add_message(ship_model, (ship_model.__doc__ or "").strip())
+        channels[f"{family}_{kind}"] = _channel(
+            f"evt.{family}.{{{family}_id}}.{kind}", name, f"Event stream {streams.EVENTS.name}; export/inference jobs"
         )
     for kind, model in events.DATASET_EVENT_TYPES.items():
         name = add_message(model, (model.__doc__ or "").strip())

@@ -378,16 +378,6 @@ class InferenceFailed(_Failed):
     family: ClassVar[str] = "infer"
 
 
-SHIP_EVENT_TYPES: dict[tuple[str, str], type[ShipEvent]] = {
-    (cls.family, cls.kind): cls
-    for cls in (
-        ExportStarted, ExportProgress, ExportPackageStaged, ExportPackageStored, ExportCompleted, ExportFailed,
-        InferenceStarted, InferenceProgress, InferenceResultsStaged, InferenceResultsStored, InferenceCompleted,
-        InferenceFailed,
-    )
-}
-
-
 class _Cancelled(ShipEvent):
     kind: ClassVar[str] = "cancelled"
 
@@ -404,8 +394,16 @@ class InferenceCancelled(_Cancelled):
     family: ClassVar[str] = "infer"
 
 
-SHIP_EVENT_TYPES[(ExportCancelled.family, ExportCancelled.kind)] = ExportCancelled
-SHIP_EVENT_TYPES[(InferenceCancelled.family, InferenceCancelled.kind)] = InferenceCancelled
+SHIP_EVENT_TYPES: dict[tuple[str, str], type[ShipEvent]] = {
+    (cls.family, cls.kind): cls
+    for cls in (
+        ExportStarted, ExportProgress, ExportPackageStaged, ExportPackageStored, ExportCompleted, ExportFailed,
+        ExportCancelled, InferenceStarted, InferenceProgress, InferenceResultsStaged, InferenceResultsStored,
+        InferenceCompleted, InferenceFailed, InferenceCancelled,
+    )
+}
+
+
 
 
 def decode_ship_event(subject: str, data: bytes) -> ShipEvent:
