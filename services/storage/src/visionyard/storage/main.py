@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import sys
 
 from visionyard.shared import streams, subjects
 from visionyard.shared.bus import Bus
+from visionyard.shared.lifecycle import run_until_signalled
 from visionyard.shared.logs import configure_logging
 from visionyard.storage.adapters.local import LocalDirectoryBackend
 from visionyard.storage.adapters.s3 import S3Backend
@@ -89,19 +89,11 @@ async def serve(settings: StorageSettings, *, stop: asyncio.Event, backend: Obje
         log.info("storage service stopped")
 
 
-async def _main(settings: StorageSettings) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    await serve(settings, stop=stop)
-
-
 def run() -> None:
     """Console script `visionyard-storage`: run until SIGTERM/SIGINT, then exit 0."""
     settings = StorageSettings()
     configure_logging("storage", settings.log_level)
-    asyncio.run(_main(settings))
+    run_until_signalled(lambda stop: serve(settings, stop=stop))
     sys.exit(0)
 
 

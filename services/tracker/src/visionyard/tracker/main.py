@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 from typing import Any
 
 from visionyard.shared import streams, subjects
 from visionyard.shared.bus import Bus
+from visionyard.shared.lifecycle import run_until_signalled
 from visionyard.shared.logs import configure_logging
 from visionyard.tracker.config import TrackerSettings
 from visionyard.tracker.handlers import TrackerHandlers
@@ -66,19 +66,11 @@ def _redacted(uri: str) -> str:
     return f"{scheme}{sep}{rest.rsplit('@', 1)[-1]}"
 
 
-async def _main(settings: TrackerSettings) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    await serve(settings, stop=stop)
-
-
 def run() -> None:
     """Console script `visionyard-tracker`: run until SIGTERM/SIGINT, then exit 0."""
     settings = TrackerSettings()
     configure_logging(SERVICE, settings.log_level)
-    asyncio.run(_main(settings))
+    run_until_signalled(lambda stop: serve(settings, stop=stop))
 
 
 if __name__ == "__main__":

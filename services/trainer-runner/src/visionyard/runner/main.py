@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 
 from visionyard.runner.adapters.kv import (
     KvCancellationLedger,
@@ -24,6 +23,7 @@ from visionyard.runner.shipping import ShippingRuns
 from visionyard.runner.service import HeldJobs, RunnerOptions, TrainingAttempts
 from visionyard.shared import streams
 from visionyard.shared.bus import Bus
+from visionyard.shared.lifecycle import run_until_signalled
 from visionyard.shared.logs import configure_logging
 from visionyard.shared.manifest import TrainerManifest, installed_manifests
 
@@ -106,16 +106,8 @@ async def serve(
             await bus.close()
 
 
-async def _main(settings: RunnerSettings) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    await serve(settings, stop=stop)
-
-
 def run() -> None:
     """Console entry point `visionyard-runner`."""
     settings = RunnerSettings()
     configure_logging("trainer-runner", settings.log_level)
-    asyncio.run(_main(settings))
+    run_until_signalled(lambda stop: serve(settings, stop=stop))
