@@ -32,9 +32,15 @@ class JobEvent(JobMessage):
 
 
 class JobQueued(JobEvent):
-    """The API queued the job (written through the outbox together with `cmd.train`)."""
+    """The API queued an attempt (written through the outbox together with `cmd.train`).
+
+    `status` is what the job shows while it waits: `queued` for a first start or a restart,
+    `retrying` after an infrastructure loss, `resuming` for a resume from a stored checkpoint.
+    """
 
     kind: ClassVar[str] = "queued"
+
+    status: str = "queued"
 
 
 class JobCancelRequested(JobEvent):

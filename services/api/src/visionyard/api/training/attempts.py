@@ -74,7 +74,7 @@ def queue_attempt(outbox: OutboxRepository, job: TrainingJob, *, resume_from: Ch
             resume_from=resume_from,
         )
     )
-    outbox.add(JobQueued(job_id=job.id, attempt=job.attempt))
+    outbox.add(JobQueued(job_id=job.id, attempt=job.attempt, status=job.status))
 
 
 def mark_terminal(outbox: OutboxRepository, job: TrainingJob) -> None:
