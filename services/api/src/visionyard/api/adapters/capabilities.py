@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 
-from nats.js.errors import NoKeysError
 from pydantic import ValidationError
 
 from visionyard.shared import streams
@@ -23,10 +22,11 @@ class KvCapabilitySource:
     async def manifests(self) -> list[TrainerManifest]:
         """Every manifest currently published; malformed entries are skipped with a warning."""
         kv = await self._bus.kv(streams.KV_CAPABILITIES)
-        try:
-            keys = await kv.keys()
-        except NoKeysError:
-            return []
+        # The bucket's stream lists its subjects exactly; nats-py's `kv.keys()` can report an empty
+        # bucket when its watcher's first consumer-info races the delivery of the existing entries.
+        info = await self._bus.js.stream_info(f"KV_{streams.KV_CAPABILITIES}", subjects_filter=">")
+        prefix = f"$KV.{streams.KV_CAPABILITIES}."
+        keys = [subject[len(prefix):] for subject in (info.state.subjects or {}) if subject.startswith(prefix)]
         manifests: list[TrainerManifest] = []
         for key in sorted(keys):
             try:
