@@ -55,7 +55,6 @@ class ProjectorHandler:
 
     async def handle_batch(self, messages: list[Msg]) -> None:
         """Decode, apply, dead-letter the poison; raising naks the whole batch (applied all-or-nothing)."""
-        import time as _t; _t0 = _t.perf_counter()  # PROFDEBUG
         decoded: list[tuple[Msg, Message]] = []
         for msg in messages:
             try:
@@ -67,9 +66,7 @@ class ProjectorHandler:
                 if self._prepare is not None:
                     event = await self._prepare(event)
                 decoded.append((msg, event))
-        _t1 = _t.perf_counter()  # PROFDEBUG
         rejected = await asyncio.to_thread(self._projector.apply_batch, decoded)
-        open("/tmp/prof/batches.log", "a").write(f"{_t.time():.3f} n={len(messages)} decode={_t1-_t0:.3f} apply={_t.perf_counter()-_t1:.3f}\n")  # PROFDEBUG
         for poison in rejected:
             await self._reject(poison.token, poison.reason)
         self.applied += len(decoded) - len(rejected)

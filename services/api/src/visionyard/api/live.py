@@ -11,11 +11,12 @@ duplicate. The feed replays the job's events from the start to rebuild the statu
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nats.aio.msg import Msg
 from nats.js import api
@@ -37,6 +38,9 @@ from visionyard.shared.events import (
     ProgressReported,
     decode_job_event,
 )
+
+if TYPE_CHECKING:
+    from visionyard.api.livehub import FeedHandle, FeedHub
 
 log = logging.getLogger("visionyard.api.live")
 
@@ -239,18 +243,36 @@ class LiveConnection:
     allowed to grow the API's memory without bound.
     """
 
-    def __init__(self, *, bus: Bus, write: Send, stats: LiveStats, max_queue: int = 10_000) -> None:
+    def __init__(
+        self,
+        *,
+        bus: Bus,
+        write: Send,
+        stats: LiveStats,
+        max_queue: int = 10_000,
+        hub: FeedHub | None = None,
+        write_text: Callable[[str], Awaitable[None]] | None = None,
+    ) -> None:
         self._bus = bus
         self._write = write
+        # Shared feeds hand over messages already encoded once for every client (see `livehub`).
+        self._write_text = write_text or (lambda text: write(json.loads(text)))
+        self._hub = hub
         self._stats = stats
-        self._queue: asyncio.Queue[WsMessage | None] = asyncio.Queue(maxsize=max_queue)
-        self._feeds: dict[str, JobFeed] = {}
+        self._queue: asyncio.Queue[WsMessage | str | None] = asyncio.Queue(maxsize=max_queue)
+        self._feeds: dict[str, JobFeed | FeedHandle] = {}
         self._writer = asyncio.create_task(self._drain())
         self.overflowed = asyncio.Event()
         stats.connections += 1
 
     async def enqueue(self, message: WsMessage) -> None:
         """Queue a message for this client; overflow marks the client as too slow."""
+        self.offer(message)
+
+    def offer(self, message: WsMessage | str) -> None:
+        """Queue a message (or its JSON text) without waiting; overflow marks the client as too slow."""
+        if self.overflowed.is_set():
+            return  # being disconnected; it resumes from its last_seq
         try:
             self._queue.put_nowait(message)
         except asyncio.QueueFull:
@@ -262,12 +284,22 @@ class LiveConnection:
             message = await self._queue.get()
             if message is None:
                 return
-            await self._write(message)
+            if isinstance(message, str):
+                await self._write_text(message)
+            else:
+                await self._write(message)
             self._stats.messages_sent += 1
 
     async def subscribe(self, job_id: str, *, last_seq: int | None) -> None:
         """Start (or restart) the feed of one job."""
         await self.unsubscribe(job_id)
+        if self._hub is not None:
+            handle = await self._hub.attach(job_id, last_seq=last_seq, offer=self.offer)
+            if handle is not None:
+                self._feeds[job_id] = handle
+                self._stats.subscriptions += 1
+                return
+        # No hub, or the client resumes from further back than the shared feed holds: its own replay.
         feed = JobFeed(bus=self._bus, job_id=job_id, last_seq=last_seq, send=self.enqueue)
         self._feeds[job_id] = feed
         self._stats.subscriptions += 1

@@ -16,6 +16,7 @@ from fastapi import APIRouter, Request, WebSocket, WebSocketDisconnect
 
 from visionyard.api.auth import resolve_principal
 from visionyard.api.live import LiveConnection, LiveStats
+from visionyard.api.livehub import FeedHub
 
 router = APIRouter()
 
@@ -29,6 +30,14 @@ def _stats(app: Any) -> LiveStats:
         app.state.live_stats = LiveStats()
     stats: LiveStats = app.state.live_stats
     return stats
+
+
+def _hub(app: Any) -> FeedHub:
+    # One shared feed per watched job in this API instance, whatever the number of clients.
+    if getattr(app.state, "live_hub", None) is None:
+        app.state.live_hub = FeedHub(bus=app.state.bus)
+    hub: FeedHub = app.state.live_hub
+    return hub
 
 
 def _now() -> str:
@@ -61,7 +70,8 @@ async def training_socket(
         return
     await websocket.accept()
     session = session_id or uuid.uuid4().hex
-    connection = LiveConnection(bus=app.state.bus, write=websocket.send_json, stats=_stats(app))
+    connection = LiveConnection(bus=app.state.bus, write=websocket.send_json, stats=_stats(app), hub=_hub(app),
+                                write_text=websocket.send_text)
     # Everything after accept goes through the connection's single writer, so messages never interleave.
     await connection.enqueue({"type": "connected", "session_id": session, "timestamp": _now()})
     if job_id:

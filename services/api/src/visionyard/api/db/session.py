@@ -10,6 +10,10 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
 
+# Execution option marking a read-only unit of work's connection (see `UnitOfWork.read`).
+READ_ONLY = "visionyard_read_only"
+
+
 def make_engine(url: str, **options: Any) -> Engine:
     """An engine for `url`; SQLite gets WAL, a busy timeout and foreign keys."""
     if url.startswith("sqlite"):
@@ -30,8 +34,13 @@ def make_engine(url: str, **options: Any) -> Engine:
         def _begin_immediate(connection: Any) -> None:
             # Take the write lock up front: a WAL reader that later tries to write after another
             # connection committed fails at once with "database is locked" (its snapshot is stale),
-            # whereas IMMEDIATE waits on the busy timeout instead.
-            connection.exec_driver_sql("BEGIN IMMEDIATE")
+            # whereas IMMEDIATE waits on the busy timeout instead. Read-only sessions never write,
+            # so they begin deferred: otherwise every GET queues behind the projector's write
+            # transactions and holds them up in turn (profiled under event load).
+            if connection.get_execution_options().get(READ_ONLY):
+                connection.exec_driver_sql("BEGIN")
+            else:
+                connection.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
     return create_engine(url, pool_pre_ping=True, **options)
@@ -63,6 +72,8 @@ class UnitOfWork:
 
     @contextmanager
     def read(self) -> Iterator[Session]:
-        """A session for reads only."""
-        with self._session_factory() as session:
+        """A session for reads only (on SQLite it does not take the write lock)."""
+        bind = self._session_factory.kw.get("bind")
+        options = {"bind": bind.execution_options(**{READ_ONLY: True})} if bind is not None else {}
+        with self._session_factory(**options) as session:
             yield session

@@ -45,7 +45,8 @@ class S3Backend:
             aws_secret_access_key=secret_access_key,
             config=Config(signature_version="s3v4", retries={"max_attempts": 5, "mode": "standard"}),
         )
-        self.transfer = TransferConfig(multipart_threshold=64 * _MIB, multipart_chunksize=64 * _MIB)
+        # 16 MiB parts sent 8 at a time: a 200 MB checkpoint goes up as 13 parallel parts instead of 4.
+        self.transfer = TransferConfig(multipart_threshold=16 * _MIB, multipart_chunksize=16 * _MIB, max_concurrency=8)
 
     def ensure_buckets(self, buckets: list[str]) -> None:
         """Create missing buckets (embedded/dev only; production buckets are provisioned)."""
