@@ -98,3 +98,12 @@ async def _until(condition, timeout: float = 10.0) -> None:  # type: ignore[no-u
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError("condition not met in time")
         await asyncio.sleep(0.02)
+
+
+def test_a_retry_is_shown_as_retrying_then_running_again() -> None:
+    view = JobView(job_id="j1")
+    translate(JobStarted(job_id="j1", attempt=1, seq=1, runner_id="r1"), seq=1, view=view)
+    retry = translate(JobQueued(job_id="j1", attempt=2, status="retrying"), seq=2, view=view)
+    assert [(m["old_status"], m["new_status"]) for m in retry] == [("running", "retrying")]
+    again = translate(JobStarted(job_id="j1", attempt=2, seq=1, runner_id="r2"), seq=3, view=view)
+    assert [(m["old_status"], m["new_status"]) for m in again] == [("retrying", "running")]

@@ -78,7 +78,8 @@ def translate(event: JobEvent, *, seq: int, view: JobView) -> list[WsMessage]:
         return []  # fencing: a superseded attempt must not move the job shown to users
     view.attempt = event.attempt
     messages: list[WsMessage] = []
-    new_status = _STATUS_OF.get(type(event))
+    # A queued attempt waits as `queued`, `retrying` or `resuming`; the event says which.
+    new_status = event.status if isinstance(event, JobQueued) else _STATUS_OF.get(type(event))
     if new_status is not None and new_status != view.status:
         messages.append(
             {
