@@ -183,14 +183,15 @@ def _terminal(
 Send = Callable[[WsMessage], Awaitable[None]]
 
 
-class JobFeed:
-    """One client's subscription to one job: replay, then live, in stream order."""
+class JobEventReader:
+    """An ordered consumer over one job's events from the first one, each decoded and translated once.
 
-    def __init__(self, *, bus: Bus, job_id: str, last_seq: int | None, send: Send) -> None:
+    Subclasses decide where the translated messages of each event go (`on_messages`).
+    """
+
+    def __init__(self, *, bus: Bus, job_id: str) -> None:
         self.job_id = job_id
         self._bus = bus
-        self._last_seq = last_seq or 0
-        self._send = send
         self._view = JobView(job_id=job_id)
         self._subscription: Any = None
 
@@ -210,12 +211,11 @@ class JobFeed:
         except ValueError:
             log.warning("undecodable event on live feed", extra={"subject": msg.subject, "seq": seq})
             return
-        messages = translate(event, seq=seq, view=self._view)
-        if seq <= self._last_seq:
-            return  # the client has it already; it only rebuilt the view
-        self._last_seq = seq
-        for message in messages:
-            await self._send(message)
+        await self.on_messages(seq, translate(event, seq=seq, view=self._view))
+
+    async def on_messages(self, seq: int, messages: list[WsMessage]) -> None:
+        """Handle the messages one event translated to (possibly none: it may only move the view)."""
+        raise NotImplementedError
 
     async def stop(self) -> None:
         """Close the consumer."""
@@ -225,6 +225,23 @@ class JobFeed:
             except Exception:  # the connection may already be gone
                 pass
             self._subscription = None
+
+
+class JobFeed(JobEventReader):
+    """One client's subscription to one job: replay, then live, in stream order."""
+
+    def __init__(self, *, bus: Bus, job_id: str, last_seq: int | None, send: Send) -> None:
+        super().__init__(bus=bus, job_id=job_id)
+        self._last_seq = last_seq or 0
+        self._send = send
+
+    async def on_messages(self, seq: int, messages: list[WsMessage]) -> None:
+        """Send what lies after the client's `last_seq`."""
+        if seq <= self._last_seq:
+            return  # the client has it already; it only rebuilt the view
+        self._last_seq = seq
+        for message in messages:
+            await self._send(message)
 
 
 @dataclass

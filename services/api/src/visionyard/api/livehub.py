@@ -17,16 +17,11 @@ import json
 import logging
 from collections import deque
 from collections.abc import Callable
-from typing import Any
 
-from nats.aio.msg import Msg
-from nats.js import api
 
-from visionyard.shared import subjects
 from visionyard.shared.bus import Bus
-from visionyard.shared.events import decode_job_event
 
-from visionyard.api.live import JobView, translate
+from visionyard.api.live import JobEventReader, WsMessage
 
 log = logging.getLogger("visionyard.api.livehub")
 
@@ -53,38 +48,20 @@ class Listener:
             self._offer(text)
 
 
-class SharedJobFeed:
+class SharedJobFeed(JobEventReader):
     """The ordered consumer of one job's events, its view, recent messages and listeners."""
 
     def __init__(self, *, bus: Bus, job_id: str, retain: int) -> None:
-        self.job_id = job_id
-        self._bus = bus
-        self._view = JobView(job_id=job_id)
+        super().__init__(bus=bus, job_id=job_id)
         self._retain = retain
         self._history: deque[Entry] = deque()
         self._held = 0
         # The highest seq dropped from the history: a listener behind it cannot be served from memory.
         self._dropped_upto = 0
         self.listeners: set[Listener] = set()
-        self._subscription: Any = None
 
-    async def start(self) -> None:
-        """Open the ordered consumer over the job's events, from the first one."""
-        self._subscription = await self._bus.js.subscribe(
-            subjects.job_events(self.job_id),
-            cb=self._on_message,
-            ordered_consumer=True,
-            deliver_policy=api.DeliverPolicy.ALL,
-        )
-
-    async def _on_message(self, msg: Msg) -> None:
-        seq = msg.metadata.sequence.stream
-        try:
-            event = decode_job_event(msg.subject, msg.data)
-        except ValueError:
-            log.warning("undecodable event on live feed", extra={"subject": msg.subject, "seq": seq})
-            return
-        messages = translate(event, seq=seq, view=self._view)
+    async def on_messages(self, seq: int, messages: list[WsMessage]) -> None:
+        """Encode the event's messages once, keep them, and offer them to every listener."""
         if not messages:
             return
         # Same encoding as Starlette's `send_json`, done once for every client.
@@ -107,16 +84,6 @@ class SharedJobFeed:
         for entry in self._history:
             listener.take(entry)
         self.listeners.add(listener)
-
-    async def stop(self) -> None:
-        """Close the consumer."""
-        if self._subscription is not None:
-            try:
-                await self._subscription.unsubscribe()
-            except Exception:  # the connection may already be gone
-                pass
-            self._subscription = None
-
 
 class FeedHandle:
     """What a client holds while it watches a job through a shared feed."""
