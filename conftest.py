@@ -9,6 +9,7 @@ import pytest
 
 from visionyard.shared.bus import Bus
 from visionyard.shared.natsserver import NatsServer
+from visionyard.shared.s3server import MotoS3Server
 
 
 @pytest.fixture
@@ -26,3 +27,11 @@ async def bus(nats_server: NatsServer) -> AsyncIterator[Bus]:
     await connected.ensure_topology()
     yield connected
     await connected.close()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real S3 endpoint on loopback: moto's standalone server as a subprocess."""
+    server = MotoS3Server(log_path=tmp_path_factory.mktemp("moto") / "moto.log").start()
+    yield server.url
+    server.stop()

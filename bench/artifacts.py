@@ -12,45 +12,17 @@ import asyncio
 import json
 import os
 import statistics
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import boto3
 import nats
 
 from bench.harness import BenchStack, row, spread, synthetic_config, tiny_imagefolder_zip
-from visionyard.shared.natsserver import free_port
+from visionyard.shared.s3server import MotoS3Server
 
 GOAL_RATIO = 0.5
 CREDENTIALS = {"aws_access_key_id": "bench", "aws_secret_access_key": "bench"}
-
-
-class MotoServer:
-    """moto's standalone S3 server as a subprocess on a free loopback port."""
-
-    def __init__(self, log_path: Path) -> None:
-        self.url = f"http://127.0.0.1:{free_port()}"
-        with log_path.open("wb") as log_file:
-            self.process = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1",
-                                             "-p", self.url.rsplit(":", 1)[1]],
-                                            stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with urllib.request.urlopen(f"{self.url}/moto-api/", timeout=1):
-                    return
-            except OSError:
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("moto_server did not start") from None
-                time.sleep(0.05)
-
-    def stop(self) -> None:
-        """Terminate it."""
-        self.process.terminate()
-        self.process.wait(timeout=10)
 
 
 def direct_upload_seconds(endpoint: str, path: Path) -> float:
@@ -126,7 +98,7 @@ async def run(scratch: Path, *, quick: bool, runs: int) -> str:
     with sample.open("wb") as handle:
         for _ in range(megabytes):
             handle.write(os.urandom(1 << 20))
-    moto = MotoServer(scratch / "moto.log")
+    moto = MotoS3Server(log_path=scratch / "moto.log").start()
     direct: list[float] = []
     through: list[float] = []
     try:

@@ -4,10 +4,7 @@ short ack waits) shared by every scenario, a REST client, the digits dataset, an
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,40 +24,6 @@ EXTERNAL_BUCKET = "faults-external"
 ACK_WAITS = {"runner": 4.0, "tracker": 6.0, "storage-artifacts": 6.0, "api-projector": 6.0}
 
 FIGURES: list[dict[str, Any]] = []
-
-
-@pytest.fixture(scope="session")
-def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """moto's standalone S3 server on a loopback port."""
-    binary = Path(sys.executable).with_name("moto_server")
-    if not binary.exists():
-        pytest.skip("moto_server is not installed in this venv")
-    port = free_port()
-    log_file = tmp_path_factory.mktemp("moto") / "moto.log"
-    with log_file.open("wb") as log:
-        process = subprocess.Popen([str(binary), "-H", "127.0.0.1", "-p", str(port)],
-                                   stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"moto_server exited with {process.returncode}: {log_file.read_text()}")
-            try:
-                with urllib.request.urlopen(f"{url}/moto-api/", timeout=1):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise TimeoutError("moto_server did not answer") from None
-                time.sleep(0.05)
-        yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 @pytest.fixture(scope="session")
