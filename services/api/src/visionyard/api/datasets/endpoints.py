@@ -269,18 +269,7 @@ def _folder_member_name(raw: str | None, index: int) -> str:
 
 async def _receive_folder(request: Request, target: Path, *, limit: int) -> int:
     """Write every uploaded part into a stored zip on disk, chunk by chunk; the number of files."""
-    received = 0
-
-    async def counting_receive() -> Message:
-        nonlocal received
-        message = await request.receive()
-        if message["type"] == "http.request":
-            received += len(message.get("body", b""))
-            if received > limit + MULTIPART_SLACK:
-                raise TooLarge(f"files: the upload exceeds the limit of {limit} bytes")
-        return message
-
-    counted = Request(request.scope, counting_receive)
+    counted = _size_limited(request, limit=limit, field="files")
     seen: dict[str, int] = {}
     async with counted.form(max_files=MAX_FOLDER_FILES + 1, max_fields=20) as form:
         parts: list[tuple[str, UploadFile]] = []
@@ -323,20 +312,27 @@ async def _receive_raw(request: Request, target: Path, *, limit: int) -> None:
         raise InvalidInput("file", "the request body is empty")
 
 
-async def _receive_multipart(request: Request, target: Path, *, limit: int) -> str:
+def _size_limited(request: Request, *, limit: int, field: str) -> Request:
+    """The request, refusing (413 naming `field`) once its body passes `limit` plus multipart framing.
+
+    The refusal comes while the body streams in, before the form parser spools an oversized file to disk.
+    """
     received = 0
 
     async def counting_receive() -> Message:
-        # Refuse while the body streams in, before the parser spools an oversized file to disk.
         nonlocal received
         message = await request.receive()
         if message["type"] == "http.request":
             received += len(message.get("body", b""))
             if received > limit + MULTIPART_SLACK:
-                raise TooLarge(f"file: the upload exceeds the limit of {limit} bytes")
+                raise TooLarge(f"{field}: the upload exceeds the limit of {limit} bytes")
         return message
 
-    counted = Request(request.scope, counting_receive)
+    return Request(request.scope, counting_receive)
+
+
+async def _receive_multipart(request: Request, target: Path, *, limit: int) -> str:
+    counted = _size_limited(request, limit=limit, field="file")
     async with counted.form(max_files=1, max_fields=20) as form:
         upload = form.get("file")
         if not isinstance(upload, UploadFile):
