@@ -3,7 +3,8 @@
 It speaks the SDK's JSON-line protocol directly and imports nothing heavy, so what the benchmarks
 measure is the platform, not a model. `advanced_config` chooses what it does: `events` progress
 events (`rate` per second, 0 = as fast as it can), after `warmup` seconds; an optional checkpoint of
-`checkpoint_mb` MB. Each progress event carries `t_emit` (wall clock at emit) and `t_spawned` (the
+`checkpoint_mb` MB; with `epoch_checkpoint_kb`, a `last` checkpoint of that size after every progress
+event and a `best` one after every other, as a real trainer saves them. Each progress event carries `t_emit` (wall clock at emit) and `t_spawned` (the
 first statement of this process) in its metrics, so receivers can measure latency and dispatch.
 """
 
@@ -25,6 +26,9 @@ def main() -> None:
     rate = float(advanced.get("rate", 0))
     warmup = float(advanced.get("warmup", 0))
     checkpoint_mb = int(advanced.get("checkpoint_mb", 0))
+    epoch_checkpoint_kb = int(advanced.get("epoch_checkpoint_kb", 0))
+    outbox = job["outbox_dir"]
+    os.makedirs(outbox, exist_ok=True)
     fd = os.environ.get("VISIONYARD_EVENTS_FD")
     sink = os.fdopen(int(fd), "w", buffering=1 << 16) if fd else sys.stderr
     if warmup:
@@ -41,11 +45,17 @@ def main() -> None:
         record = {"type": "progress", "epoch": index, "total_epochs": events, "step": None, "ts": now,
                   "metrics": {"loss": 1.0 / index, "t_emit": now, "t_spawned": SPAWNED}}
         sink.write(json.dumps(record, separators=(",", ":")) + "\n")
+        if epoch_checkpoint_kb:
+            for kind in ("last", "best") if index % 2 else ("last",):
+                # A fresh file per declaration, as the SDK's copy into the outbox makes.
+                path = os.path.join(outbox, f"{index}-{kind}.pt")
+                with open(path, "wb") as handle:
+                    handle.write(os.urandom(epoch_checkpoint_kb << 10))
+                sink.write(json.dumps({"type": "checkpoint", "kind": kind, "path": path, "epoch": index,
+                                       "ts": time.time()}) + "\n")
         if interval:
             sink.flush()
     if checkpoint_mb:
-        outbox = os.path.join(job["outbox_dir"])
-        os.makedirs(outbox, exist_ok=True)
         path = os.path.join(outbox, "best.pt")
         block = os.urandom(1 << 20)
         with open(path, "wb") as handle:

@@ -44,6 +44,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory, s3_endpoint: str) -> Iterato
         extra_env={
             "VISIONYARD_TOPOLOGY_ACK_WAITS": json.dumps(ACK_WAITS),
             "VISIONYARD_RUNNER_HEARTBEAT_SECONDS": "1",
+            # Checkpoints held back by the cadence, but briefly: failover resumes from a recent one.
+            "VISIONYARD_RUNNER_CHECKPOINT_INTERVAL_SECONDS": "1",
             "VISIONYARD_RUNNER_SLOTS": "1",
             "VISIONYARD_RUNNER_CANCEL_GRACE_SECONDS": "5",
         },

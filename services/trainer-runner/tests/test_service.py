@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from visionyard.runner.adapters.staging import safe_extract
+from visionyard.runner.cadence import CheckpointCadence, CheckpointReported
 from visionyard.runner.service import (
     AttemptEvents,
     AttemptOutcome,
@@ -58,7 +59,9 @@ def test_sdk_lines_become_events_with_monotonic_seq() -> None:
     progress = events.from_sdk_line(sdk(type="progress", epoch=1, total_epochs=2, metrics={"loss": 0.5}))
     garbage = events.from_sdk_line("{not json")
     log = events.from_output("stderr", "warning: slow\n")
-    checkpoint = events.from_sdk_line(sdk(type="checkpoint", kind="best", path="/tmp/x.pt", epoch=1))
+    reported = events.from_sdk_line(sdk(type="checkpoint", kind="best", path="/tmp/x.pt", epoch=1))
+    assert isinstance(reported, CheckpointReported) and reported.epoch == 1
+    checkpoint = events.checkpoint(reported)
     assert events.from_sdk_line(sdk(type="result", final_metrics={"accuracy": 0.9}, epochs_completed=2)) is None
     completed = events.terminal(TrainerExit(returncode=0))
     assert isinstance(started, JobStarted) and started.params["epochs"] == 2 and started.dataset_hash == "abc"
@@ -277,3 +280,74 @@ async def test_shutdown_hands_the_job_back_without_a_terminal_event(tmp_path: Pa
     attempts.held.stop_all(StopReason.SHUTDOWN)
     assert await task is AttemptOutcome.REQUEUE
     assert [type(i) for i in sink.items] == [JobStarted]
+
+
+# -- checkpoint cadence ----------------------------------------------------------------------------
+
+
+def reported(path: Path, kind: str = "last", order: int = 0) -> CheckpointReported:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"weights")
+    return CheckpointReported(kind=kind, path=path, epoch=order + 1, order=order)
+
+
+async def test_cadence_holds_only_the_newest_of_a_kind_and_deletes_the_copies_it_supersedes(tmp_path: Path) -> None:
+    staged: list[CheckpointReported] = []
+    outbox = tmp_path / "outbox"
+    cadence = CheckpointCadence(staged.append, interval=3600, outbox=outbox)
+    first, second, third = (reported(outbox / f"{n}-last.pt", order=n) for n in range(3))
+    best = reported(outbox / "3-best.pt", kind="best", order=3)
+    cadence.offer(first)
+    cadence.offer(second)
+    cadence.offer(best)  # another kind has its own interval
+    cadence.offer(third)
+    assert staged == [first, best]
+    assert not second.path.exists() and third.path.exists() and cadence.superseded == 1
+    cadence.flush()
+    assert staged == [first, best, third]
+
+
+async def test_cadence_releases_a_held_checkpoint_when_its_interval_is_up(tmp_path: Path) -> None:
+    staged: list[CheckpointReported] = []
+    cadence = CheckpointCadence(staged.append, interval=0.05, outbox=tmp_path)
+    first, second = reported(tmp_path / "a.pt"), reported(tmp_path / "b.pt", order=1)
+    cadence.offer(first)
+    cadence.offer(second)
+    assert staged == [first]
+    for _ in range(200):  # no flush: the timer alone passes it on
+        if len(staged) == 2:
+            break
+        await asyncio.sleep(0.01)
+    assert staged == [first, second]
+
+
+async def test_cadence_zero_passes_every_checkpoint_and_never_deletes_a_trainer_owned_path(tmp_path: Path) -> None:
+    staged: list[CheckpointReported] = []
+    cadence = CheckpointCadence(staged.append, interval=0, outbox=tmp_path / "outbox")
+    same = [reported(tmp_path / "output" / "last.pt", order=n) for n in range(3)]
+    for item in same:
+        cadence.offer(item)
+    assert staged == same and same[0].path.exists()
+
+
+async def test_held_checkpoints_get_their_seq_when_staged_and_the_newest_is_staged_at_exit(tmp_path: Path) -> None:
+    lines: list[tuple[str, str]] = []
+    for epoch in (1, 2, 3):
+        path = tmp_path / "jobs" / "job-1" / "1" / "outbox" / f"{epoch}-last.pt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"w")
+        lines += [("sdk", sdk(type="progress", epoch=epoch, total_epochs=3)),
+                  ("sdk", sdk(type="checkpoint", kind="last", path=str(path), epoch=epoch))]
+    trainer = FakeTrainer(lines, 0)
+    attempts, sink, _ = attempts_with(tmp_path, trainer=trainer)
+    config = command().config.model_copy(update={"advanced_config": {"checkpoint_interval_seconds": 3600}})
+    await attempts.run(command(config=config), delivered=1, final_delivery=False)
+    kinds = [type(item).__name__ for item in sink.items]
+    assert kinds == ["JobStarted", "ProgressReported", "CheckpointDeclared", "ProgressReported",
+                     "ProgressReported", "CheckpointDeclared", "JobCompleted"]
+    checkpoints = [item for item in sink.items if isinstance(item, CheckpointDeclared)]
+    assert [c.epoch for c in checkpoints] == [1, 3]
+    seqs = [item.seq for item in sink.items]  # type: ignore[attr-defined]
+    assert seqs == sorted(seqs) == list(range(1, len(seqs) + 1))
+    completed = sink.items[-1]
+    assert isinstance(completed, JobCompleted) and completed.declared_checkpoints == ["last"]

@@ -43,6 +43,10 @@ class RunnerSettings(ServiceSettings):
     # A trainer that says nothing (no SDK record, no output line) for this long is stopped as stalled;
     # a job may set its own `advanced_config.stall_seconds`. 0 disables the check.
     stall_seconds: float = Field(default=1800.0, ge=0)
+    # A job's checkpoints of one kind are staged at most once per this many seconds (the newest one,
+    # and always the last one at exit); a job may set `advanced_config.checkpoint_interval_seconds`.
+    # 0 stages every checkpoint a trainer declares. See runner/cadence.py.
+    checkpoint_interval_seconds: float = Field(default=10.0, ge=0)
 
     @model_validator(mode="after")
     def _derive(self) -> RunnerSettings:

@@ -41,6 +41,7 @@ def build_attempts(bus: Bus, settings: RunnerSettings, manifests: list[TrainerMa
             base_env=dict(settings.trainer_base_env),
             cancel_grace_seconds=settings.cancel_grace_seconds,
             stall_seconds=settings.stall_seconds,
+            checkpoint_interval_seconds=settings.checkpoint_interval_seconds,
         ),
         manifests=manifests,
         stager=BusStager(bus, cache_dir=work_dir / "cache"),

@@ -17,6 +17,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol
 
+from visionyard.runner.cadence import CheckpointCadence, CheckpointReported
 from visionyard.shared.bus import PermanentError
 from visionyard.shared.commands import DatasetRef, StartTraining
 from visionyard.shared.events import (
@@ -88,6 +89,7 @@ class AttemptEvents:
         self.job_id = job_id
         self.attempt = attempt
         self._seq = 0
+        self._reported = 0
         self.declared_checkpoints: list[str] = []
         self.result: dict[str, Any] | None = None
         self.last_progress: ProgressReported | None = None
@@ -114,8 +116,12 @@ class AttemptEvents:
             resumed_from_epoch=resumed_from_epoch,
         )
 
-    def from_sdk_line(self, line: str) -> Outgoing | None:
-        """Translate one SDK JSON line; `result` is kept for the terminal event and yields nothing."""
+    def from_sdk_line(self, line: str) -> Outgoing | CheckpointReported | None:
+        """Translate one SDK JSON line; `result` is kept for the terminal event and yields nothing.
+
+        A checkpoint comes back as `CheckpointReported` without a seq: `checkpoint()` stamps it when
+        the cadence passes it on.
+        """
         text = line.strip()
         if not text:
             return None
@@ -149,17 +155,14 @@ class AttemptEvents:
                 checkpoint_kind = str(record["kind"])
                 path = Path(str(record["path"]))
                 epoch = record.get("epoch")
-                stamp = self._next()
+                reported = CheckpointReported(
+                    kind=checkpoint_kind, path=path, epoch=int(epoch) if epoch is not None else None,
+                    order=self._reported,
+                )
+                self._reported += 1
                 if checkpoint_kind not in self.declared_checkpoints:
                     self.declared_checkpoints.append(checkpoint_kind)
-                return CheckpointDeclared(
-                    job_id=self.job_id,
-                    attempt=self.attempt,
-                    seq=stamp["seq"],
-                    kind=checkpoint_kind,
-                    path=path,
-                    epoch=int(epoch) if epoch is not None else None,
-                )
+                return reported
             if kind == "result":
                 self.result = record
                 return None
@@ -172,6 +175,12 @@ class AttemptEvents:
                 event_type="sdk_error",
                 message=f"unreadable SDK line ({error}): {text[:500]}",
             )
+
+    def checkpoint(self, reported: CheckpointReported) -> CheckpointDeclared:
+        """A reported checkpoint, stamped with the next seq: the publisher stages it, then announces it."""
+        return CheckpointDeclared(
+            **self._next(), kind=reported.kind, path=reported.path, epoch=reported.epoch
+        )
 
     def _peek(self) -> dict[str, Any]:
         # Validation happens before the seq is consumed, so a rejected line never leaves a gap.
@@ -449,6 +458,8 @@ class RunnerOptions:
     base_env: dict[str, str]
     cancel_grace_seconds: float
     stall_seconds: float = 0.0
+    # At most one checkpoint of each kind staged per this many seconds, the newest (cadence.py); 0: all.
+    checkpoint_interval_seconds: float = 0.0
 
 
 class TrainingAttempts:
@@ -597,7 +608,12 @@ class TrainingAttempts:
             resumed_from_epoch=resume.epoch if resume else None,
         ))
         activity = TrainerActivity()
-        pump = asyncio.create_task(self._pump(handle, events, sink, activity=activity))
+        cadence = CheckpointCadence(
+            lambda reported: sink.emit(events.checkpoint(reported)),
+            interval=job_limit(cmd, "checkpoint_interval_seconds", default=self.options.checkpoint_interval_seconds),
+            outbox=job.outbox_dir,
+        )
+        pump = asyncio.create_task(self._pump(handle, events, sink, cadence, activity=activity))
         exited = asyncio.create_task(handle.wait())
         stop_requested = asyncio.create_task(control.wait())
         stall_seconds = job_limit(cmd, "stall_seconds", default=self.options.stall_seconds)
@@ -624,6 +640,9 @@ class TrainingAttempts:
             exited.cancel()
         returncode = returncode if returncode is not None else final_code
         await pump
+        cadence.flush()  # however the trainer ended, its newest checkpoints are staged before the terminal event
+        if cadence.superseded:
+            logger.info("checkpoints superseded before staging", extra={"superseded": cadence.superseded})
         logger.info("trainer exited", extra={"returncode": returncode})
         terminal = events.terminal(TrainerExit(returncode=returncode, stopped_by=stopped_by))
         if terminal is None:
@@ -633,12 +652,20 @@ class TrainingAttempts:
         return await self._finish(sink, terminal)
 
     async def _pump(
-        self, handle: TrainerHandle, events: AttemptEvents, sink: EventSink, *, activity: TrainerActivity
+        self,
+        handle: TrainerHandle,
+        events: AttemptEvents,
+        sink: EventSink,
+        cadence: CheckpointCadence,
+        *,
+        activity: TrainerActivity,
     ) -> None:
         async for stream, text in handle.lines():
             activity.touch()
             item = events.from_sdk_line(text) if stream == "sdk" else events.from_output(stream, text)
-            if item is not None:
+            if isinstance(item, CheckpointReported):
+                cadence.offer(item)
+            elif item is not None:
                 sink.emit(item)
 
 
