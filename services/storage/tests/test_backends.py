@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import urllib.request
 import uuid
 from pathlib import Path
@@ -76,6 +77,50 @@ def test_delete_prefix_removes_only_that_prefix(backend) -> None:
     assert store.delete_prefix(bucket, "datasets/a/") == 2
     assert not store.exists(bucket, "datasets/a/1/dataset.zip")
     assert store.exists(bucket, "datasets/b/1/dataset.zip")
+
+
+def pending_uploads(store: ObjectBackend, bucket: str) -> int:
+    """Uploads begun but neither completed nor aborted: S3 multipart uploads, local partial files."""
+    if isinstance(store, S3Backend):
+        return len(store.client.list_multipart_uploads(Bucket=bucket).get("Uploads", []))
+    assert isinstance(store, LocalDirectoryBackend)
+    return len(list((store.root / bucket / ".uploads").glob("*")))
+
+
+def stream_into(store: ObjectBackend, bucket: str, key: str, data: bytes, *, chunk: int = 1 << 20):  # type: ignore[no-untyped-def]
+    upload = store.begin_upload(bucket, key)
+    for start in range(0, len(data), chunk):
+        upload.write(data[start : start + chunk])
+    return upload
+
+
+def test_streamed_upload_appears_only_when_completed(backend) -> None:
+    store, bucket = backend
+    data = os.urandom(40 * 1024 * 1024 + 123)  # on S3: three parts, the last one short
+    upload = stream_into(store, bucket, "checkpoints/j/last.pt", data)
+    assert not store.exists(bucket, "checkpoints/j/last.pt")
+    uri = upload.complete()
+    upload.abort()  # after completion: nothing to undo
+    assert store.parse_uri(uri) == (bucket, "checkpoints/j/last.pt")
+    assert store.sha256(bucket, "checkpoints/j/last.pt") == hashlib.sha256(data).hexdigest()
+    small = stream_into(store, bucket, "checkpoints/j/best.pt", b"tiny weights")
+    small.complete()
+    assert store.read_bytes(bucket, "checkpoints/j/best.pt") == b"tiny weights"
+    assert pending_uploads(store, bucket) == 0
+
+
+def test_aborted_upload_leaves_the_previous_object_and_nothing_pending(backend) -> None:
+    store, bucket = backend
+    store.write_bytes(bucket, "checkpoints/j/best.pt", b"the stored one")
+    upload = stream_into(store, bucket, "checkpoints/j/best.pt", os.urandom(20 * 1024 * 1024))
+    upload.abort()
+    upload.abort()  # idempotent
+    assert store.read_bytes(bucket, "checkpoints/j/best.pt") == b"the stored one"
+    assert pending_uploads(store, bucket) == 0
+    never = stream_into(store, bucket, "checkpoints/k/best.pt", b"x" * 1000)
+    never.abort()
+    assert not store.exists(bucket, "checkpoints/k/best.pt")
+    assert store.list_folders(bucket, "checkpoints/") == ["j"]  # not even a folder for k
 
 
 def test_local_backend_refuses_keys_and_uris_outside_its_root(tmp_path: Path) -> None:

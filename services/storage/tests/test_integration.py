@@ -30,7 +30,7 @@ from visionyard.shared.events import (
 )
 from visionyard.shared.messages import Message
 from visionyard.shared.natsserver import NatsServer
-from visionyard.storage.adapters.local import LocalDirectoryBackend
+from visionyard.storage.adapters.local import LocalDirectoryBackend, PartialFileUpload
 from visionyard.storage.adapters.staging import BusStagingArea
 from visionyard.storage.config import StorageSettings
 from visionyard.storage.handlers import StorageHandlers
@@ -191,13 +191,13 @@ class FlakyPublisher:
 
 
 class CountingBackend(LocalDirectoryBackend):
-    """The local backend, counting file uploads."""
+    """The local backend, counting streamed uploads."""
 
-    puts = 0
+    uploads = 0
 
-    def put_file(self, bucket: str, key: str, path: Path) -> str:
-        self.puts += 1
-        return super().put_file(bucket, key, path)
+    def begin_upload(self, bucket: str, key: str) -> PartialFileUpload:
+        self.uploads += 1
+        return super().begin_upload(bucket, key)
 
 
 async def test_redelivered_checkpoint_event_is_stored_once_and_announced_once(bus: Bus, tmp_path: Path) -> None:
@@ -221,7 +221,7 @@ async def test_redelivered_checkpoint_event_is_stored_once_and_announced_once(bu
     stop.set()
     await asyncio.wait_for(consumer, WAIT)
 
-    assert backend.puts == 1
+    assert backend.uploads == 1
     assert ArtifactStored.model_validate_json(first.data).message_id == f"stored-{event.message_id}"
     assert ArtifactStored.model_validate_json(second.data).message_id == "stored-retry-from-runner"
     info = await bus.js.stream_info(streams.EVENTS.name, subjects_filter=subjects.job_event("job4", "artifact_stored"))
@@ -251,6 +251,50 @@ async def test_checkpoint_is_stored_in_s3(bus: Bus, nats_server: NatsServer, s3_
     assert s3.sha256("it-internal", "checkpoints/job5/best.pt") == event.sha256
     sidecar = json.loads(s3.read_bytes("it-internal", "checkpoints/job5/best.json") or b"{}")
     assert sidecar["seq"] == 1 and sidecar["sha256"] == event.sha256 and sidecar["uri"] == stored.uri
+
+
+async def test_large_checkpoint_streams_into_s3_and_a_corrupt_one_is_aborted(
+    bus: Bus, nats_server: NatsServer, s3_endpoint: str, tmp_path: Path
+) -> None:
+    from visionyard.storage.adapters.s3 import S3Backend
+
+    settings = StorageSettings(
+        nats_url=nats_server.url, data_dir=tmp_path / "data", backend="s3", s3_endpoint_url=s3_endpoint,
+        s3_access_key_id="testing", s3_secret_access_key="testing",
+        internal_bucket="it-internal-big", external_bucket="it-external-big",
+    )
+    s3 = S3Backend(endpoint_url=s3_endpoint, access_key_id="testing", secret_access_key="testing")
+    events = await bus.nc.subscribe(subjects.job_event("job6", "artifact_stored"))
+    stop, task = await start_storage(settings)
+    try:
+        data = os.urandom(40 * 1024 * 1024)  # three multipart parts
+        event = await stage_checkpoint(bus, tmp_path, data, job_id="job6")
+        stored = ArtifactStored.model_validate_json((await events.next_msg(timeout=WAIT)).data)
+        assert stored.size_bytes == len(data)
+        assert s3.sha256("it-internal-big", "checkpoints/job6/best.pt") == event.sha256
+
+        # Staged bytes that are not the declared ones: streamed up to the last byte, then never completed.
+        source = tmp_path / "job7.pt"
+        source.write_bytes(os.urandom(40 * 1024 * 1024))
+        await bus.put_file("ckpt/job7/1/1-best.pt", source)
+        await bus.publish(CheckpointStaged(
+            job_id="job7", attempt=1, seq=1, checkpoint_kind="best", object_name="ckpt/job7/1/1-best.pt",
+            sha256="0" * 64, size_bytes=source.stat().st_size,
+        ))
+        dead_letters = subjects.dead_letter(streams.STORAGE_ARTIFACTS.durable)
+        for _ in range(int(WAIT / 0.05)):
+            info = await bus.js.stream_info(streams.DEADLETTERS.name, subjects_filter=dead_letters)
+            if info.state.messages:
+                break
+            await asyncio.sleep(0.05)
+        dead = await bus.js.get_last_msg(streams.DEADLETTERS.name, dead_letters)
+        assert "sha256" in (dead.headers or {}).get("Visionyard-Reason", "")
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, WAIT)
+    assert not s3.exists("it-internal-big", "checkpoints/job7/best.pt")
+    assert s3.read_bytes("it-internal-big", "checkpoints/job7/best.json") is None
+    assert s3.client.list_multipart_uploads(Bucket="it-internal-big").get("Uploads", []) == []  # aborted
 
 
 def test_console_script_runs_until_sigterm_and_exits_zero(nats_server: NatsServer, tmp_path: Path) -> None:

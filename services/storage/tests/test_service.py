@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from visionyard.shared.events import (
     StageRequest,
 )
 from visionyard.shared.messages import Message
-from visionyard.storage.adapters.local import LocalDirectoryBackend
+from visionyard.storage.adapters.local import LocalDirectoryBackend, PartialFileUpload
 from visionyard.storage.ports import StagedObject, StagedObjectCorrupt, StagedObjectMissing
 from visionyard.storage.service import Buckets, InvalidMessage, StorageService
 
@@ -36,6 +37,15 @@ class FakeStaging:
             raise StagedObjectCorrupt(name)
         destination.write_bytes(self.objects[name])
         return destination
+
+    async def read(self, name: str, *, sha256: str, chunk_size: int = 4) -> AsyncIterator[bytes]:
+        if name not in self.objects:
+            raise StagedObjectMissing(name)
+        data = self.objects[name]
+        for start in range(0, len(data), chunk_size):
+            yield data[start : start + chunk_size]
+        if hashlib.sha256(data).hexdigest() != sha256:
+            raise StagedObjectCorrupt(name)  # like the bus: only after the last chunk
 
     async def stage(self, name: str, path: Path) -> StagedObject:
         self.objects[name] = path.read_bytes()
@@ -57,13 +67,18 @@ class FakePublisher:
 
 
 class CountingBackend(LocalDirectoryBackend):
-    """The local backend, counting file uploads."""
+    """The local backend, counting file uploads and streamed uploads."""
 
     puts = 0
+    uploads = 0
 
     def put_file(self, bucket: str, key: str, path: Path) -> str:
         self.puts += 1
         return super().put_file(bucket, key, path)
+
+    def begin_upload(self, bucket: str, key: str) -> PartialFileUpload:
+        self.uploads += 1
+        return super().begin_upload(bucket, key)
 
 
 @pytest.fixture
@@ -103,7 +118,7 @@ async def test_redelivered_checkpoint_is_copied_once_and_announced_once(parts) -
     await service.store_checkpoint(event)
     del staging.objects[event.object_name]  # even after its TTL a redelivery succeeds
     again = await service.store_checkpoint(event)
-    assert again is not None and backend.puts == 1
+    assert again is not None and backend.uploads == 1
     assert len(publisher.messages) == 1
 
 
@@ -126,6 +141,61 @@ async def test_vanished_staged_checkpoint_and_hostile_ids_are_permanent(parts) -
     hostile = event.model_copy(update={"job_id": "../../etc"})
     with pytest.raises(InvalidMessage):
         await service.store_checkpoint(hostile)
+
+
+async def test_corrupt_staged_checkpoint_is_never_stored_and_the_stored_one_stays(parts, tmp_path: Path) -> None:
+    service, backend, staging, publisher = parts
+    good = staged_checkpoint(staging, b"attempt-1 weights", seq=1)
+    await service.store_checkpoint(good)
+    sidecar_before = backend.read_bytes("int", "checkpoints/job1/best.json")
+    corrupt = staged_checkpoint(staging, b"attempt-1 weights, later", seq=2)
+    staging.objects[corrupt.object_name] = b"attempt-1 weights, lat3r"  # damaged after staging
+    with pytest.raises(StagedObjectCorrupt):
+        await service.store_checkpoint(corrupt)
+    # Every byte was streamed before the mismatch showed, yet the key still holds the verified file.
+    assert backend.read_bytes("int", "checkpoints/job1/best.pt") == b"attempt-1 weights"
+    assert backend.read_bytes("int", "checkpoints/job1/best.json") == sidecar_before
+    assert [m.seq for m in publisher.messages.values() if isinstance(m, ArtifactStored)] == [1]
+    assert not list((tmp_path / "root" / "int" / ".uploads").iterdir())  # the partial was discarded
+
+
+class FailingUploadBackend(CountingBackend):
+    """The local backend whose streamed uploads break after some bytes (a crash, a dead endpoint)."""
+
+    def begin_upload(self, bucket: str, key: str) -> PartialFileUpload:
+        upload = super().begin_upload(bucket, key)
+        written = 0
+
+        def write(data: bytes) -> None:
+            nonlocal written
+            written += len(data)
+            if written > 8:
+                raise ConnectionError("endpoint went away")
+            PartialFileUpload.write(upload, data)
+
+        upload.write = write  # type: ignore[method-assign]
+        return upload
+
+
+async def test_upload_failing_midway_leaves_nothing_and_is_retried_whole(tmp_path: Path) -> None:
+    backend = FailingUploadBackend(tmp_path / "root")
+    backend.ensure_buckets(["ext", "int"])
+    staging, publisher = FakeStaging(), FakePublisher()
+    service = StorageService(
+        backend=backend, staging=staging, publisher=publisher, workdir=tmp_path / "work", buckets=Buckets("ext", "int")
+    )
+    event = staged_checkpoint(staging, b"weights that take a while")
+    with pytest.raises(ConnectionError):  # transient: the handler naks it for a redelivery
+        await service.store_checkpoint(event)
+    assert not backend.exists("int", "checkpoints/job1/best.pt")
+    assert backend.read_bytes("int", "checkpoints/job1/best.json") is None and not publisher.messages
+    assert not list((tmp_path / "root" / "int" / ".uploads").iterdir())
+    healthy = StorageService(
+        backend=CountingBackend(tmp_path / "root"), staging=staging, publisher=publisher, workdir=tmp_path / "work",
+        buckets=Buckets("ext", "int"),
+    )
+    stored = await healthy.store_checkpoint(event)  # the redelivery
+    assert stored is not None and backend.read_bytes("int", "checkpoints/job1/best.pt") == b"weights that take a while"
 
 
 async def test_same_dataset_uploaded_twice_is_stored_once(parts, make_zip, flat_dataset) -> None:

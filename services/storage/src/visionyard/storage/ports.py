@@ -2,11 +2,28 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from visionyard.shared.messages import Message
+
+
+class ObjectUpload(Protocol):
+    """An object being written to a backend; nothing is visible under its key until `complete`.
+
+    Calls are blocking, like the backend's.
+    """
+
+    def write(self, data: bytes) -> None:
+        """Append bytes (blocks while the backend is behind, so memory stays bounded)."""
+
+    def complete(self) -> str:
+        """Make the object visible under its key, atomically; returns its URI."""
+
+    def abort(self) -> None:
+        """Discard what was written (idempotent); the key keeps whatever it held before."""
 
 
 class ObjectBackend(Protocol):
@@ -28,6 +45,9 @@ class ObjectBackend(Protocol):
 
     def put_file(self, bucket: str, key: str, path: Path) -> str:
         """Store a local file (atomically: readers see the old or the new object); returns its URI."""
+
+    def begin_upload(self, bucket: str, key: str) -> ObjectUpload:
+        """Start writing an object from a stream of bytes (a staged checkpoint as it is read)."""
 
     def get_file(self, bucket: str, key: str, destination: Path) -> Path:
         """Copy an object to a local file; `FileNotFoundError` when it does not exist."""
@@ -76,6 +96,11 @@ class StagingArea(Protocol):
 
     async def fetch(self, name: str, destination: Path, *, sha256: str) -> Path:
         """Copy a staged object to a local file, verifying its sha256."""
+
+    def read(self, name: str, *, sha256: str) -> AsyncIterator[bytes]:
+        """A staged object's bytes, chunk by chunk; `StagedObjectCorrupt` instead of the end of the
+        iteration when they do not hash to `sha256`, so a consumer that only commits after the last
+        chunk never commits other bytes. `StagedObjectMissing` when it is gone."""
 
     async def stage(self, name: str, path: Path) -> StagedObject:
         """Put a local file into the staging object store."""

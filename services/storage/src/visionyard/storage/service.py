@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import mimetypes
 import zipfile
@@ -190,7 +191,7 @@ class StorageService:
             uri = self.backend.uri(bucket, key)
             size = int(stored["size_bytes"]) if stored else event.size_bytes
         else:
-            uri, size = await self._copy_checkpoint(event, bucket=bucket, key=key)
+            uri, size = await self.copy_staged(event.object_name, sha256=event.sha256, bucket=bucket, key=key)
         sidecar = {
             "attempt": event.attempt,
             "seq": event.seq,
@@ -217,16 +218,28 @@ class StorageService:
         logger.info("stored checkpoint %s at %s%s", event.checkpoint_kind, uri, " (already there)" if already else "")
         return artifact
 
-    async def _copy_checkpoint(self, event: CheckpointStaged, *, bucket: str, key: str) -> tuple[str, int]:
-        with self._scratch() as scratch:
-            local = Path(scratch) / "checkpoint.pt"
-            await self.staging.fetch(event.object_name, local, sha256=event.sha256)
-            size = local.stat().st_size
-            uri = await asyncio.to_thread(self.backend.put_file, bucket, key, local)
-        written = await asyncio.to_thread(self.backend.sha256, bucket, key)
-        if written != event.sha256:
-            # Transient by nature (a torn write, a flaky endpoint): raising naks for a retry.
-            raise OSError(f"{uri} reads back with sha256 {written}, expected {event.sha256}")
+    async def copy_staged(self, object_name: str, *, sha256: str, bucket: str, key: str) -> tuple[str, int]:
+        """Stream a staged object into `bucket/key` as it is read; its URI and size.
+
+        No local copy and no read-back: the staging area hashes the bytes as they pass and raises
+        after the last chunk if they are not `sha256`, and only then is the upload completed, so a
+        corrupt object, a crash or any error mid-copy leaves nothing new under the key (the upload is
+        aborted; an interrupted S3 multipart upload is never completed).
+        """
+        upload = await asyncio.to_thread(self.backend.begin_upload, bucket, key)
+        size = 0
+        try:
+            async with contextlib.aclosing(self.staging.read(object_name, sha256=sha256)) as chunks:
+                async for chunk in chunks:
+                    size += len(chunk)
+                    await asyncio.to_thread(upload.write, chunk)
+            uri = await asyncio.to_thread(upload.complete)
+        except BaseException:
+            try:
+                await asyncio.to_thread(upload.abort)
+            except Exception:  # the upload stays invisible either way; the original error matters
+                log.warning("could not abort the upload of %s/%s", bucket, key, exc_info=True)
+            raise
         return uri, size
 
     # -- datasets --------------------------------------------------------------------------------

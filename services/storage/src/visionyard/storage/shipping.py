@@ -78,16 +78,10 @@ class ShippingStore:
         else:
             key, stored_type = inference_results_key(event.job_id), InferenceResultsStored
         if await asyncio.to_thread(service.backend.sha256, bucket, key) != event.sha256:
-            with service._scratch() as scratch:
-                local = Path(scratch) / PurePosixPath(key).name
-                try:
-                    await service.staging.fetch(event.object_name, local, sha256=event.sha256)
-                except (StagedObjectMissing, StagedObjectCorrupt) as error:
-                    raise PermanentError(str(error)) from error
-                await asyncio.to_thread(service.backend.put_file, bucket, key, local)
-            written = await asyncio.to_thread(service.backend.sha256, bucket, key)
-            if written != event.sha256:
-                raise OSError(f"{key} reads back with sha256 {written}, expected {event.sha256}")
+            try:
+                await service.copy_staged(event.object_name, sha256=event.sha256, bucket=bucket, key=key)
+            except (StagedObjectMissing, StagedObjectCorrupt) as error:
+                raise PermanentError(str(error)) from error
         stored = stored_type(
             message_id=f"stored-{event.message_id}", job_id=event.job_id, attempt=event.attempt, seq=event.seq,
             training_job_id=event.training_job_id, uri=service.backend.uri(bucket, key), sha256=event.sha256,

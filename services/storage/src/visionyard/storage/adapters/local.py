@@ -11,6 +11,7 @@ import os
 import shutil
 import uuid
 from pathlib import Path
+from typing import BinaryIO
 from urllib.parse import unquote, urlparse
 
 
@@ -60,6 +61,17 @@ class LocalDirectoryBackend:
         finally:
             partial.unlink(missing_ok=True)
         return target.as_uri()
+
+    def begin_upload(self, bucket: str, key: str) -> PartialFileUpload:
+        """Write into a hidden partial file, renamed into place on `complete`.
+
+        The partial lives in the bucket's hidden `.uploads/` folder (same file system, so the rename
+        is atomic) rather than beside the target: an aborted upload leaves not even a folder behind.
+        """
+        target = self._path(bucket, key, create=False)
+        uploads = self._bucket_dir(bucket) / ".uploads"
+        uploads.mkdir(parents=True, exist_ok=True)
+        return PartialFileUpload(target, uploads / f"{uuid.uuid4().hex}.partial")
 
     def get_file(self, bucket: str, key: str, destination: Path) -> Path:
         """Copy an object out (atomically at the destination)."""
@@ -173,3 +185,41 @@ class LocalDirectoryBackend:
     @staticmethod
     def _partial(target: Path) -> Path:
         return target.with_name(f".{target.name}.{uuid.uuid4().hex}.partial")
+
+
+class PartialFileUpload:
+    """An object being written to a partial file; `complete` fsyncs and renames it into place."""
+
+    def __init__(self, target: Path, partial: Path) -> None:
+        self.target = target
+        self.partial = partial
+        self._sink: BinaryIO | None = partial.open("wb")
+
+    def write(self, data: bytes) -> None:
+        """Append to the partial file."""
+        if self._sink is None:
+            raise ValueError(f"upload of {self.target} is already finished")
+        self._sink.write(data)
+
+    def complete(self) -> str:
+        """Flush, fsync and rename into place; returns the object's URI."""
+        if self._sink is None:
+            raise ValueError(f"upload of {self.target} is already finished")
+        try:
+            self._sink.flush()
+            os.fsync(self._sink.fileno())
+            self._sink.close()
+            self._sink = None
+            self.target.parent.mkdir(parents=True, exist_ok=True)
+            self.partial.replace(self.target)
+        except BaseException:
+            self.abort()
+            raise
+        return self.target.as_uri()
+
+    def abort(self) -> None:
+        """Close and remove the partial file (idempotent)."""
+        if self._sink is not None:
+            self._sink.close()
+            self._sink = None
+        self.partial.unlink(missing_ok=True)

@@ -6,7 +6,10 @@ makes a completed PutObject/multipart upload visible atomically, so readers neve
 
 from __future__ import annotations
 
+import base64
+import collections
 import hashlib
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -18,6 +21,8 @@ from botocore.exceptions import ClientError
 
 _MIB = 1024 * 1024
 _NOT_FOUND = {"404", "NoSuchKey", "NotFound"}
+_PART_SIZE = 16 * _MIB
+_PARTS_IN_FLIGHT = 8
 
 
 class S3Backend:
@@ -43,10 +48,17 @@ class S3Backend:
             region_name=region,
             aws_access_key_id=access_key_id,
             aws_secret_access_key=secret_access_key,
-            config=Config(signature_version="s3v4", retries={"max_attempts": 5, "mode": "standard"}),
+            # Room for every part in flight plus the calls beside them (sidecars, HEADs).
+            config=Config(
+                signature_version="s3v4", retries={"max_attempts": 5, "mode": "standard"},
+                max_pool_connections=2 * _PARTS_IN_FLIGHT + 4,
+            ),
         )
         # 16 MiB parts sent 8 at a time: a 200 MB checkpoint goes up as 13 parallel parts instead of 4.
-        self.transfer = TransferConfig(multipart_threshold=16 * _MIB, multipart_chunksize=16 * _MIB, max_concurrency=8)
+        self.transfer = TransferConfig(
+            multipart_threshold=_PART_SIZE, multipart_chunksize=_PART_SIZE, max_concurrency=_PARTS_IN_FLIGHT
+        )
+        self._part_senders = ThreadPoolExecutor(max_workers=_PARTS_IN_FLIGHT, thread_name_prefix="s3-part")
 
     def ensure_buckets(self, buckets: list[str]) -> None:
         """Create missing buckets (embedded/dev only; production buckets are provisioned)."""
@@ -79,9 +91,13 @@ class S3Backend:
         return parsed.netloc, key
 
     def put_file(self, bucket: str, key: str, path: Path) -> str:
-        """Upload a file (multipart above 64 MiB)."""
+        """Upload a file (multipart above 16 MiB)."""
         self.client.upload_file(str(path), bucket, key, Config=self.transfer)
         return self.uri(bucket, key)
+
+    def begin_upload(self, bucket: str, key: str) -> MultipartUpload:
+        """A streamed upload: parts go up while later bytes are still arriving."""
+        return MultipartUpload(self.client, bucket, key, uri=self.uri(bucket, key), senders=self._part_senders)
 
     def get_file(self, bucket: str, key: str, destination: Path) -> Path:
         """Download an object to a local file, renamed into place when complete."""
@@ -163,6 +179,93 @@ class S3Backend:
             for common in page.get("CommonPrefixes", []):
                 folders.append(str(common["Prefix"])[len(prefix):].rstrip("/"))
         return sorted(folders)
+
+
+class MultipartUpload:
+    """One object streamed into S3 as a multipart upload, each part carrying its SHA-256.
+
+    S3 rejects a part whose bytes do not match its SHA-256 (BadDigest), and the completion names each
+    part by its ETag and SHA-256, so the completed object is exactly the bytes written here without
+    reading it back (on S3 and stores that implement its checksums; moto, the test endpoint, does not).
+    Until `complete` nothing is visible under the key; `abort` discards the parts. An object smaller
+    than one part goes up as a single PutObject with its checksum.
+    """
+
+    def __init__(self, client: Any, bucket: str, key: str, *, uri: str, senders: ThreadPoolExecutor) -> None:
+        self.client = client
+        self.bucket = bucket
+        self.key = key
+        self.uri = uri
+        self._senders = senders
+        self._buffer = bytearray()
+        self._upload_id: str | None = None
+        self._in_flight: collections.deque[Future[dict[str, Any]]] = collections.deque()
+        self._parts: list[dict[str, Any]] = []
+        self._finished = False
+
+    def write(self, data: bytes) -> None:
+        """Buffer bytes; every full part is sent in the background, at most 8 at a time."""
+        self._buffer += data
+        while len(self._buffer) >= _PART_SIZE:
+            with memoryview(self._buffer) as view:
+                part = bytes(view[:_PART_SIZE])
+            del self._buffer[:_PART_SIZE]
+            self._send(part)
+
+    def complete(self) -> str:
+        """Send what is left, wait for every part, and complete the upload (or PutObject a small one)."""
+        if self._upload_id is None:
+            body = bytes(self._buffer)
+            self.client.put_object(Bucket=self.bucket, Key=self.key, Body=body, ChecksumSHA256=_checksum(body))
+        else:
+            if self._buffer:
+                self._send(bytes(self._buffer))
+            while self._in_flight:
+                self._parts.append(self._in_flight.popleft().result())
+            self.client.complete_multipart_upload(
+                Bucket=self.bucket, Key=self.key, UploadId=self._upload_id, MultipartUpload={"Parts": self._parts}
+            )
+        self._buffer.clear()
+        self._finished = True
+        return self.uri
+
+    def abort(self) -> None:
+        """Stop sending parts and abort the multipart upload; nothing appears under the key."""
+        self._buffer.clear()
+        if self._finished or self._upload_id is None:
+            return
+        for future in self._in_flight:
+            future.cancel()
+        # A part still being sent when the upload is aborted could linger: wait for them first.
+        for future in self._in_flight:
+            if not future.cancelled():
+                future.exception()
+        self._in_flight.clear()
+        self.client.abort_multipart_upload(Bucket=self.bucket, Key=self.key, UploadId=self._upload_id)
+        self._finished = True
+
+    def _send(self, part: bytes) -> None:
+        if self._upload_id is None:
+            reply = self.client.create_multipart_upload(Bucket=self.bucket, Key=self.key, ChecksumAlgorithm="SHA256")
+            self._upload_id = str(reply["UploadId"])
+        # Backpressure: the caller waits for the oldest part before an (N+1)th is held in memory.
+        while len(self._in_flight) >= _PARTS_IN_FLIGHT:
+            self._parts.append(self._in_flight.popleft().result())
+        number = len(self._parts) + len(self._in_flight) + 1
+        self._in_flight.append(self._senders.submit(self._send_part, number, part))
+
+    def _send_part(self, number: int, part: bytes) -> dict[str, Any]:
+        checksum = _checksum(part)
+        reply = self.client.upload_part(
+            Bucket=self.bucket, Key=self.key, UploadId=self._upload_id, PartNumber=number, Body=part,
+            ChecksumAlgorithm="SHA256", ChecksumSHA256=checksum,
+        )
+        return {"PartNumber": number, "ETag": reply["ETag"], "ChecksumSHA256": checksum}
+
+
+def _checksum(data: bytes) -> str:
+    """The base64 SHA-256 S3 checks a body against."""
+    return base64.b64encode(hashlib.sha256(data).digest()).decode()
 
 
 def _code(error: ClientError) -> str:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from nats.js.errors import NotFoundError
@@ -23,6 +25,17 @@ class BusStagingArea:
         """Copy a staged object out, verifying its sha256."""
         try:
             return await self.bus.get_file(name, destination, sha256=sha256)
+        except NotFoundError as error:
+            raise StagedObjectMissing(f"staged object {name} is gone (expired or never staged)") from error
+        except PermanentError as error:  # the bus raises it for a sha256 mismatch
+            raise StagedObjectCorrupt(str(error)) from error
+
+    async def read(self, name: str, *, sha256: str) -> AsyncIterator[bytes]:
+        """A staged object's bytes as they arrive; the bus checks the sha256 after the last chunk."""
+        try:
+            async with contextlib.aclosing(self.bus.read_object(name, sha256=sha256)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
         except NotFoundError as error:
             raise StagedObjectMissing(f"staged object {name} is gone (expired or never staged)") from error
         except PermanentError as error:  # the bus raises it for a sha256 mismatch
