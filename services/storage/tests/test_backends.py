@@ -123,6 +123,15 @@ def test_aborted_upload_leaves_the_previous_object_and_nothing_pending(backend) 
     assert store.list_folders(bucket, "checkpoints/") == ["j"]  # not even a folder for k
 
 
+def test_buckets_it_creates_abort_incomplete_multipart_uploads(s3_endpoint: str) -> None:
+    # A storage process killed mid-upload must not leave invisible parts behind for ever.
+    store = s3_backend(s3_endpoint)
+    bucket = f"test-{uuid.uuid4().hex[:12]}"
+    store.ensure_buckets([bucket])
+    rules = store.client.get_bucket_lifecycle_configuration(Bucket=bucket)["Rules"]
+    assert [rule["AbortIncompleteMultipartUpload"]["DaysAfterInitiation"] for rule in rules] == [1]
+
+
 def test_local_backend_refuses_keys_and_uris_outside_its_root(tmp_path: Path) -> None:
     store = LocalDirectoryBackend(tmp_path / "root")
     with pytest.raises(ValueError):

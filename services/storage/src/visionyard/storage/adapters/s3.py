@@ -77,6 +77,15 @@ class S3Backend:
             except ClientError as error:
                 if _code(error) not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
                     raise
+            # A storage process killed mid-upload leaves an unfinished multipart upload: invisible, but
+            # billed until aborted. Buckets provisioned elsewhere need the same rule.
+            self.client.put_bucket_lifecycle_configuration(
+                Bucket=bucket,
+                LifecycleConfiguration={"Rules": [{
+                    "ID": "visionyard-abort-incomplete-uploads", "Status": "Enabled", "Filter": {"Prefix": ""},
+                    "AbortIncompleteMultipartUpload": {"DaysAfterInitiation": 1},
+                }]},
+            )
 
     def uri(self, bucket: str, key: str) -> str:
         """`s3://bucket/key`."""
