@@ -71,3 +71,33 @@ async def test_object_store_round_trip_verifies_sha256(bus: Bus, tmp_path: Path)
     with pytest.raises(PermanentError):
         await bus.get_file("t/blob", tmp_path / "bad.bin", sha256="0" * 64)
     assert not (tmp_path / "bad.bin").exists()
+
+
+async def test_lingering_batches_gather_a_trickle_into_one_handler_call(bus: Bus) -> None:
+    # A handler paying per call (the tracker's MLflow writes) sees a trickle of events together.
+    spec = streams.TRACKER
+    stop = asyncio.Event()
+    calls: list[list[int]] = []
+
+    async def handle(messages) -> None:  # type: ignore[no-untyped-def]
+        calls.append([decode_job_event(m.subject, m.data).seq for m in messages])
+        for msg in messages:
+            await msg.ack()
+        if sum(len(c) for c in calls) >= 5:
+            stop.set()
+
+    async def trickle() -> None:
+        for seq in range(1, 6):
+            await bus.publish(ProgressReported(job_id="trickle", attempt=1, seq=seq, epoch=seq, total_epochs=5))
+            await asyncio.sleep(0.05)
+
+    publisher = asyncio.create_task(trickle())
+    await asyncio.wait_for(bus.consume_batches(spec, handle, stop=stop, batch=100, linger=3.0), timeout=60)
+    await publisher
+    # The first message opens a 3 s window; the other four arrive within it, so at most the first
+    # fetch and the lingered rest: never one call per message.
+    assert [seq for call in calls for seq in call] == [1, 2, 3, 4, 5]
+    assert len(calls) == 1
+    await bus.nc.flush()  # acks are plain publishes
+    consumer = await bus.js.consumer_info(spec.stream, spec.durable)
+    assert consumer.num_ack_pending == 0

@@ -1,11 +1,21 @@
-"""Projection use cases on a real (migrated) SQLite database: idempotent, fenced, completion-gated."""
+"""Projection use cases on a real (migrated) SQLite and PostgreSQL database: idempotent, fenced, completion-gated."""
 
 from __future__ import annotations
 
-from sqlalchemy import func, select
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
-from visionyard.api.db.models import Checkpoint, Dataset, DatasetVersion, TrainingJob, TrainingLog, TrainingMetric
+from visionyard.api.db.migrate import upgrade_to_head
+from visionyard.api.db.models import (
+    Checkpoint, Dataset, DatasetVersion, TrainingJob, TrainingLog, TrainingMetric, utcnow,
+)
+from visionyard.api.db.repositories import SeqKeyedRows
+from visionyard.api.db.session import make_engine, make_session_factory
 from visionyard.api.projector import Projector
 from visionyard.shared.events import (
     ArtifactStored,
@@ -22,26 +32,61 @@ from visionyard.shared.events import (
 )
 from visionyard.shared.messages import Message
 
+POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 
-def _seed(session_factory: sessionmaker[Session], *, status: str = "queued", attempt: int = 1) -> None:
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def session_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[sessionmaker[Session]]:
+    """A migrated database of each supported kind (PostgreSQL: a fresh schema, skipped when unreachable)."""
+    if request.param == "sqlite":
+        engine = make_engine(f"sqlite:///{tmp_path / 'unit.db'}")
+        upgrade_to_head(engine)
+        yield make_session_factory(engine)
+        engine.dispose()
+        return
+    try:
+        probe = make_engine(POSTGRES_URL, connect_args={"connect_timeout": 2})
+        with probe.connect() as connection:
+            connection.execute(text("SELECT 1"))
+    except Exception as error:
+        pytest.skip(f"PostgreSQL not reachable at {POSTGRES_URL}: {type(error).__name__}")
+    schema = f"vy_test_{uuid.uuid4().hex[:10]}"
+    with probe.begin() as connection:
+        connection.execute(text(f'CREATE SCHEMA "{schema}"'))
+    engine = make_engine(POSTGRES_URL, connect_args={"options": f"-csearch_path={schema}"})
+    try:
+        upgrade_to_head(engine)
+        yield make_session_factory(engine)
+    finally:
+        engine.dispose()
+        with probe.begin() as connection:
+            connection.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        probe.dispose()
+
+
+def _seed(
+    session_factory: sessionmaker[Session], *, status: str = "queued", attempt: int = 1,
+    job_ids: tuple[str, ...] = ("j1",),
+) -> None:
     with session_factory() as session, session.begin():
         session.add(Dataset(id="d1", name="digits", status="ready", content_hash="h1", class_names=[], class_counts={},
                             splits={}, task_types=[]))
-        session.add(TrainingJob(
-            id="j1", project_id="default", experiment_name="visionyard-default", tags=[], framework="pytorch",
-            model_name="simple_cnn", task_type="image_classification", dataset_id="d1", dataset_snapshot_id="h1",
-            epochs=2, batch_size=8, learning_rate=0.01, primary_metric="accuracy", primary_metric_mode="max",
-            status=status, attempt=attempt,
-        ))
+        for job_id in job_ids:
+            session.add(TrainingJob(
+                id=job_id, project_id="default", experiment_name="visionyard-default", tags=[], framework="pytorch",
+                model_name="simple_cnn", task_type="image_classification", dataset_id="d1", dataset_snapshot_id="h1",
+                epochs=2, batch_size=8, learning_rate=0.01, primary_metric="accuracy", primary_metric_mode="max",
+                status=status, attempt=attempt,
+            ))
 
 
 def _apply(projector: Projector, *events: Message) -> list:
     return projector.apply_batch([(index, event) for index, event in enumerate(events)])
 
 
-def _job(session_factory: sessionmaker[Session]) -> TrainingJob:
+def _job(session_factory: sessionmaker[Session], job_id: str = "j1") -> TrainingJob:
     with session_factory() as session:
-        job = session.get(TrainingJob, "j1")
+        job = session.get(TrainingJob, job_id)
         assert job is not None
         return job
 
@@ -148,3 +193,101 @@ def test_dataset_ready_adds_an_immutable_version_and_rejection_keeps_it(session_
         assert (dataset.status, dataset.content_hash, dataset.num_images, dataset.class_names) == ("ready", "h2", 10, ["a", "b"])
         assert dataset.rejection_reason == "evil.zip: path traversal"
     assert _count(session_factory, DatasetVersion) == 1
+
+
+def _progress(seq: int, epoch: int, *, job_id: str = "j1", attempt: int = 1) -> ProgressReported:
+    return ProgressReported(job_id=job_id, attempt=attempt, seq=seq, epoch=epoch, total_epochs=10,
+                            metrics={"loss": 1.0 / seq})
+
+
+def _metric_keys(session_factory: sessionmaker[Session]) -> list[tuple[str, int, int, int]]:
+    with session_factory() as session:
+        rows = session.scalars(select(TrainingMetric).order_by(TrainingMetric.job_id, TrainingMetric.attempt,
+                                                               TrainingMetric.seq))
+        return [(row.job_id, row.attempt, row.seq, row.epoch) for row in rows]
+
+
+def test_duplicates_inside_a_batch_and_from_earlier_batches_are_applied_once(
+    session_factory: sessionmaker[Session],
+) -> None:
+    _seed(session_factory)
+    projector = Projector(session_factory)
+    assert _apply(projector, _progress(2, 1), _progress(3, 2)) == []
+    log = LogEmitted(job_id="j1", attempt=1, seq=5, message="epoch 3 done", event_type="stdout")
+    late = _progress(4, 3)
+    # Redelivered from the first batch (3, 2), twice in this one (4, the log), and an old one out of order (2).
+    assert _apply(projector, _progress(3, 2), late, late, log, log, _progress(2, 1), _progress(6, 4)) == []
+    assert _metric_keys(session_factory) == [("j1", 1, 2, 1), ("j1", 1, 3, 2), ("j1", 1, 4, 3), ("j1", 1, 6, 4)]
+    assert _count(session_factory, TrainingLog) == 1
+    job = _job(session_factory)
+    assert (job.current_epoch, job.last_seq, job.status) == (4, 6, "running")
+    _apply(projector, _progress(3, 2), log, _progress(6, 4))  # the whole batch again: nothing changes
+    assert len(_metric_keys(session_factory)) == 4
+    assert _count(session_factory, TrainingLog) == 1
+    assert (_job(session_factory).current_epoch, _job(session_factory).last_seq) == (4, 6)
+
+
+def test_events_of_several_jobs_and_attempts_sharing_seqs_in_one_batch_each_get_their_rows(
+    session_factory: sessionmaker[Session],
+) -> None:
+    _seed(session_factory, status="running", job_ids=("j1", "j2"))
+    projector = Projector(session_factory)
+    _apply(projector, _progress(1, 1), _progress(2, 2))
+    # j2 uses j1's seqs; attempt 2 of j1 (a failover) starts its seqs again and takes over; a late
+    # event of attempt 1 after that is fenced off.
+    _apply(projector, _progress(1, 1, job_id="j2"), _progress(2, 2, job_id="j2"),
+           _progress(1, 1, attempt=2), _progress(2, 1, attempt=1), _progress(2, 2, attempt=2))
+    assert _metric_keys(session_factory) == [
+        ("j1", 1, 1, 1), ("j1", 1, 2, 2), ("j1", 2, 1, 1), ("j1", 2, 2, 2), ("j2", 1, 1, 1), ("j2", 1, 2, 2),
+    ]
+    job = _job(session_factory)
+    assert (job.attempt, job.current_epoch, job.last_seq) == (2, 2, 2)
+    assert _job(session_factory, "j2").current_epoch == 2
+
+
+def test_a_poison_event_in_the_middle_of_a_batch_is_rejected_and_the_rest_applied(
+    session_factory: sessionmaker[Session],
+) -> None:
+    _seed(session_factory)
+    projector = Projector(session_factory)
+    log = LogEmitted(job_id="j1", attempt=1, seq=5, message="after the poison", event_type="stdout")
+    rejected = _apply(
+        projector,
+        _progress(2, 1), _progress(3, 2),
+        _progress(4, 9, job_id="nope"),  # poison: no such job
+        _progress(3, 2), log, _progress(6, 3),
+    )
+    assert [(r.token, "unknown job" in r.reason) for r in rejected] == [(2, True)]
+    assert _metric_keys(session_factory) == [("j1", 1, 2, 1), ("j1", 1, 3, 2), ("j1", 1, 6, 3)]
+    assert _count(session_factory, TrainingLog) == 1
+    job = _job(session_factory)
+    assert (job.status, job.current_epoch, job.last_seq) == ("running", 3, 6)
+    # Redelivered, the batch changes nothing more and the poison is rejected again.
+    assert [r.token for r in _apply(projector, _progress(2, 1), _progress(4, 9, job_id="nope"), log)] == [1]
+    assert len(_metric_keys(session_factory)) == 3
+    assert _count(session_factory, TrainingLog) == 1
+
+
+def test_batch_rows_know_what_is_applied_and_forget_what_is_rolled_back(session_factory: sessionmaker[Session]) -> None:
+    _seed(session_factory)
+    Projector(session_factory).apply_batch([(0, _progress(2, 1)), (1, _progress(9, 2))])
+
+    def row(seq: int) -> dict[str, object]:
+        return {"job_id": "j1", "attempt": 1, "seq": seq, "epoch": seq, "step": None, "loss": None, "accuracy": None,
+                "learning_rate": None, "extra_metrics": {}, "checkpoint_path": None, "created_at": utcnow()}
+
+    with session_factory() as session, session.begin():
+        rows = SeqKeyedRows(session)
+        rows.expect(metrics=[("j1", 1, 3), ("j1", 1, 4)])
+        assert rows.add_metric_once(row(3)) is True
+        assert rows.add_metric_once(row(3)) is False  # the same event twice in the batch
+        assert rows.add_metric_once(row(2)) is False  # stored by an earlier batch, outside the expected range
+        assert rows.add_metric_once(row(9)) is False
+        rows.write()
+        assert rows.add_metric_once(row(4)) is True
+        rows.discard()  # its event was rolled back: not written, and no longer counted as applied
+        assert rows.add_metric_once(row(5)) is True
+        rows.write()
+        assert rows.add_metric_once(row(4)) is True
+        rows.write()
+    assert [seq for _job_id, _attempt, seq, _epoch in _metric_keys(session_factory)] == [2, 3, 4, 5, 9]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import model_validator
+from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from visionyard.shared.config import ServiceSettings
@@ -21,6 +21,10 @@ class TrackerSettings(ServiceSettings):
     tracking_uri: str | None = None
     artifact_root: str | None = None
     batch_size: int = 500
+    # A partial batch waits this long for more events before it is written: each MLflow write costs
+    # the same whether it carries one point or a thousand (profiled ~10-25 ms of CPU), so a job
+    # reporting every half second costs one write per second instead of two. MLflow lags by at most this.
+    linger_seconds: float = Field(default=1.0, ge=0, le=30)
     experiment_prefix: str = ""
 
     @model_validator(mode="after")

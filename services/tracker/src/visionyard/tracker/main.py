@@ -47,7 +47,8 @@ async def serve(settings: TrackerSettings, *, stop: asyncio.Event, store: RunSto
         responders.append(await bus.serve(subjects.TRACKER_METRICS, handlers.on_metrics_query, queue=SERVICE))
         responders.append(await bus.serve(subjects.TRACKER_SUMMARY, handlers.on_summary_query, queue=SERVICE))
         log.info("tracker consuming %s into %s", streams.TRACKER.durable, _redacted(settings.mlflow_uri))
-        await bus.consume_batches(streams.TRACKER, handlers.on_job_events, stop=stop, batch=settings.batch_size)
+        await bus.consume_batches(streams.TRACKER, handlers.on_job_events, stop=stop, batch=settings.batch_size,
+                                 linger=settings.linger_seconds)
     finally:
         for responder in responders:
             try:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import Table, and_, delete, func, or_, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
@@ -64,14 +64,6 @@ class JobRepository:
             .where(TrainingJob.dataset_id == dataset_id, TrainingJob.status.in_(("queued", "retrying", "resuming", "running", "cancelling")))
         ) or 0
 
-    def add_metric_once(self, row: dict[str, Any]) -> bool:
-        """Insert a metric row unless (job, attempt, seq) exists; whether it was inserted."""
-        return _insert_ignoring_duplicate(self.session, TrainingMetric, row, ("job_id", "attempt", "seq"))
-
-    def add_log_once(self, row: dict[str, Any]) -> bool:
-        """Insert a log row unless (job, attempt, seq) exists; whether it was inserted."""
-        return _insert_ignoring_duplicate(self.session, TrainingLog, row, ("job_id", "attempt", "seq"))
-
     def metrics(self, job_id: str, *, limit: int, newest: bool = False) -> list[TrainingMetric]:
         """Metric rows oldest first: the first `limit`, or the last `limit` when `newest`."""
         order = (TrainingMetric.attempt, TrainingMetric.seq, TrainingMetric.id)
@@ -109,6 +101,93 @@ class JobRepository:
         """Stage a new checkpoint row."""
         self.session.add(checkpoint)
         self.session.flush()
+
+
+# (job_id, attempt, seq): what makes a metric or log row, and the event it projects, unique.
+SeqKey = tuple[str, int, int]
+SEQ_KEY_COLUMNS = ("job_id", "attempt", "seq")
+
+
+class SeqKeyedRows:
+    """The metric and log rows of one batch of events, added once each and inserted together.
+
+    Whether a row is applied already is answered from the keys read once per batch (`expect`)
+    plus the rows added since, not by one INSERT per event whose rowcount says so: that
+    statement per event was most of the projector's time (profiled). `write()` must run in the
+    transaction before it commits; rows of an event rolled back are forgotten with `discard()`.
+    Like every repository it never commits.
+    """
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        # Per table: the keys whose state is known (read, or added here), and those of them applied.
+        self._known: dict[type[Any], set[SeqKey]] = {TrainingMetric: set(), TrainingLog: set()}
+        self._applied: dict[type[Any], set[SeqKey]] = {TrainingMetric: set(), TrainingLog: set()}
+        self._pending: dict[type[Any], list[dict[str, Any]]] = {TrainingMetric: [], TrainingLog: []}
+
+    def expect(self, *, metrics: Iterable[SeqKey] = (), logs: Iterable[SeqKey] = ()) -> None:
+        """Read which of these metric and log keys are applied already (one query per table)."""
+        self._read_applied(TrainingMetric, metrics)
+        self._read_applied(TrainingLog, logs)
+
+    def add_metric_once(self, row: dict[str, Any]) -> bool:
+        """Add a metric row unless its (job, attempt, seq) is applied; whether it was added."""
+        return self._add_once(TrainingMetric, row)
+
+    def add_log_once(self, row: dict[str, Any]) -> bool:
+        """Add a log row unless its (job, attempt, seq) is applied; whether it was added."""
+        return self._add_once(TrainingLog, row)
+
+    def write(self) -> None:
+        """Insert the rows added since the last write (one statement per table)."""
+        if self.session.new:
+            self.session.flush()  # a row may reference an object that is not in the database yet
+        for model, rows in self._pending.items():
+            if rows:
+                # Ignoring duplicates is a second guard, not the check: a concurrent writer of the
+                # same event (another replica after a redelivery) loses on the job's row version.
+                table = model.__table__
+                statement = _insert_ignoring_duplicates(self.session, table, SEQ_KEY_COLUMNS)
+                self.session.execute(table.insert() if statement is None else statement, rows)
+                self._pending[model] = []
+
+    def discard(self) -> None:
+        """Forget the rows added since the last write (their event was rolled back)."""
+        for model, rows in self._pending.items():
+            self._applied[model].difference_update(_seq_key(row) for row in rows)
+            self._pending[model] = []
+
+    def _read_applied(self, model: type[Any], keys: Iterable[SeqKey]) -> None:
+        seqs: dict[tuple[str, int], list[int]] = {}
+        for job_id, attempt, seq in keys:
+            seqs.setdefault((job_id, attempt), []).append(seq)
+        if not seqs:
+            return
+        table: Table = model.__table__
+        # Exactly the batch's keys (on the unique index), so a redelivered old event next to new
+        # ones costs one more key, not every row in between.
+        matching = or_(*(
+            and_(table.c.job_id == job_id, table.c.attempt == attempt, table.c.seq.in_(wanted))
+            for (job_id, attempt), wanted in seqs.items()
+        ))
+        found = self.session.execute(select(table.c.job_id, table.c.attempt, table.c.seq).where(matching))
+        self._applied[model].update((job_id, attempt, seq) for job_id, attempt, seq in found)
+        self._known[model].update((job_id, attempt, seq) for (job_id, attempt), asked in seqs.items() for seq in asked)
+
+    def _add_once(self, model: type[Any], row: dict[str, Any]) -> bool:
+        key = _seq_key(row)
+        if key not in self._known[model]:
+            self._read_applied(model, [key])  # a key the batch did not announce: ask for it alone
+        applied = self._applied[model]
+        if key in applied:
+            return False
+        applied.add(key)
+        self._pending[model].append(row)
+        return True
+
+
+def _seq_key(row: dict[str, Any]) -> SeqKey:
+    return (row["job_id"], row["attempt"], row["seq"])
 
 
 class DatasetRepository:
@@ -196,20 +275,23 @@ def _subject_of(message: Message) -> str:
     raise TypeError(f"{type(message).__name__} has no subject")
 
 
-def _insert_ignoring_duplicate(session: Session, model: type[Any], row: dict[str, Any], keys: tuple[str, ...]) -> bool:
-    dialect = session.get_bind().dialect.name
-    # A Core insert on the table with the row as parameters (not ORM `.values(...)`) skips the ORM
+def _insert_ignoring_duplicates(session: Session, table: Table, keys: tuple[str, ...]) -> Any:
+    """An INSERT of `table` that skips rows whose unique `keys` exist; None on other dialects than ours."""
+    # A Core insert on the table with the rows as parameters (not ORM `.values(...)`) skips the ORM
     # bulk path and the autoflush of every dirty object, and on SQLite `INSERT OR IGNORE` (unlike the
-    # dialect's `on_conflict_do_nothing`, which SQLAlchemy never caches) compiles once: together they
-    # dominated the projector's per-event cost (profiled). The unique key is the only constraint
-    # these rows can violate (every other column is filled by the caller). Pending new rows are
-    # flushed first, since this row may reference one.
-    table = model.__table__
+    # dialect's `on_conflict_do_nothing`, which SQLAlchemy never caches) compiles once (profiled).
+    # The unique key is the only constraint these rows can violate (the caller fills every column).
+    dialect = session.get_bind().dialect.name
     if dialect == "postgresql":
-        statement: Any = pg_insert(table).on_conflict_do_nothing(index_elements=list(keys))
-    elif dialect == "sqlite":
-        statement = table.insert().prefix_with("OR IGNORE")
-    else:  # pragma: no cover - other dialects check first
+        return pg_insert(table).on_conflict_do_nothing(index_elements=list(keys))
+    if dialect == "sqlite":
+        return table.insert().prefix_with("OR IGNORE")
+    return None
+
+
+def _insert_ignoring_duplicate(session: Session, model: type[Any], row: dict[str, Any], keys: tuple[str, ...]) -> bool:
+    statement = _insert_ignoring_duplicates(session, model.__table__, keys)
+    if statement is None:  # pragma: no cover - other dialects check first
         existing = session.scalars(select(model).filter_by(**{key: row[key] for key in keys})).first()
         if existing is not None:
             return False
@@ -217,6 +299,6 @@ def _insert_ignoring_duplicate(session: Session, model: type[Any], row: dict[str
         session.flush()
         return True
     if session.new:
-        session.flush()
+        session.flush()  # this row may reference an object that is not in the database yet
     result = session.execute(statement, row)
     return bool(result.rowcount)
