@@ -291,3 +291,15 @@ def test_batch_rows_know_what_is_applied_and_forget_what_is_rolled_back(session_
         assert rows.add_metric_once(row(4)) is True
         rows.write()
     assert [seq for _job_id, _attempt, seq, _epoch in _metric_keys(session_factory)] == [2, 3, 4, 5, 9]
+
+
+def test_the_outbox_relay_is_woken_only_by_batches_that_queued_messages(session_factory: sessionmaker[Session]) -> None:
+    _seed(session_factory, status="running")
+    wakes: list[int] = []
+    projector = Projector(session_factory, after_commit=lambda: wakes.append(1))
+    _apply(projector, ProgressReported(job_id="j1", attempt=1, seq=1, epoch=1, total_epochs=2, metrics={"loss": 1.0}),
+           LogEmitted(job_id="j1", attempt=1, seq=2, message="hello"))
+    assert wakes == []  # progress and logs queue nothing to publish
+    _apply(projector, JobCompleted(job_id="j1", attempt=1, seq=3, total_epochs_completed=2))
+    assert _job(session_factory).status == "completed"
+    assert wakes == [1]  # the terminal marker waits in the outbox

@@ -22,7 +22,9 @@ class ApiSettings(ServiceSettings):
     api_keys: Annotated[list[str], NoDecode] = []
     upload_max_bytes: int = 2 * 1024**3
     request_timeout: float = 10.0
-    outbox_poll_seconds: float = 0.5
+    # Every commit that queues outbox rows wakes this replica's relay at once; the poll only picks up
+    # rows another replica committed and could not publish (it died). Each poll is a query.
+    outbox_poll_seconds: float = 2.0
     outbox_batch: int = 200
     projector_batch: int = 500
     # Attempts a job gets in all when infrastructure loses them (only those failures are retried).

@@ -229,6 +229,10 @@ class DatasetRepository:
         )
 
 
+# Set in `Session.info` when a transaction queued outbox rows: whoever commits it knows to wake the relay.
+OUTBOX_QUEUED = "visionyard.outbox_queued"
+
+
 class OutboxRepository:
     """Messages waiting to be published."""
 
@@ -242,6 +246,7 @@ class OutboxRepository:
 
     def add_raw(self, *, subject: str, payload: bytes, message_id: str, headers: dict[str, str] | None = None) -> None:
         """Queue raw bytes (e.g. a KV put on `$KV.<bucket>.<key>`)."""
+        self.session.info[OUTBOX_QUEUED] = True
         self.session.add(OutboxMessage(message_id=message_id, subject=subject, payload=payload, headers=headers or {}))
 
     def add_kv_put(self, *, bucket: str, key: str, value: dict[str, Any], message_id: str) -> None:
