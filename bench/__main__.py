@@ -12,7 +12,9 @@ import os
 import platform
 import subprocess
 import sys
+import statistics
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -49,6 +51,35 @@ def _cpu() -> str:
     return platform.processor() or "unknown CPU"
 
 
+class LoadSampler:
+    """The 1-minute load average every `every` seconds while the figures run: other work on the machine
+    moves every figure, so the report says how busy it was."""
+
+    def __init__(self, every: float = 20.0) -> None:
+        self.samples: list[float] = []
+        self._every = every
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> LoadSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._every):
+            self.samples.append(os.getloadavg()[0])
+
+    def summary(self) -> str:
+        if not self.samples:
+            return "not sampled (shorter than one interval)"
+        return (f"median {statistics.median(self.samples):.1f}, max {max(self.samples):.1f} on "
+                f"{os.cpu_count()} cores ({len(self.samples)} samples; the stack itself loads the cores)")
+
+
 def main() -> None:
     """Run the chosen benchmarks and write the report."""
     parser = argparse.ArgumentParser(description=__doc__)
@@ -64,7 +95,7 @@ def main() -> None:
     chosen = args.only or list(FIGURES)
     sections = []
     timings = []
-    with tempfile.TemporaryDirectory(prefix="visionyard-bench-") as scratch:
+    with tempfile.TemporaryDirectory(prefix="visionyard-bench-") as scratch, LoadSampler() as load:
         for name in chosen:
             started = time.perf_counter()
             print(f"bench: {name} ...", file=sys.stderr, flush=True)
@@ -82,6 +113,8 @@ def main() -> None:
         f"{' --only ' + ' '.join(chosen) if args.only else ''}`)",
         f"- runs per figure: {runs}; figures are the median with (min–max) unless stated",
         f"- wall time per figure: {', '.join(timings)}",
+        f"- machine load during the run (1-min load average, sampled every 20 s): {load.summary()}",
+        "- how the figures were profiled and what changed because of it: `bench/PROFILE.md`",
         "",
     ]
     report = "\n".join(header + sections) + "\n"
