@@ -1,13 +1,22 @@
-"""Live feeds: event → WebSocket message translation, and replay/resume from the real EVENTS stream."""
+"""Live feeds: event → WebSocket message translation, replay/resume from the real EVENTS stream, and the
+WebSocket endpoint's batched mode."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
+import uvicorn
+from websockets.asyncio.client import ClientConnection, connect
 
+from visionyard.api.config import ApiSettings
 from visionyard.api.live import JobFeed, JobView, translate
+from visionyard.api.main import create_app
 from visionyard.shared.bus import Bus
+from visionyard.shared.natsserver import free_port
 from visionyard.shared.events import (
     ArtifactStored,
     JobCompleted,
@@ -107,3 +116,92 @@ def test_a_retry_is_shown_as_retrying_then_running_again() -> None:
     assert [(m["old_status"], m["new_status"]) for m in retry] == [("running", "retrying")]
     again = translate(JobStarted(job_id="j1", attempt=2, seq=1, runner_id="r2"), seq=3, view=view)
     assert [(m["old_status"], m["new_status"]) for m in again] == [("retrying", "running")]
+
+
+@pytest.fixture
+async def ws_url(bus: Bus, settings: ApiSettings) -> AsyncIterator[str]:
+    """The WebSocket endpoint of an API served by uvicorn on a free loopback port (as in production)."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(settings, bus=bus), host="127.0.0.1", port=port,
+                                           log_level="warning", ws_per_message_deflate=False))
+    serving = asyncio.create_task(server.serve())
+    await _until(lambda: server.started or serving.done())
+    assert server.started
+    yield f"ws://127.0.0.1:{port}/api/v1/ws/training"
+    server.should_exit = True
+    await serving
+
+
+async def _next(socket: ClientConnection) -> Any:
+    return json.loads(await asyncio.wait_for(socket.recv(), timeout=10))
+
+
+async def _watch(url: str) -> tuple[list[Any], list[dict]]:
+    """Every frame the endpoint sent until `training_complete`, and the job's messages flattened."""
+    frames: list[Any] = []
+    messages: list[dict] = []
+    async with connect(url) as socket:
+        while not any(m["type"] == "training_complete" for m in messages):
+            frame = await _next(socket)
+            frames.append(frame)
+            if isinstance(frame, list):
+                messages.extend(frame)
+            elif "seq" in frame:
+                messages.append(frame)
+    return frames, messages
+
+
+@pytest.mark.integration
+async def test_batched_websocket_frames_carry_the_per_message_stream_and_resume_after_last_seq(
+    bus: Bus, ws_url: str
+) -> None:
+    for event in _run("wsbatch"):
+        await bus.publish(event)
+    single_frames, single = await _watch(f"{ws_url}?job_id=wsbatch")
+    frames, batched = await _watch(f"{ws_url}?job_id=wsbatch&batch_ms=20")
+    assert all(isinstance(frame, dict) for frame in single_frames)  # the default contract is unchanged
+    assert [f["type"] for f in frames[:2]] == ["connected", "subscribed"] and frames[1]["batch_ms"] == 20
+    assert all(isinstance(frame, list) and frame for frame in frames[2:])
+    assert batched == single
+    cut = next(m["seq"] for m in single if m["type"] == "training_progress")
+    _, resumed = await _watch(f"{ws_url}?job_id=wsbatch&batch_ms=20&last_seq={cut}")
+    assert resumed == [m for m in single if m["seq"] > cut]
+    # The same through a subscribe message on an open connection.
+    async with connect(ws_url) as socket:
+        assert (await _next(socket))["type"] == "connected"
+        await socket.send(json.dumps({"type": "subscribe", "job_id": "wsbatch", "last_seq": cut, "batch_ms": 5}))
+        subscribed = await _next(socket)
+        assert subscribed["type"] == "subscribed" and subscribed["batch_ms"] == 5
+        got: list[dict] = []
+        while not any(m["type"] == "training_complete" for m in got):
+            frame = await _next(socket)
+            assert isinstance(frame, list)
+            got.extend(frame)
+        assert got == resumed
+
+
+@pytest.mark.integration
+async def test_a_bad_batch_ms_gets_an_error_naming_the_field_and_subscribes_nothing(bus: Bus, ws_url: str) -> None:
+    for event in _run("wsbad"):
+        await bus.publish(event)
+    async with connect(f"{ws_url}?job_id=wsbad&batch_ms=fast") as socket:
+        assert (await _next(socket))["type"] == "connected"
+        error = await _next(socket)
+        assert error["type"] == "error" and "batch_ms" in error["message"] and "'fast'" in error["message"]
+        for bad in (-1, "soon", 2.5, True):
+            await socket.send(json.dumps({"type": "subscribe", "job_id": "wsbad", "batch_ms": bad}))
+            error = await _next(socket)
+            assert error["type"] == "error" and "batch_ms" in error["message"]
+        await socket.send(json.dumps({"type": "ping"}))
+        # One writer per connection: had anything been subscribed, its messages would come before the pong.
+        assert (await _next(socket))["type"] == "pong"
+        # Out of range is clamped, not refused; null asks for one message per frame.
+        await socket.send(json.dumps({"type": "subscribe", "job_id": "wsbad", "batch_ms": 60_000}))
+        assert (await _next(socket))["batch_ms"] == 1000
+        catch_up = await _next(socket)
+        assert isinstance(catch_up, list) and catch_up[-1]["type"] == "training_complete"
+        await socket.send(json.dumps({"type": "subscribe", "job_id": "wsbad", "batch_ms": None}))
+        subscribed = await _next(socket)
+        assert subscribed["type"] == "subscribed" and "batch_ms" not in subscribed
+        singles = [await _next(socket) for _ in catch_up]
+        assert singles == catch_up  # one message per frame again, the same messages

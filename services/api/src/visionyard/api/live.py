@@ -5,7 +5,8 @@ behind any number of API replicas (no in-process broadcast, no sticky sessions).
 the event's EVENTS stream sequence: monotonic for the job across every producer (API, runner, storage,
 tracker), which is what lets a client that reconnects with `last_seq` resume with no gap and no
 duplicate. The feed replays the job's events from the start to rebuild the status it reports as
-`old_status`, and sends only what lies after `last_seq`.
+`old_status`, and sends only what lies after `last_seq`. A client in batched mode (`livebatch`)
+gets the same messages grouped into JSON-array frames.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from nats.aio.msg import Msg
 from nats.js import api
 
+from visionyard.api.livebatch import Batcher, Entry, Frame, encode_entry, frames_of
 from visionyard.shared import subjects
 from visionyard.shared.bus import Bus
 from visionyard.shared.events import (
@@ -244,6 +246,33 @@ class JobFeed(JobEventReader):
             await self._send(message)
 
 
+class BatchedJobFeed(JobEventReader):
+    """One client's own subscription in batched mode: replay, then live, as frames of what lies after `last_seq`."""
+
+    def __init__(self, *, bus: Bus, job_id: str, last_seq: int | None, batch_ms: int,
+                 offer: Callable[[Frame], None]) -> None:
+        super().__init__(bus=bus, job_id=job_id)
+        self._last_seq = last_seq or 0
+        self._offer = offer
+        self._batcher = Batcher(batch_ms=batch_ms, deliver=self._deliver)
+
+    async def on_messages(self, seq: int, messages: list[WsMessage]) -> None:
+        """Batch what lies after the client's `last_seq`."""
+        if seq <= self._last_seq or not messages:
+            return
+        self._last_seq = seq
+        self._batcher.add(encode_entry(seq, messages))
+
+    def _deliver(self, entries: list[Entry]) -> None:
+        for frame in frames_of(entries):
+            self._offer(frame)
+
+    async def stop(self) -> None:
+        """Close the consumer and drop the pending batch (the client is leaving)."""
+        self._batcher.close()
+        await super().stop()
+
+
 @dataclass
 class LiveStats:
     """Counters for `/api/v1/ws/stats`."""
@@ -277,8 +306,8 @@ class LiveConnection:
         self._write_text = write_text or (lambda text: write(json.loads(text)))
         self._hub = hub
         self._stats = stats
-        self._queue: asyncio.Queue[WsMessage | str | None] = asyncio.Queue(maxsize=max_queue)
-        self._feeds: dict[str, JobFeed | FeedHandle] = {}
+        self._queue: asyncio.Queue[WsMessage | str | Frame | None] = asyncio.Queue(maxsize=max_queue)
+        self._feeds: dict[str, JobEventReader | FeedHandle] = {}
         self._writer = asyncio.create_task(self._drain())
         self.overflowed = asyncio.Event()
         stats.connections += 1
@@ -287,8 +316,8 @@ class LiveConnection:
         """Queue a message for this client; overflow marks the client as too slow."""
         self.offer(message)
 
-    def offer(self, message: WsMessage | str) -> None:
-        """Queue a message (or its JSON text) without waiting; overflow marks the client as too slow."""
+    def offer(self, message: WsMessage | str | Frame) -> None:
+        """Queue a message (its JSON text, or a batched frame) without waiting; overflow marks the client as too slow."""
         if self.overflowed.is_set():
             return  # being disconnected; it resumes from its last_seq
         try:
@@ -302,23 +331,32 @@ class LiveConnection:
             message = await self._queue.get()
             if message is None:
                 return
+            if isinstance(message, Frame):
+                await self._write_text(message.text)
+                self._stats.messages_sent += message.messages
+                continue
             if isinstance(message, str):
                 await self._write_text(message)
             else:
                 await self._write(message)
             self._stats.messages_sent += 1
 
-    async def subscribe(self, job_id: str, *, last_seq: int | None) -> None:
-        """Start (or restart) the feed of one job."""
+    async def subscribe(self, job_id: str, *, last_seq: int | None, batch_ms: int | None = None) -> None:
+        """Start (or restart) the feed of one job: one message per frame, or batched every `batch_ms`."""
         await self.unsubscribe(job_id)
         if self._hub is not None:
-            handle = await self._hub.attach(job_id, last_seq=last_seq, offer=self.offer)
+            handle = await self._hub.attach(job_id, last_seq=last_seq, offer=self.offer, batch_ms=batch_ms)
             if handle is not None:
                 self._feeds[job_id] = handle
                 self._stats.subscriptions += 1
                 return
         # No hub, or the client resumes from further back than the shared feed holds: its own replay.
-        feed = JobFeed(bus=self._bus, job_id=job_id, last_seq=last_seq, send=self.enqueue)
+        feed: JobEventReader
+        if batch_ms is None:
+            feed = JobFeed(bus=self._bus, job_id=job_id, last_seq=last_seq, send=self.enqueue)
+        else:
+            feed = BatchedJobFeed(bus=self._bus, job_id=job_id, last_seq=last_seq, batch_ms=batch_ms,
+                                  offer=self.offer)
         self._feeds[job_id] = feed
         self._stats.subscriptions += 1
         await feed.start()

@@ -9,33 +9,38 @@ memory and then the live stream: gap-free and duplicate-free because attaching (
 and registering) happens without yielding to the event loop, and each client skips what it has.
 A client whose `last_seq` lies before what the feed still holds gets its own `JobFeed` replay instead.
 The feed stops when its last client leaves, so memory follows the jobs being watched.
+
+Clients in batched mode (`livebatch`) are grouped by their `batch_ms`: each group batches the feed's
+entries and encodes each flush once, so every client of the group gets the same frame. A batched client
+that joins gets what it lacks from the history as frames, then the group's flushes; a flush that overlaps
+what it already has (it joined while the flush was pending) is cut down for it alone.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import deque
 from collections.abc import Callable
 
-
 from visionyard.shared.bus import Bus
 
 from visionyard.api.live import JobEventReader, WsMessage
+from visionyard.api.livebatch import Batcher, Entry, Frame, encode_entry, frame_after, frames_of
 
 log = logging.getLogger("visionyard.api.livehub")
 
 # Messages a feed keeps for late joiners (about 0.3 KB each): older ones are replayed from the stream.
 DEFAULT_RETAIN = 20_000
 
-Entry = tuple[int, list[str]]
+Offer = Callable[[str | Frame], None]
 
 
 class Listener:
-    """One client's place in a shared feed: what it has been sent up to, and where texts go."""
+    """One client's place in a shared feed: what it has been sent up to, how, and where texts go."""
 
-    def __init__(self, *, last_seq: int | None, offer: Callable[[str], None]) -> None:
+    def __init__(self, *, last_seq: int | None, offer: Offer, batch_ms: int | None = None) -> None:
         self.last_seq = last_seq or 0
+        self.batch_ms = batch_ms
         self._offer = offer
 
     def take(self, entry: Entry) -> None:
@@ -46,6 +51,27 @@ class Listener:
         self.last_seq = seq
         for text in texts:
             self._offer(text)
+
+    def take_frame(self, frame: Frame) -> None:
+        """Pass on the frame, or the part of it the client does not have yet."""
+        fresh = frame_after(frame, self.last_seq)
+        if fresh is None:
+            return
+        self.last_seq = fresh.last_seq
+        self._offer(fresh)
+
+
+class BatchGroup:
+    """The batched clients of one feed that share a `batch_ms`: one batch, one encoding per flush."""
+
+    def __init__(self, batch_ms: int) -> None:
+        self.listeners: set[Listener] = set()
+        self.batcher = Batcher(batch_ms=batch_ms, deliver=self._deliver)
+
+    def _deliver(self, entries: list[Entry]) -> None:
+        for frame in frames_of(entries):
+            for listener in list(self.listeners):
+                listener.take_frame(frame)
 
 
 class SharedJobFeed(JobEventReader):
@@ -59,21 +85,24 @@ class SharedJobFeed(JobEventReader):
         # The highest seq dropped from the history: a listener behind it cannot be served from memory.
         self._dropped_upto = 0
         self.listeners: set[Listener] = set()
+        self._per_message: set[Listener] = set()
+        self._groups: dict[int, BatchGroup] = {}
 
     async def on_messages(self, seq: int, messages: list[WsMessage]) -> None:
         """Encode the event's messages once, keep them, and offer them to every listener."""
         if not messages:
             return
-        # Same encoding as Starlette's `send_json`, done once for every client.
-        entry = (seq, [json.dumps(message, separators=(",", ":"), ensure_ascii=False) for message in messages])
+        entry = encode_entry(seq, messages)
         self._history.append(entry)
         self._held += len(entry[1])
         while self._held > self._retain and len(self._history) > 1:
             dropped_seq, dropped = self._history.popleft()
             self._held -= len(dropped)
             self._dropped_upto = dropped_seq
-        for listener in list(self.listeners):
+        for listener in list(self._per_message):
             listener.take(entry)
+        for group in self._groups.values():
+            group.batcher.add(entry)
 
     def can_serve(self, last_seq: int | None) -> bool:
         """Whether everything after `last_seq` is still in memory (or yet to come)."""
@@ -81,9 +110,40 @@ class SharedJobFeed(JobEventReader):
 
     def attach(self, listener: Listener) -> None:
         """Give the listener the history it lacks, then the live messages (no await in between)."""
-        for entry in self._history:
-            listener.take(entry)
         self.listeners.add(listener)
+        if listener.batch_ms is None:
+            for entry in self._history:
+                listener.take(entry)
+            self._per_message.add(listener)
+            return
+        # The history includes what the group holds for its next flush; `take_frame` skips it then.
+        for frame in frames_of(entry for entry in self._history if entry[0] > listener.last_seq):
+            listener.take_frame(frame)
+        group = self._groups.get(listener.batch_ms)
+        if group is None:
+            group = self._groups[listener.batch_ms] = BatchGroup(listener.batch_ms)
+        group.listeners.add(listener)
+
+    def detach(self, listener: Listener) -> None:
+        """Stop offering messages to the listener (a group left empty is closed)."""
+        self.listeners.discard(listener)
+        self._per_message.discard(listener)
+        if listener.batch_ms is None:
+            return
+        group = self._groups.get(listener.batch_ms)
+        if group is not None:
+            group.listeners.discard(listener)
+            if not group.listeners:
+                group.batcher.close()
+                del self._groups[listener.batch_ms]
+
+    async def stop(self) -> None:
+        """Close the consumer and drop every pending batch."""
+        for group in self._groups.values():
+            group.batcher.close()
+        self._groups.clear()
+        await super().stop()
+
 
 class FeedHandle:
     """What a client holds while it watches a job through a shared feed."""
@@ -106,8 +166,9 @@ class FeedHub:
         self._retain = retain
         self._feeds: dict[str, SharedJobFeed] = {}
 
-    async def attach(self, job_id: str, *, last_seq: int | None, offer: Callable[[str], None]) -> FeedHandle | None:
-        """Watch `job_id` from after `last_seq`; None when the feed no longer holds that far back."""
+    async def attach(self, job_id: str, *, last_seq: int | None, offer: Offer,
+                     batch_ms: int | None = None) -> FeedHandle | None:
+        """Watch `job_id` from after `last_seq` (batched if `batch_ms`); None when the feed no longer holds that far back."""
         feed = self._feeds.get(job_id)
         if feed is None:
             feed = SharedJobFeed(bus=self._bus, job_id=job_id, retain=self._retain)
@@ -120,13 +181,13 @@ class FeedHub:
                 raise
         if not feed.can_serve(last_seq):
             return None
-        listener = Listener(last_seq=last_seq, offer=offer)
+        listener = Listener(last_seq=last_seq, offer=offer, batch_ms=batch_ms)
         feed.attach(listener)
         return FeedHandle(self, feed, listener)
 
     async def detach(self, feed: SharedJobFeed, listener: Listener) -> None:
         """Remove a listener; the last one out stops the feed."""
-        feed.listeners.discard(listener)
+        feed.detach(listener)
         if feed.listeners:
             return
         if self._feeds.get(feed.job_id) is feed:

@@ -1,7 +1,8 @@
 """WebSocket endpoint `/api/v1/ws/training` and `/api/v1/ws/stats` (API.md contract).
 
 Thin adapter: authenticate, accept, then route client messages (ping, subscribe, unsubscribe) to a
-`LiveConnection`, whose feeds read the EVENTS stream directly.
+`LiveConnection`, whose feeds read the EVENTS stream directly. `batch_ms` (query or subscribe message)
+opts a subscription into batched frames (`livebatch`); without it every message is its own frame.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from fastapi import APIRouter, Request, WebSocket, WebSocketDisconnect
 
 from visionyard.api.auth import resolve_principal
 from visionyard.api.live import LiveConnection, LiveStats
+from visionyard.api.livebatch import parse_batch_ms
 from visionyard.api.livehub import FeedHub
 
 router = APIRouter()
@@ -60,8 +62,9 @@ async def training_socket(
     session_id: str | None = None,
     last_seq: int | None = None,
     token: str | None = None,
+    batch_ms: str | None = None,
 ) -> None:
-    """Live job events: `connected`, then the subscribed jobs' messages, each with its `seq`."""
+    """Live job events: `connected`, then the subscribed jobs' messages (or frames of them), each with its `seq`."""
     app = websocket.app
     try:
         resolve_principal(_bearer(websocket, token), app.state.settings)
@@ -74,10 +77,18 @@ async def training_socket(
                                 write_text=websocket.send_text)
     # Everything after accept goes through the connection's single writer, so messages never interleave.
     await connection.enqueue({"type": "connected", "session_id": session, "timestamp": _now()})
-    if job_id:
-        await connection.enqueue({"type": "subscribed", "job_id": job_id, "timestamp": _now()})
-        await connection.subscribe(job_id, last_seq=last_seq)
-    receiver = asyncio.create_task(_receive(websocket, connection))
+    # The query's batch_ms is the connection's default for every subscription; a bad one subscribes nothing.
+    default_batch_ms: int | None = None
+    valid = True
+    if batch_ms is not None:
+        try:
+            default_batch_ms = parse_batch_ms(batch_ms)
+        except ValueError as error:
+            valid = False
+            await connection.enqueue({"type": "error", "message": str(error)})
+    if job_id and valid:
+        await _subscribe(connection, job_id, last_seq=last_seq, batch_ms=default_batch_ms)
+    receiver = asyncio.create_task(_receive(websocket, connection, default_batch_ms=default_batch_ms))
     overflow = asyncio.create_task(connection.overflowed.wait())
     try:
         done, _ = await asyncio.wait({receiver, overflow}, return_when=asyncio.FIRST_COMPLETED)
@@ -89,7 +100,15 @@ async def training_socket(
         await connection.close()
 
 
-async def _receive(websocket: WebSocket, connection: LiveConnection) -> None:
+async def _subscribe(connection: LiveConnection, job_id: str, *, last_seq: int | None, batch_ms: int | None) -> None:
+    subscribed: dict[str, Any] = {"type": "subscribed", "job_id": job_id, "timestamp": _now()}
+    if batch_ms is not None:
+        subscribed["batch_ms"] = batch_ms  # after clamping: the client learns the interval it got
+    await connection.enqueue(subscribed)
+    await connection.subscribe(job_id, last_seq=last_seq, batch_ms=batch_ms)
+
+
+async def _receive(websocket: WebSocket, connection: LiveConnection, *, default_batch_ms: int | None) -> None:
     try:
         while True:
             raw = await websocket.receive_text()
@@ -108,9 +127,16 @@ async def _receive(websocket: WebSocket, connection: LiveConnection) -> None:
                 if not isinstance(target, str) or not target:
                     await connection.enqueue({"type": "error", "message": "subscribe needs a job_id string"})
                     continue
+                # Absent: the connection's default; null: one message per frame.
+                chosen = message.get("batch_ms", default_batch_ms)
+                try:
+                    target_batch_ms = None if chosen is None else parse_batch_ms(chosen)
+                except ValueError as error:
+                    await connection.enqueue({"type": "error", "message": str(error)})
+                    continue
                 last = message.get("last_seq")
-                await connection.enqueue({"type": "subscribed", "job_id": target, "timestamp": _now()})
-                await connection.subscribe(target, last_seq=last if isinstance(last, int) else None)
+                await _subscribe(connection, target, last_seq=last if isinstance(last, int) else None,
+                                 batch_ms=target_batch_ms)
             elif kind == "unsubscribe":
                 target = str(message.get("job_id", ""))
                 await connection.unsubscribe(target)
