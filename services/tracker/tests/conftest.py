@@ -10,7 +10,7 @@ import pytest
 
 from visionyard.shared.events import JobStarted
 from visionyard.shared.messages import Message
-from visionyard.tracker.ports import MetricPoint, RunSnapshot, RunStatus
+from visionyard.tracker.ports import LogBatch, MetricPoint, RunSnapshot, RunWrite, SetStatus
 
 _ids = itertools.count(1)
 
@@ -52,6 +52,9 @@ class FakeRunStore:
         self.runs: dict[str, FakeRun] = {}
         self.experiments: dict[str, str] = {}
         self.metric_batches: list[tuple[str, int]] = []
+        self.log_batch_calls: list[LogBatch] = []
+        self.status_changes: list[tuple[str, str, int]] = []
+        self.write_calls = 0
         self.fail_next = 0
         self.calls = 0
 
@@ -83,34 +86,40 @@ class FakeRunStore:
         self.runs[run.run_id] = run
         return run.snapshot()
 
-    async def log_batch(
-        self,
-        run_id: str,
-        *,
-        metrics: Sequence[MetricPoint] = (),
-        params: Mapping[str, str] | None = None,
-        tags: Mapping[str, str] | None = None,
-    ) -> None:
-        self._maybe_fail()
-        assert len(metrics) <= 1000 and len(params or {}) <= 100 and len(tags or {}) <= 100
-        run = self.runs[run_id]
-        for key, value in (params or {}).items():
+    async def write(self, writes: Sequence[RunWrite]) -> None:
+        self.write_calls += 1
+        for write in writes:
+            self._maybe_fail()
+            if isinstance(write, LogBatch):
+                self._log_batch(write)
+            else:
+                self._set_status(write)
+
+    def _log_batch(self, batch: LogBatch) -> None:
+        metrics, params, tags = batch.metrics, batch.params, batch.tags
+        # MLflow's limits: 1000 metrics, 100 params, 100 tags, 1000 entities in all per call.
+        assert len(metrics) <= 1000 and len(params) <= 100 and len(tags) <= 100
+        assert len(metrics) + len(params) + len(tags) <= 1000
+        run = self.runs[batch.run_id]
+        for key, value in params.items():
             if key in run.params and run.params[key] != value:
                 raise ValueError(f"param {key} changed")  # MLflow's INVALID_PARAMETER_VALUE
             run.params[key] = value
-        run.tags.update(tags or {})
+        run.tags.update(tags)
+        self.log_batch_calls.append(batch)
         if metrics:
-            self.metric_batches.append((run_id, len(metrics)))
+            self.metric_batches.append((batch.run_id, len(metrics)))
         for point in metrics:
             if point not in run.points:  # MLflow's SQL store: identical points are a no-op
                 run.points.append(point)
 
-    async def set_status(self, run_id: str, status: RunStatus, *, end_time: int | None) -> None:
-        self._maybe_fail()
-        run = self.runs[run_id]
-        run.status = str(status)
-        if end_time is not None:
-            run.end_time = end_time
+    def _set_status(self, change: SetStatus) -> None:
+        run = self.runs[change.run_id]
+        # MLflow's own order of events: a status never lands before the points sent ahead of it.
+        self.status_changes.append((change.run_id, str(change.status), len(run.points)))
+        run.status = str(change.status)
+        if change.end_time is not None:
+            run.end_time = change.end_time
 
     async def metric_history(self, run_id: str, key: str) -> list[MetricPoint]:
         self._maybe_fail()

@@ -23,7 +23,7 @@ from visionyard.shared.events import (
 )
 from visionyard.tracker.handlers import TrackerHandlers
 from visionyard.tracker.ports import MetricPoint
-from visionyard.tracker.service import Tracker, best_values, chunked, progress_points, unique_points
+from visionyard.tracker.service import Tracker, best_values, log_batches, progress_points, unique_points
 
 T0 = datetime(2025, 1, 1, tzinfo=UTC)
 
@@ -87,8 +87,11 @@ async def test_a_job_becomes_one_finished_run_with_one_point_per_step(fake_store
     assert run.params["epochs"] == "3"
     assert run.tags["visionyard.attempt"] == "1" and run.tags["visionyard.project_id"] == "p1"
     assert run.experiment_name == "visionyard-p1"
-    # Every metric of the batch went out in ONE log_batch for the run.
-    assert fake_store.metric_batches == [(run.run_id, 7)]
+    # The whole batch reached the store in ONE call: one log_batch for the run (params, tags and
+    # every metric together), then its status.
+    assert fake_store.write_calls == 1
+    assert fake_store.metric_batches == [(run.run_id, 7)] and len(fake_store.log_batch_calls) == 1
+    assert fake_store.status_changes == [(run.run_id, "FINISHED", 7)]
     (tracked,) = fake_publisher.messages.values()
     assert isinstance(tracked, JobTracked) and tracked.run_id == run.run_id
     assert tracked.message_id == f"tracked-job1-{run.run_id}"
@@ -113,7 +116,11 @@ async def test_metrics_are_grouped_per_run_and_split_at_1000(fake_store, fake_pu
 
     run_a = fake_store.runs_of("a")[0].run_id
     run_b = fake_store.runs_of("b")[0].run_id
-    assert sorted(fake_store.metric_batches) == sorted([(run_a, 1000), (run_a, 200), (run_b, 2)])
+    # 1,200 points + 5 params + 1 tag of run a fill two calls (MLflow takes 1,000 entities per call).
+    assert [(b.run_id, len(b.metrics) + len(b.params) + len(b.tags)) for b in fake_store.log_batch_calls] == [
+        (run_a, 1000), (run_a, 206), (run_b, 2 + 5 + 1)
+    ]
+    assert len(fake_store.runs_of("a")[0].points) == 1200
 
 
 async def test_stale_attempts_are_fenced_even_after_restart(fake_store, fake_publisher) -> None:
@@ -225,7 +232,6 @@ def test_progress_points_use_the_producer_step_and_time() -> None:
     assert unique_points([point, point, MetricPoint("loss_x", math.nan, 1, 1), MetricPoint("loss_x", math.nan, 1, 1)]) == [
         point, unique_points([MetricPoint("loss_x", math.nan, 1, 1)])[0]
     ]
-    assert [len(c) for c in chunked(list(range(2500)), 1000)] == [1000, 1000, 500]
 
 
 class FakeMsg:
@@ -258,3 +264,123 @@ async def test_handler_dead_letters_only_the_poison_message(fake_store, fake_pub
     assert poison.termed and [s for s, _ in dead.parked] == ["evt.job.job1.progress"]
     assert not any(m.termed for m in messages if m is not poison)
     assert len(fake_store.runs_of("job1")[0].points) == 2
+
+
+# -- batching of writes ----------------------------------------------------------------------------
+
+
+def test_log_batches_fill_calls_within_every_mlflow_limit() -> None:
+    points = [MetricPoint(f"m{i % 7}", float(i), i, i) for i in range(2500)]
+    params = {f"p{i}": "v" for i in range(250)}
+    tags = {f"t{i}": "v" for i in range(150)}
+    batches = log_batches("run", metrics=points, params=params, tags=tags)
+
+    for batch in batches:
+        assert len(batch.metrics) <= 1000 and len(batch.params) <= 100 and len(batch.tags) <= 100
+        assert len(batch.metrics) + len(batch.params) + len(batch.tags) <= 1000
+    # Nothing lost, nothing twice, metric order kept; and no more calls than the limits force
+    # (2,900 entities need 3 calls of 1,000; 250 params need 3 calls of 100).
+    assert [p for b in batches for p in b.metrics] == points
+    assert {k: v for b in batches for k, v in b.params.items()} == params
+    assert {k: v for b in batches for k, v in b.tags.items()} == tags
+    assert len(batches) == 3
+    assert log_batches("run", metrics=[], params={}, tags={}) == []
+
+
+async def test_a_job_in_one_batch_costs_one_store_call_with_one_log_batch(fake_store, fake_publisher) -> None:
+    tracker = tracker_for(fake_store, fake_publisher)
+    await tracker.record_events([started(), progress(1), progress(2), completed()])
+
+    (run,) = fake_store.runs_of("job1")
+    assert fake_store.write_calls == 1
+    (batch,) = fake_store.log_batch_calls
+    assert batch.params["model_name"] == "simple_cnn" and batch.tags == {"visionyard.tracked": "true"}
+    assert len(batch.metrics) == 5
+    # The status went last, once all 5 points were stored.
+    assert fake_store.status_changes == [(run.run_id, "FINISHED", 5)]
+
+
+async def test_a_batch_that_ends_and_reopens_a_run_leaves_it_running_with_everything(
+    fake_store, fake_publisher
+) -> None:
+    failed = JobFailed(job_id="job1", attempt=1, seq=4, reason=FailureReason.INFRASTRUCTURE, error_message="lost")
+    batch = [started(attempt=1), progress(1), failed, started(attempt=2), progress(2, attempt=2), progress(1, attempt=1)]
+    await tracker_for(fake_store, fake_publisher).record_events(batch)
+
+    (run,) = fake_store.runs_of("job1")
+    assert run.status == "RUNNING" and run.tags["visionyard.attempt"] == "2"
+    assert run.tags["visionyard.failure_reason"] == "infrastructure"
+    # attempt 1's late progress(1) is the same point as its first one; attempt 2's point is there too.
+    assert sorted((p.key, p.step) for p in run.points) == [("accuracy", 1), ("accuracy", 2), ("loss", 1), ("loss", 2)]
+    assert [status for _, status, _ in fake_store.status_changes] == ["RUNNING"]
+
+
+async def test_params_are_logged_once_across_batches_and_restarts(fake_store, fake_publisher) -> None:
+    await tracker_for(fake_store, fake_publisher).record_events([started()])
+    await tracker_for(fake_store, fake_publisher).record_events([started(), progress(1)])  # restart + redelivery
+    tracker = tracker_for(fake_store, fake_publisher)
+    await tracker.record_events([progress(2)])
+    await tracker.record_events([redelivered(started())])
+
+    logged = [batch.params for batch in fake_store.log_batch_calls if batch.params]
+    assert len(logged) == 1 and logged[0]["model_name"] == "simple_cnn"
+
+
+async def test_a_crash_before_the_write_republishes_tracked_under_the_same_id(fake_store, fake_publisher) -> None:
+    ids: list[str] = []
+
+    class CountingPublisher:
+        async def publish(self, message: Any) -> object:
+            ids.append(message.message_id)
+            return await fake_publisher.publish(message)
+
+    class WriteFailsOnce:
+        """The store dies after the run was created and JobTracked went out, before the write."""
+
+        failed = False
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(fake_store, name)
+
+        async def write(self, writes: Any) -> None:
+            if not self.failed:
+                self.failed = True
+                raise ConnectionError("mlflow unavailable")
+            await fake_store.write(writes)
+
+    tracker = tracker_for(WriteFailsOnce(), CountingPublisher())
+    with pytest.raises(ConnectionError):
+        await tracker.record_events([started(), progress(1)])
+    (run,) = fake_store.runs_of("job1")
+    assert "visionyard.tracked" not in run.tags and run.points == [] and len(ids) == 1
+
+    await tracker.record_events([started(), progress(1)])  # the redelivery
+    assert len(ids) == 2 and ids[0] == ids[1]  # JetStream stores it once
+    assert run.tags["visionyard.tracked"] == "true" and len(run.points) == 2
+
+
+async def test_a_write_failing_halfway_is_retried_without_duplicates(fake_store, fake_publisher) -> None:
+    tracker = tracker_for(fake_store, fake_publisher)
+    await tracker.record_events([started("a"), started("b")])
+    batch = [progress(1, "a"), progress(1, "b"), completed("a"), completed("b")]
+
+    class HalfwayStore:
+        """Applies the first write (run a's points), then fails like a store going away."""
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(fake_store, name)
+
+        async def write(self, writes: Any) -> None:
+            await fake_store.write(writes[:1])
+            raise ConnectionError("mlflow unavailable")
+
+    with pytest.raises(ConnectionError):
+        await tracker_for(HalfwayStore(), fake_publisher).record_events(batch)
+    await tracker.record_events(batch)
+
+    for job_id in ("a", "b"):
+        (run,) = fake_store.runs_of(job_id)
+        assert run.status == "FINISHED"
+        assert sorted((p.key, p.step) for p in run.points) == [
+            ("accuracy", 1), ("best_accuracy", 3), ("loss", 1)
+        ]

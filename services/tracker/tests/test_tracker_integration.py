@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -28,7 +28,7 @@ from visionyard.shared.natsserver import NatsServer
 from visionyard.tracker.adapters.mlflow_store import MlflowRunStore
 from visionyard.tracker.config import TrackerSettings
 from visionyard.tracker.main import serve
-from visionyard.tracker.ports import RunStore
+from visionyard.tracker.ports import LogBatch, RunStore, RunWrite
 
 pytestmark = pytest.mark.integration
 
@@ -183,11 +183,11 @@ class FlakyStore:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
 
-    async def log_batch(self, run_id: str, **kwargs: Any) -> None:
-        if kwargs.get("metrics") and self.failures_left > 0:
+    async def write(self, writes: Sequence[RunWrite]) -> None:
+        if any(isinstance(w, LogBatch) and w.metrics for w in writes) and self.failures_left > 0:
             self.failures_left -= 1
             raise ConnectionError("MLflow tracking server unreachable")
-        await self._inner.log_batch(run_id, **kwargs)
+        await self._inner.write(writes)
 
 
 async def test_events_wait_out_an_mlflow_outage_and_are_not_lost(bus: Bus, settings: TrackerSettings) -> None:

@@ -7,6 +7,7 @@ tracker scales out: replicas share the durable consumer `tracker` and the queue 
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from typing import Any
 
@@ -23,8 +24,13 @@ log = logging.getLogger("visionyard.tracker")
 SERVICE = "tracker"
 
 
-async def serve(settings: TrackerSettings, *, stop: asyncio.Event, store: RunStore | None = None) -> None:
-    """Run the tracker until `stop` is set, then drain the NATS connection."""
+async def serve(
+    settings: TrackerSettings, *, stop: asyncio.Event, store: RunStore | None = None, freeze_heap: bool = False
+) -> None:
+    """Run the tracker until `stop` is set, then drain the NATS connection.
+
+    `freeze_heap` (the console script; not in-process tests): see `freeze_startup_heap`.
+    """
     from visionyard.tracker.adapters.event_history import JetStreamStartedEvents
 
     owned_store = None
@@ -33,6 +39,12 @@ async def serve(settings: TrackerSettings, *, stop: asyncio.Event, store: RunSto
         from visionyard.tracker.adapters.mlflow_store import MlflowRunStore
 
         store = owned_store = MlflowRunStore(tracking_uri=settings.mlflow_uri, artifact_root=settings.artifact_root)
+        try:
+            await owned_store.open()
+        except Exception as error:  # the store stays lazy: the first batch retries opening it
+            log.warning("MLflow store not reachable yet (%s); opening it with the first batch", error)
+    if freeze_heap:
+        freeze_startup_heap()
     bus = await Bus.connect(settings.nats_url, service=SERVICE)
     responders: list[Any] = []
     try:
@@ -61,6 +73,18 @@ async def serve(settings: TrackerSettings, *, stop: asyncio.Event, store: RunSto
         log.info("tracker stopped")
 
 
+def freeze_startup_heap() -> None:
+    """Exempt everything alive after start-up from the cyclic GC's full collections.
+
+    MLflow, SQLAlchemy and alembic leave ~320k long-lived objects; every log_batch promotes
+    thousands of short-lived ORM objects, so full collections kept re-scanning that heap. Profiled:
+    ~20% of the tracker's CPU while writing metrics. Frozen objects are still freed by refcount; a
+    collection first, so no garbage is frozen.
+    """
+    gc.collect()
+    gc.freeze()
+
+
 def _redacted(uri: str) -> str:
     # A tracking server URI may carry credentials (https://user:pass@host); never log them.
     scheme, sep, rest = uri.partition("://")
@@ -71,7 +95,7 @@ def run() -> None:
     """Console script `visionyard-tracker`: run until SIGTERM/SIGINT, then exit 0."""
     settings = TrackerSettings()
     configure_logging(SERVICE, settings.log_level)
-    run_until_signalled(lambda stop: serve(settings, stop=stop))
+    run_until_signalled(lambda stop: serve(settings, stop=stop, freeze_heap=True))
 
 
 if __name__ == "__main__":

@@ -46,6 +46,28 @@ class RunSnapshot:
     latest_metrics: Mapping[str, float] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class LogBatch:
+    """One MLflow `log_batch` call on a run: ≤1000 metrics, ≤100 params, ≤100 tags, ≤1000 in all."""
+
+    run_id: str
+    metrics: Sequence[MetricPoint] = ()
+    params: Mapping[str, str] = field(default_factory=dict)
+    tags: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SetStatus:
+    """A run's status change: back to RUNNING, or terminated at `end_time` (epoch ms)."""
+
+    run_id: str
+    status: RunStatus
+    end_time: int | None = None
+
+
+RunWrite = LogBatch | SetStatus
+
+
 class RunStore(Protocol):
     """An MLflow tracking store, seen through the operations the tracker needs.
 
@@ -66,19 +88,12 @@ class RunStore(Protocol):
         """Create the job's run (or return the canonical one if another writer raced us)."""
         ...
 
-    async def log_batch(
-        self,
-        run_id: str,
-        *,
-        metrics: Sequence[MetricPoint] = (),
-        params: Mapping[str, str] | None = None,
-        tags: Mapping[str, str] | None = None,
-    ) -> None:
-        """Write metrics (≤1000), params (≤100) and tags (≤100) in one call."""
-        ...
+    async def write(self, writes: Sequence[RunWrite]) -> None:
+        """Apply `writes` in order, in one call (one hop to the store's worker per fetched batch).
 
-    async def set_status(self, run_id: str, status: RunStatus, *, end_time: int | None) -> None:
-        """Mark a run running again, or terminated with `end_time`."""
+        Raises at the first write that fails; the ones before it stay applied, which is safe because
+        every write is idempotent (identical points are a no-op, params keep their first value).
+        """
         ...
 
     async def metric_history(self, run_id: str, key: str) -> list[MetricPoint]:

@@ -5,6 +5,10 @@ restart never creates a second run), params already present are never re-logged,
 point carries the producer's step and timestamp (so re-logging a redelivered event writes nothing new).
 Fencing: events of an attempt older than the newest one seen (kept as the run tag
 `visionyard.attempt`, so it survives restarts) are ignored.
+
+Writes of a fetched batch are gathered per run and go to the store in one call at the end of the
+batch (packed into as few `log_batch` calls as MLflow's limits allow, each run's status last); the
+bus acks the batch only after that call returns, so a crash before it only means a redelivery.
 """
 
 from __future__ import annotations
@@ -13,10 +17,11 @@ import json
 import logging
 import math
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from functools import lru_cache
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any
 
 from visionyard.shared.events import (
     ArtifactStored,
@@ -31,10 +36,13 @@ from visionyard.shared.events import (
 from visionyard.shared.logs import bind
 from visionyard.tracker.ports import (
     EventPublisher,
+    LogBatch,
     MetricPoint,
     RunSnapshot,
     RunStatus,
     RunStore,
+    RunWrite,
+    SetStatus,
     StartedEventLookup,
 )
 
@@ -44,6 +52,7 @@ log = logging.getLogger("visionyard.tracker")
 MAX_METRICS_PER_BATCH = 1000
 MAX_PARAMS_PER_BATCH = 100
 MAX_TAGS_PER_BATCH = 100
+MAX_ENTITIES_PER_BATCH = 1000
 # MLflow rejects longer keys/values; truncating keeps one odd value from poisoning a whole batch.
 MAX_KEY_LENGTH = 250
 MAX_PARAM_VALUE_LENGTH = 6000
@@ -72,7 +81,6 @@ TERMINAL_STATUS: dict[type[JobEvent], RunStatus] = {
 _UNSAFE_KEY_CHARS = re.compile(r"[^\w\-. /]")
 # Job ids are subject tokens; anything else cannot be looked up safely in an MLflow filter string.
 _JOB_ID = re.compile(r"^[\w\-:]{1,200}$")
-T = TypeVar("T")
 
 
 # -- pure helpers of the use cases (unit-tested directly) ------------------------------------------
@@ -88,6 +96,7 @@ def is_valid_job_id(job_id: str) -> bool:
     return bool(_JOB_ID.match(job_id))
 
 
+@lru_cache(maxsize=4096)  # metric keys repeat on every event of a job
 def safe_key(key: str) -> str:
     """A metric/param/tag key MLflow accepts (alphanumerics, `_-. /`), at most 250 characters."""
     cleaned = _UNSAFE_KEY_CHARS.sub("_", key).strip() or "_"
@@ -127,10 +136,28 @@ def unique_points(points: Iterable[MetricPoint]) -> list[MetricPoint]:
     return kept
 
 
-def chunked(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
-    """Consecutive slices of at most `size` items."""
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
+def log_batches(
+    run_id: str, *, metrics: Sequence[MetricPoint], params: Mapping[str, str], tags: Mapping[str, str]
+) -> list[LogBatch]:
+    """A run's writes packed into as few `log_batch` calls as MLflow's limits allow.
+
+    Params and tags ride in the first calls beside metrics: each call costs MLflow a few
+    transactions whatever its size, so filling calls (≤1000 entities) is what keeps it cheap.
+    """
+    param_items = list(params.items())
+    tag_items = list(tags.items())
+    batches: list[LogBatch] = []
+    next_metric = next_param = next_tag = 0
+    while next_metric < len(metrics) or next_param < len(param_items) or next_tag < len(tag_items):
+        chunk_params = param_items[next_param : next_param + MAX_PARAMS_PER_BATCH]
+        chunk_tags = tag_items[next_tag : next_tag + MAX_TAGS_PER_BATCH]
+        room = min(MAX_METRICS_PER_BATCH, MAX_ENTITIES_PER_BATCH - len(chunk_params) - len(chunk_tags))
+        chunk_metrics = metrics[next_metric : next_metric + room]
+        next_metric += len(chunk_metrics)
+        next_param += len(chunk_params)
+        next_tag += len(chunk_tags)
+        batches.append(LogBatch(run_id, metrics=chunk_metrics, params=dict(chunk_params), tags=dict(chunk_tags)))
+    return batches
 
 
 def is_lower_better(key: str) -> bool:
@@ -213,6 +240,45 @@ class RunState:
         )
 
 
+@dataclass
+class PendingRunWrites:
+    """What one batch of events will write to one run, in the order it must land."""
+
+    metrics: list[MetricPoint] = field(default_factory=list)
+    params: dict[str, str] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+    # The run's last status change in the batch; written after the run's points, so a reader never
+    # sees a finished run missing them.
+    status: SetStatus | None = None
+
+    def writes(self, run_id: str) -> list[RunWrite]:
+        """The store writes, status last."""
+        writes: list[RunWrite] = list(
+            log_batches(run_id, metrics=unique_points(self.metrics), params=self.params, tags=self.tags)
+        )
+        if self.status is not None:
+            writes.append(self.status)
+        return writes
+
+
+class PendingWrites:
+    """The writes of one batch of events, gathered per run (first-touched order)."""
+
+    def __init__(self) -> None:
+        self._runs: dict[str, PendingRunWrites] = {}
+
+    def of(self, run_id: str) -> PendingRunWrites:
+        """The pending writes of one run."""
+        pending = self._runs.get(run_id)
+        if pending is None:
+            pending = self._runs[run_id] = PendingRunWrites()
+        return pending
+
+    def writes(self) -> list[RunWrite]:
+        """Every pending write, run by run."""
+        return [write for run_id, pending in self._runs.items() for write in pending.writes(run_id)]
+
+
 class Tracker:
     """Mirrors job events into MLflow runs and reads them back for the API."""
 
@@ -234,43 +300,44 @@ class Tracker:
     # -- writing ---------------------------------------------------------------------------------
 
     async def record_events(self, events: Sequence[JobEvent]) -> None:
-        """Apply a batch of job events in stream order; metrics go out as one log_batch per run.
+        """Apply a batch of job events in stream order, then write it to the store in one call.
 
         Raises when the store fails; the caller redelivers the whole batch, which is safe because
         every step is idempotent.
         """
-        pending: dict[str, list[MetricPoint]] = {}
+        pending = PendingWrites()
         try:
             for event in events:
                 if event.kind in TRACKED_KINDS:
                     await self._apply(event, pending)
-            for run_id in list(pending):
-                await self._flush(run_id, pending)
+            writes = pending.writes()
+            if writes:
+                await self._store.write(writes)
         except Exception:
             # The cache may now disagree with the store (a half-applied batch, a run deleted
             # behind our back): forget it so the retry re-reads the truth.
             self._runs.clear()
             raise
 
-    async def _apply(self, event: JobEvent, pending: dict[str, list[MetricPoint]]) -> None:
+    async def _apply(self, event: JobEvent, pending: PendingWrites) -> None:
         context = bind(log, job_id=event.job_id, attempt=event.attempt, seq=event.seq)
         if isinstance(event, JobStarted):
-            await self._start(event)
+            await self._start(event, pending)
             return
-        state = await self._run_for(event)
+        state = await self._run_for(event, pending)
         if self._fence_stale_attempt(state, event):
             context.info("ignoring %s of stale attempt (newest is %d)", event.kind, state.attempt)
             return
-        await self._advance_attempt(state, event.attempt)
+        run = pending.of(state.run_id)
+        self._advance_attempt(state, event.attempt, run)
         if isinstance(event, ProgressReported):
-            pending.setdefault(state.run_id, []).extend(progress_points(event))
+            run.metrics.extend(progress_points(event))
         elif isinstance(event, ArtifactStored):
-            tag = safe_key(f"checkpoint.{event.checkpoint_kind}")
-            await self._store.log_batch(state.run_id, tags={tag: event.uri[:MAX_TAG_VALUE_LENGTH]})
+            run.tags[safe_key(f"checkpoint.{event.checkpoint_kind}")] = event.uri[:MAX_TAG_VALUE_LENGTH]
         elif isinstance(event, (JobCompleted, JobFailed, JobCancelled)):
-            await self._terminate(state, event, pending)
+            self._terminate(state, event, run)
 
-    async def _start(self, event: JobStarted) -> RunState:
+    async def _start(self, event: JobStarted, pending: PendingWrites) -> RunState:
         state = await self._known_run(event.job_id)
         if state is None:
             state = await self._create_run(event)
@@ -279,8 +346,9 @@ class Tracker:
                 "ignoring started of stale attempt (newest is %d)", state.attempt
             )
             return state
-        await self._advance_attempt(state, event.attempt)
-        await self._log_new_params(state, run_params(event))
+        run = pending.of(state.run_id)
+        self._advance_attempt(state, event.attempt, run)
+        self._queue_new_params(state, run_params(event), run)
         if not state.tracked:
             await self._publisher.publish(
                 JobTracked(
@@ -292,58 +360,42 @@ class Tracker:
                     message_id=f"tracked-{event.job_id}-{state.run_id}",
                 )
             )
-            # Recorded after the publish: a crash in between re-publishes the same message id.
-            await self._store.log_batch(state.run_id, tags={TAG_TRACKED: "true"})
+            # Written after the publish (with the batch): a crash in between re-publishes the same
+            # message id.
+            run.tags[TAG_TRACKED] = "true"
             state.tracked = True
         return state
 
-    async def _terminate(
-        self,
-        state: RunState,
-        event: JobCompleted | JobFailed | JobCancelled,
-        pending: dict[str, list[MetricPoint]],
+    def _terminate(
+        self, state: RunState, event: JobCompleted | JobFailed | JobCancelled, run: PendingRunWrites
     ) -> None:
         if isinstance(event, JobCompleted):
-            pending.setdefault(state.run_id, []).extend(best_points(event))
+            run.metrics.extend(best_points(event))
         elif isinstance(event, JobFailed):
-            await self._store.log_batch(
-                state.run_id,
-                tags={
-                    TAG_FAILURE_REASON: str(event.reason),
-                    TAG_FAILURE_MESSAGE: event.error_message[:MAX_TAG_VALUE_LENGTH],
-                },
-            )
-        # The run's points land before its end, so a reader never sees a finished run missing them.
-        await self._flush(state.run_id, pending)
+            run.tags[TAG_FAILURE_REASON] = str(event.reason)
+            run.tags[TAG_FAILURE_MESSAGE] = event.error_message[:MAX_TAG_VALUE_LENGTH]
         status = TERMINAL_STATUS[type(event)]
-        await self._store.set_status(state.run_id, status, end_time=epoch_millis(event.occurred_at))
+        run.status = SetStatus(state.run_id, status, end_time=epoch_millis(event.occurred_at))
         state.status = status
 
-    async def _flush(self, run_id: str, pending: dict[str, list[MetricPoint]]) -> None:
-        points = unique_points(pending.pop(run_id, []))
-        for chunk in chunked(points, MAX_METRICS_PER_BATCH):
-            await self._store.log_batch(run_id, metrics=chunk)
-
-    async def _log_new_params(self, state: RunState, params: Mapping[str, str]) -> None:
-        # MLflow params are immutable: a key already present keeps its first value.
-        fresh = {key: value for key, value in params.items() if key not in state.param_keys}
-        items = list(fresh.items())
-        for chunk in chunked(items, MAX_PARAMS_PER_BATCH):
-            await self._store.log_batch(state.run_id, params=dict(chunk))
-            state.param_keys.update(key for key, _ in chunk)
+    def _queue_new_params(self, state: RunState, params: Mapping[str, str], run: PendingRunWrites) -> None:
+        # MLflow params are immutable: a key already present (or queued) keeps its first value.
+        for key, value in params.items():
+            if key not in state.param_keys:
+                run.params[key] = value
+                state.param_keys.add(key)
 
     def _fence_stale_attempt(self, state: RunState, event: JobEvent) -> bool:
         """Whether `event` belongs to an attempt older than the newest seen for its job."""
         return event.attempt < state.attempt
 
-    async def _advance_attempt(self, state: RunState, attempt: int) -> None:
+    def _advance_attempt(self, state: RunState, attempt: int, run: PendingRunWrites) -> None:
         if attempt <= state.attempt:
             return
-        tags = {TAG_ATTEMPT: str(attempt)}
-        await self._store.log_batch(state.run_id, tags=tags)
+        run.tags[TAG_ATTEMPT] = str(attempt)
         # A new attempt of a job whose run already ended (restart, resume, failover) runs again.
         if state.status != RunStatus.RUNNING:
-            await self._store.set_status(state.run_id, RunStatus.RUNNING, end_time=None)
+            run.status = SetStatus(state.run_id, RunStatus.RUNNING)
             state.status = RunStatus.RUNNING
         state.attempt = attempt
 
@@ -355,7 +407,7 @@ class Tracker:
                 state = self._runs[job_id] = RunState.of(snapshot)
         return state
 
-    async def _run_for(self, event: JobEvent) -> RunState:
+    async def _run_for(self, event: JobEvent, pending: PendingWrites) -> RunState:
         """The job's run; created (from its `started` event if still retained) when missing."""
         state = await self._known_run(event.job_id)
         if state is not None:
@@ -363,7 +415,7 @@ class Tracker:
         started = await self._started_events.last_started(event.job_id) if self._started_events else None
         if started is not None:
             bind(log, job_id=event.job_id).info("rebuilding run from the retained started event")
-            return await self._start(started)
+            return await self._start(started, pending)
         return await self._create_run(event)
 
     async def _create_run(self, event: JobEvent) -> RunState:

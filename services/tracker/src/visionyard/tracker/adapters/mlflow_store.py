@@ -9,6 +9,10 @@ landing on two replicas) can race: both may create a run. Each creator re-reads 
 after creating its own, and every reader picks the same canonical run (earliest start_time, then
 smallest run_id); a creator whose run lost deletes it. The window is narrowed, not closed: points a
 loser logged before its deletion are not copied over.
+
+A job's run is looked up (on a cache miss of the tracker: once per job and process) across the
+experiment ids listed once and kept; only a miss lists the experiments again, since a run can only
+hide in an experiment created since the last listing.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, RESOURCE_DOES_NOT_EXIST, ErrorCode
 from mlflow.tracking import MlflowClient
 
-from visionyard.tracker.ports import MetricPoint, RunSnapshot, RunStatus
+from visionyard.tracker.ports import LogBatch, MetricPoint, RunSnapshot, RunStatus, RunWrite
 from visionyard.tracker.service import TAG_JOB_ID, is_valid_job_id
 
 T = TypeVar("T")
@@ -39,7 +43,16 @@ class MlflowRunStore:
         self._artifact_root = artifact_root
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow")
         self._client: MlflowClient | None = None
-        self._experiments: dict[str, str] = {}
+        self._experiments: dict[str, str] = {}  # name -> id
+        self._experiment_ids: dict[str, None] | None = None  # the active ones, insertion-ordered
+
+    async def open(self) -> None:
+        """Open (and migrate) the store now rather than on the first batch; raises if unreachable."""
+
+        def open_store() -> None:
+            self._known_experiment_ids()  # opens the client, then lists the experiments once
+
+        await self._call(open_store)
 
     def close(self) -> None:
         """Stop the worker thread (after in-flight calls finish)."""
@@ -87,7 +100,13 @@ class MlflowRunStore:
         def create() -> RunSnapshot:
             client = self._mlflow()
             experiment_id = self._experiment_id(experiment_name)
-            run = client.create_run(experiment_id, start_time=start_time, tags=dict(tags), run_name=job_id)
+            try:
+                run = client.create_run(experiment_id, start_time=start_time, tags=dict(tags), run_name=job_id)
+            except MlflowException:
+                # E.g. the experiment was deleted since we cached its id: resolve (restore) it again
+                # on the retry.
+                self._experiments.pop(experiment_name, None)
+                raise
             canonical = self._find(job_id)
             if canonical is None:  # pragma: no cover - our own run is always visible to us
                 return _snapshot(run)
@@ -97,35 +116,30 @@ class MlflowRunStore:
 
         return await self._call(create)
 
-    async def log_batch(
-        self,
-        run_id: str,
-        *,
-        metrics: Sequence[MetricPoint] = (),
-        params: Mapping[str, str] | None = None,
-        tags: Mapping[str, str] | None = None,
-    ) -> None:
-        """One MLflow `log_batch` call."""
-        entities_metrics = [Metric(p.key, p.value, p.timestamp, p.step) for p in metrics]
-        entities_params = [Param(k, v) for k, v in (params or {}).items()]
-        entities_tags = [RunTag(k, v) for k, v in (tags or {}).items()]
-        await self._call(
-            lambda: self._mlflow().log_batch(
-                run_id, metrics=entities_metrics, params=entities_params, tags=entities_tags, synchronous=True
-            )
-        )
+    async def write(self, writes: Sequence[RunWrite]) -> None:
+        """Apply the writes in order on the worker thread: one hop for a whole batch of events."""
 
-    async def set_status(self, run_id: str, status: RunStatus, *, end_time: int | None) -> None:
-        """Mark a run running again, or terminated at `end_time`."""
-
-        def update() -> None:
+        def apply() -> None:
             client = self._mlflow()
-            if status is RunStatus.RUNNING:
-                client.update_run(run_id, status=MlflowRunStatus.to_string(MlflowRunStatus.RUNNING))
-            else:
-                client.set_terminated(run_id, status=str(status), end_time=end_time)
+            for write in writes:
+                if isinstance(write, LogBatch):
+                    # Newest first: MLflow's SQL store rewrites a key's "latest" row for every point
+                    # newer than the one before it in the call (every point, in stream order);
+                    # newest first, only a key's first point does. Stored points are the same.
+                    newest_first = sorted(write.metrics, key=lambda p: (p.step, p.timestamp), reverse=True)
+                    client.log_batch(
+                        write.run_id,
+                        metrics=[Metric(p.key, p.value, p.timestamp, p.step) for p in newest_first],
+                        params=[Param(key, value) for key, value in write.params.items()],
+                        tags=[RunTag(key, value) for key, value in write.tags.items()],
+                        synchronous=True,
+                    )
+                elif write.status is RunStatus.RUNNING:
+                    client.update_run(write.run_id, status=MlflowRunStatus.to_string(MlflowRunStatus.RUNNING))
+                else:
+                    client.set_terminated(write.run_id, status=str(write.status), end_time=write.end_time)
 
-        await self._call(update)
+        await self._call(apply)
 
     async def metric_history(self, run_id: str, key: str) -> list[MetricPoint]:
         """Every point of one metric, ordered by step then timestamp."""
@@ -145,10 +159,20 @@ class MlflowRunStore:
         if not is_valid_job_id(job_id):
             # It is spliced into a filter string; the handlers reject such ids before they get here.
             raise ValueError(f"job id {job_id!r} is not a valid token")
-        client = self._mlflow()
-        experiment_ids = self._all_experiment_ids()
-        if not experiment_ids:
+        runs = self._job_runs(job_id, list(self._known_experiment_ids()))
+        if not runs:
+            # Before answering "no run": the run may sit in an experiment created since we last
+            # listed them (by another replica); a miss is once per job, so list them again.
+            runs = self._job_runs(job_id, self._list_new_experiment_ids())
+        if not runs:
             return None
+        canonical = min(runs, key=lambda r: (r.info.start_time or 0, r.info.run_id))
+        return _snapshot(canonical)
+
+    def _job_runs(self, job_id: str, experiment_ids: list[str]) -> list[Run]:
+        if not experiment_ids:
+            return []
+        client = self._mlflow()
         runs: list[Run] = []
         page_token: str | None = None
         while True:
@@ -162,13 +186,22 @@ class MlflowRunStore:
             runs.extend(page)
             page_token = page.token
             if not page_token:
-                break
-        if not runs:
-            return None
-        canonical = min(runs, key=lambda r: (r.info.start_time or 0, r.info.run_id))
-        return _snapshot(canonical)
+                return runs
 
-    def _all_experiment_ids(self) -> list[str]:
+    def _known_experiment_ids(self) -> dict[str, None]:
+        # Listing every experiment on each look-up cost a query per look-up; the active ones only
+        # change when a tracker creates one (a deleted experiment's runs are deleted with it).
+        if self._experiment_ids is None:
+            self._experiment_ids = dict.fromkeys(self._list_experiment_ids())
+        return self._experiment_ids
+
+    def _list_new_experiment_ids(self) -> list[str]:
+        known = self._known_experiment_ids()
+        fresh = [experiment_id for experiment_id in self._list_experiment_ids() if experiment_id not in known]
+        known.update(dict.fromkeys(fresh))
+        return fresh
+
+    def _list_experiment_ids(self) -> list[str]:
         client = self._mlflow()
         ids: list[str] = []
         page_token: str | None = None
@@ -203,6 +236,7 @@ class MlflowRunStore:
             if experiment.lifecycle_stage == "deleted":
                 client.restore_experiment(experiment_id)
         self._experiments[name] = experiment_id
+        self._known_experiment_ids()[experiment_id] = None
         return experiment_id
 
     def _artifact_location(self, experiment_name: str) -> str | None:
