@@ -99,3 +99,28 @@ async def test_what_log_batches_packs_is_stored_whole(store: MlflowRunStore) -> 
     snapshot = await store.get_run(run_id)
     assert snapshot is not None and len(snapshot.latest_metrics) == 1500 and snapshot.latest_metrics["k7"] == 7.0
     assert snapshot.params == params and all(snapshot.tags[key] == "v" for key in tags)
+
+
+async def test_the_only_writer_creates_a_job_run_with_one_search_and_finds_it_again(uri: str, tmp_path: Path) -> None:
+    store = MlflowRunStore(tracking_uri=uri, artifact_root=str(tmp_path / "artifacts"), single_writer=True)
+    try:
+        await store.open()
+        client = store._mlflow()
+        searches: list[str] = []
+        original = client.search_runs
+
+        def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
+            searches.append(kwargs.get("filter_string", ""))
+            return original(*args, **kwargs)
+
+        client.search_runs = counting  # type: ignore[method-assign]
+        assert await store.find_run("job1") is None
+        run_id = await create(store, "job1")
+        # The miss is final and the created run is the job's: no re-listing, no canonical re-check.
+        assert len(searches) == 1
+        found = await store.find_run("job1")
+        assert found is not None and found.run_id == run_id
+        assert [run.info.run_id for run in MlflowClient(tracking_uri=uri).search_runs(
+            [MlflowClient(tracking_uri=uri).get_experiment_by_name("exp").experiment_id])] == [run_id]
+    finally:
+        store.close()

@@ -38,7 +38,11 @@ async def serve(
         # Imported here: `import mlflow` costs about a second, and tests may bring their own store.
         from visionyard.tracker.adapters.mlflow_store import MlflowRunStore
 
-        store = owned_store = MlflowRunStore(tracking_uri=settings.mlflow_uri, artifact_root=settings.artifact_root)
+        store = owned_store = MlflowRunStore(
+            tracking_uri=settings.mlflow_uri, artifact_root=settings.artifact_root,
+            # SQLite allows one writer, so this tracker is the store's only one (see TrackerSettings).
+            single_writer=settings.mlflow_uri.startswith("sqlite:"),
+        )
         try:
             await owned_store.open()
         except Exception as error:  # the store stays lazy: the first batch retries opening it

@@ -38,9 +38,13 @@ T = TypeVar("T")
 class MlflowRunStore:
     """`RunStore` over an MLflow tracking URI (SQLite file or tracking server)."""
 
-    def __init__(self, *, tracking_uri: str, artifact_root: str | None = None) -> None:
+    def __init__(self, *, tracking_uri: str, artifact_root: str | None = None, single_writer: bool = False) -> None:
         self._tracking_uri = tracking_uri
         self._artifact_root = artifact_root
+        # The only tracker writing this store (the SQLite default: one writer, one replica). No other
+        # writer can create an experiment or a job's run, so a miss is final and a run we create is the
+        # job's run: a new job costs two searches fewer (profiled: most of ~45 ms of CPU per job).
+        self._single_writer = single_writer
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow")
         self._client: MlflowClient | None = None
         self._experiments: dict[str, str] = {}  # name -> id
@@ -107,6 +111,8 @@ class MlflowRunStore:
                 # on the retry.
                 self._experiments.pop(experiment_name, None)
                 raise
+            if self._single_writer:
+                return _snapshot(run)
             canonical = self._find(job_id)
             if canonical is None:  # pragma: no cover - our own run is always visible to us
                 return _snapshot(run)
@@ -160,7 +166,7 @@ class MlflowRunStore:
             # It is spliced into a filter string; the handlers reject such ids before they get here.
             raise ValueError(f"job id {job_id!r} is not a valid token")
         runs = self._job_runs(job_id, list(self._known_experiment_ids()))
-        if not runs:
+        if not runs and not self._single_writer:
             # Before answering "no run": the run may sit in an experiment created since we last
             # listed them (by another replica); a miss is once per job, so list them again.
             runs = self._job_runs(job_id, self._list_new_experiment_ids())
