@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select, text
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from visionyard.api.db.migrate import upgrade_to_head
@@ -32,7 +31,7 @@ from visionyard.shared.events import (
 )
 from visionyard.shared.messages import Message
 
-POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+from .pgschema import fresh_postgres_schema
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -44,24 +43,9 @@ def session_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[
         yield make_session_factory(engine)
         engine.dispose()
         return
-    try:
-        probe = make_engine(POSTGRES_URL, connect_args={"connect_timeout": 2})
-        with probe.connect() as connection:
-            connection.execute(text("SELECT 1"))
-    except Exception as error:
-        pytest.skip(f"PostgreSQL not reachable at {POSTGRES_URL}: {type(error).__name__}")
-    schema = f"vy_test_{uuid.uuid4().hex[:10]}"
-    with probe.begin() as connection:
-        connection.execute(text(f'CREATE SCHEMA "{schema}"'))
-    engine = make_engine(POSTGRES_URL, connect_args={"options": f"-csearch_path={schema}"})
-    try:
+    with fresh_postgres_schema() as (engine, _schema):
         upgrade_to_head(engine)
         yield make_session_factory(engine)
-    finally:
-        engine.dispose()
-        with probe.begin() as connection:
-            connection.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        probe.dispose()
 
 
 def _seed(
