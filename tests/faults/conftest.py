@@ -44,8 +44,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory, s3_endpoint: str) -> Iterato
         extra_env={
             "VISIONYARD_TOPOLOGY_ACK_WAITS": json.dumps(ACK_WAITS),
             "VISIONYARD_RUNNER_HEARTBEAT_SECONDS": "1",
-            # Checkpoints held back by the cadence, but briefly: failover resumes from a recent one.
-            "VISIONYARD_RUNNER_CHECKPOINT_INTERVAL_SECONDS": "1",
+            # Every checkpoint staged (no cadence): the scenarios strike a 6-epoch job between its
+            # second checkpoint and its end, and epochs here are shorter than any useful interval.
+            "VISIONYARD_RUNNER_CHECKPOINT_INTERVAL_SECONDS": "0",
             "VISIONYARD_RUNNER_SLOTS": "1",
             "VISIONYARD_RUNNER_CANCEL_GRACE_SECONDS": "5",
         },
