@@ -351,3 +351,14 @@ async def test_held_checkpoints_get_their_seq_when_staged_and_the_newest_is_stag
     assert seqs == sorted(seqs) == list(range(1, len(seqs) + 1))
     completed = sink.items[-1]
     assert isinstance(completed, JobCompleted) and completed.declared_checkpoints == ["last"]
+
+
+async def test_a_closed_cadence_stages_nothing_it_still_held(tmp_path: Path) -> None:
+    staged: list[CheckpointReported] = []
+    cadence = CheckpointCadence(staged.append, interval=0.02, outbox=tmp_path)
+    first, second = reported(tmp_path / "a.pt"), reported(tmp_path / "b.pt", order=1)
+    cadence.offer(first)
+    cadence.offer(second)
+    cadence.close()
+    await asyncio.sleep(0.1)  # well past the interval: a live timer would have passed `second` on
+    assert staged == [first]

@@ -74,6 +74,12 @@ class CheckpointCadence:
             pending.timer.cancel()
             self._pass_on(pending.reported, now)
 
+    def close(self) -> None:
+        """Drop whatever is still held and its timers (the attempt ended without `flush`)."""
+        for pending in self._pending.values():
+            pending.timer.cancel()
+        self._pending.clear()
+
     def _release(self, kind: str) -> None:
         pending = self._pending.pop(kind, None)
         if pending is not None:

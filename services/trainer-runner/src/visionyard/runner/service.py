@@ -613,43 +613,46 @@ class TrainingAttempts:
             interval=job_limit(cmd, "checkpoint_interval_seconds", default=self.options.checkpoint_interval_seconds),
             outbox=job.outbox_dir,
         )
-        pump = asyncio.create_task(self._pump(handle, events, sink, cadence, activity=activity))
-        exited = asyncio.create_task(handle.wait())
-        stop_requested = asyncio.create_task(control.wait())
-        stall_seconds = job_limit(cmd, "stall_seconds", default=self.options.stall_seconds)
-        watchdog = asyncio.create_task(watch_for_stall(activity, control, stall_seconds=stall_seconds))
-        stopped_by: StopReason | None = None
         try:
-            done, _ = await asyncio.wait(
-                {exited, stop_requested},
-                timeout=cmd.timeout_seconds or job_limit(cmd, "timeout_seconds", default=0.0) or None,
-                return_when=asyncio.FIRST_COMPLETED,
-            )
-            if exited in done:
-                returncode = exited.result()
-            else:
-                stopped_by = control.reason if stop_requested in done else StopReason.TIMEOUT
-                logger.info("stopping trainer", extra={"reason": str(stopped_by)})
-                returncode = await handle.stop(grace=self.options.cancel_grace_seconds)
+            pump = asyncio.create_task(self._pump(handle, events, sink, cadence, activity=activity))
+            exited = asyncio.create_task(handle.wait())
+            stop_requested = asyncio.create_task(control.wait())
+            stall_seconds = job_limit(cmd, "stall_seconds", default=self.options.stall_seconds)
+            watchdog = asyncio.create_task(watch_for_stall(activity, control, stall_seconds=stall_seconds))
+            stopped_by: StopReason | None = None
+            try:
+                done, _ = await asyncio.wait(
+                    {exited, stop_requested},
+                    timeout=cmd.timeout_seconds or job_limit(cmd, "timeout_seconds", default=0.0) or None,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                if exited in done:
+                    returncode = exited.result()
+                else:
+                    stopped_by = control.reason if stop_requested in done else StopReason.TIMEOUT
+                    logger.info("stopping trainer", extra={"reason": str(stopped_by)})
+                    returncode = await handle.stop(grace=self.options.cancel_grace_seconds)
+            finally:
+                stop_requested.cancel()
+                watchdog.cancel()
+                # Whatever happened, no process of the job's group may outlive the attempt.
+                final_code = await handle.stop(grace=0)
+            if not exited.done():
+                exited.cancel()
+            returncode = returncode if returncode is not None else final_code
+            await pump
+            cadence.flush()  # however the trainer ended, its newest checkpoints are staged before the terminal event
+            if cadence.superseded:
+                logger.info("checkpoints superseded before staging", extra={"superseded": cadence.superseded})
+            logger.info("trainer exited", extra={"returncode": returncode})
+            terminal = events.terminal(TrainerExit(returncode=returncode, stopped_by=stopped_by))
+            if terminal is None:
+                # Publish what the trainer saved on the way out (its last checkpoint), then hand the job back.
+                await sink.drain()
+                return AttemptOutcome.REQUEUE
+            return await self._finish(sink, terminal)
         finally:
-            stop_requested.cancel()
-            watchdog.cancel()
-            # Whatever happened, no process of the job's group may outlive the attempt.
-            final_code = await handle.stop(grace=0)
-        if not exited.done():
-            exited.cancel()
-        returncode = returncode if returncode is not None else final_code
-        await pump
-        cadence.flush()  # however the trainer ended, its newest checkpoints are staged before the terminal event
-        if cadence.superseded:
-            logger.info("checkpoints superseded before staging", extra={"superseded": cadence.superseded})
-        logger.info("trainer exited", extra={"returncode": returncode})
-        terminal = events.terminal(TrainerExit(returncode=returncode, stopped_by=stopped_by))
-        if terminal is None:
-            # Publish what the trainer saved on the way out (its last checkpoint), then hand the job back.
-            await sink.drain()
-            return AttemptOutcome.REQUEUE
-        return await self._finish(sink, terminal)
+            cadence.close()  # an attempt that ends in an error leaves no timer to stage into a closed sink
 
     async def _pump(
         self,
