@@ -62,8 +62,14 @@ def mlflow_baseline(store: Path, *, points: int, singles: int) -> tuple[float, f
 
 
 def _count_points(store: Path) -> int:
+    """Metric rows in the store; 0 while the tracker is still creating it (its migrations run at start-up)."""
     with sqlite3.connect(store) as db:
-        return int(db.execute("select count(*) from metrics").fetchone()[0])
+        try:
+            return int(db.execute("select count(*) from metrics").fetchone()[0])
+        except sqlite3.OperationalError as error:
+            if "no such table" in str(error):
+                return 0
+            raise
 
 
 async def _backlog(bus: Bus) -> int:
