@@ -65,3 +65,15 @@ def test_console_script_serves_then_exits_zero_on_sigterm(tmp_path: Path) -> Non
             process.kill()
             process.wait()
         server.stop()
+
+
+def test_event_loop_choice(tmp_path: Path) -> None:
+    import uvloop
+
+    from visionyard.api.main import _loop_factory
+
+    assert _loop_factory("auto") is uvloop.new_event_loop  # installed with uvicorn[standard]
+    assert _loop_factory("uvloop") is uvloop.new_event_loop
+    assert _loop_factory("asyncio") is None
+    with pytest.raises(ValidationError, match="event_loop"):
+        ApiSettings(event_loop="trio", data_dir=tmp_path)

