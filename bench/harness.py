@@ -96,6 +96,11 @@ class BenchStack:
         assert self.stack.nats is not None
         return self.stack.nats.url
 
+    @property
+    def api_db_path(self) -> Path:
+        """The API's SQLite database (the embedded default)."""
+        return self.stack.data_dir / "api.db"
+
     def upload(self, zip_path: Path, *, name: str = "bench") -> str:
         """Upload an ImageFolder zip and wait until it is ready; its dataset id."""
         outcome = upload_dataset(self.client, zip_path, name=name, poll_interval=0.1)

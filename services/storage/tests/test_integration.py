@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import json
 import os
 import signal
 import subprocess
 import sys
+import zlib
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -272,6 +274,12 @@ async def test_large_checkpoint_streams_into_s3_and_a_corrupt_one_is_aborted(
         stored = ArtifactStored.model_validate_json((await events.next_msg(timeout=WAIT)).data)
         assert stored.size_bytes == len(data)
         assert s3.sha256("it-internal-big", "checkpoints/job6/best.pt") == event.sha256
+        # Each part went up with its CRC32: the object's checksum is the CRC32 of the parts' CRC32s.
+        head = s3.client.head_object(Bucket="it-internal-big", Key="checkpoints/job6/best.pt", ChecksumMode="ENABLED")
+        part_size = 16 * 1024 * 1024
+        parts = b"".join(zlib.crc32(data[start:start + part_size]).to_bytes(4, "big")
+                         for start in range(0, len(data), part_size))
+        assert head["ChecksumCRC32"].split("-")[0] == base64.b64encode(zlib.crc32(parts).to_bytes(4, "big")).decode()
 
         # Staged bytes that are not the declared ones: streamed up to the last byte, then never completed.
         source = tmp_path / "job7.pt"

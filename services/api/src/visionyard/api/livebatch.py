@@ -15,11 +15,12 @@ a frame reaches `MAX_FRAME_MESSAGES` or `MAX_FRAME_CHARS`, which bound the size 
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from pydantic_core import to_json
 
 MIN_BATCH_MS = 1
 MAX_BATCH_MS = 1000
@@ -45,8 +46,13 @@ def parse_batch_ms(value: Any) -> int:
 
 
 def encode_entry(seq: int, messages: Iterable[dict[str, Any]]) -> Entry:
-    """An event's messages as JSON texts (Starlette's `send_json` encoding), done once for every client."""
-    return seq, [json.dumps(message, separators=(",", ":"), ensure_ascii=False) for message in messages]
+    """An event's messages as compact JSON texts, done once for every client.
+
+    pydantic-core's encoder, not the stdlib's: ~1 µs instead of ~6 µs per progress message (two
+    messages per event, measured), the same JSON (compact, UTF-8 unescaped, NaN/Infinity written as
+    the stdlib writes them); only float spelling may differ (1e-05 vs 0.00001), not the value.
+    """
+    return seq, [to_json(message).decode() for message in messages]
 
 
 @dataclass(frozen=True)
