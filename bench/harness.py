@@ -7,6 +7,7 @@ beside the installed ones. Also: the statistics every report uses (median, min, 
 
 from __future__ import annotations
 
+import os
 import statistics
 import sys
 import time
@@ -143,6 +144,13 @@ class BenchStack:
             if service.name == name:
                 return service.pid
         raise KeyError(name)
+
+
+def cpu_seconds(pid: int, *, children: bool = False) -> float:
+    """CPU seconds (user + system) a process has used, or its reaped children have (`children`)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    first = 13 if children else 11  # cutime, cstime or utime, stime (proc(5), counted after the name)
+    return (int(fields[first]) + int(fields[first + 1])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss_mb(pid: int) -> float:
