@@ -134,6 +134,22 @@ def test_completion_waits_for_every_declared_checkpoint_in_either_order(session_
     assert kinds == {("best", "stored"), ("last", "stored")}
 
 
+def test_checkpoints_staged_stored_and_completed_in_one_batch_complete_the_job(
+    session_factory: sessionmaker[Session],
+) -> None:
+    # The checkpoint look-ups do not autoflush: the stored status set earlier in the same batch must be
+    # seen through the session, and a staging redelivered after its store must not reopen it.
+    _seed(session_factory, status="running")
+    projector = Projector(session_factory)
+    completed = JobCompleted(job_id="j1", attempt=1, seq=9, total_epochs_completed=2, final_metrics={},
+                             best_metrics={}, declared_checkpoints=["best", "last"])
+    _apply(projector, _staged("best", 5), _stored("best", 5), _staged("last", 6), _stored("last", 6),
+           _staged("best", 5), completed)
+    job = _job(session_factory)
+    assert job.status == "completed" and job.completed_at is not None
+    assert (job.best_checkpoint_path, job.last_checkpoint_path) == ("file:///ckpt/j1/best.pt", "file:///ckpt/j1/last.pt")
+
+
 def test_events_of_an_older_attempt_are_ignored_and_a_newer_attempt_takes_over(
     session_factory: sessionmaker[Session],
 ) -> None:
