@@ -63,12 +63,15 @@ class CpuAccount:
 
 
 def accounted(account: CpuAccount, run: Callable[[], float], *,
-              standalone: bool) -> tuple[float, float, float]:
-    """(wall seconds of `run`, the trainer's CPU seconds, the services' CPU seconds) over one run."""
+              standalone: bool) -> tuple[float, float, float, float]:
+    """Over one run: (wall seconds of `run`, the trainer's CPU seconds, the services' CPU seconds, and
+    the seconds those were counted over)."""
+    start = time.perf_counter()
     services, trainers = account.services(), account.trainers(standalone=standalone)
     wall = run()
     time.sleep(0.5)  # the runner reaps the trainer just after the job shows completed
-    return wall, account.trainers(standalone=standalone) - trainers, account.services() - services
+    spent = account.services() - services
+    return wall, account.trainers(standalone=standalone) - trainers, spent, time.perf_counter() - start
 
 
 def standalone_seconds(scratch: Path, dataset_dir: Path, *, epochs: int) -> float:
@@ -132,16 +135,16 @@ async def run(scratch: Path, *, quick: bool, runs: int) -> str:
         await asyncio.to_thread(platform_seconds, bench, dataset_id, epochs=1)  # stages and caches the dataset
         account = CpuAccount(bench)
         for _ in range(runs):
-            wall, trainer, idle = await asyncio.to_thread(
+            wall, trainer, idle, idle_window = await asyncio.to_thread(
                 accounted, account, lambda: standalone_seconds(scratch, dataset_dir, epochs=epochs), standalone=True)
             alone.append(wall)
             trainer_alone.append(trainer)
-            wall, trainer, busy = await asyncio.to_thread(
+            wall, trainer, busy, busy_window = await asyncio.to_thread(
                 accounted, account, lambda: platform_seconds(bench, dataset_id, epochs=epochs), standalone=False)
             through.append(wall)
             trainer_through.append(trainer)
             # What the services spent beyond their idle rate (measured over the standalone run beside it).
-            services_extra.append(busy - idle / alone[-1] * wall)
+            services_extra.append(busy - idle / idle_window * busy_window)
             short_alone.append(await asyncio.to_thread(standalone_seconds, scratch, dataset_dir, epochs=short_epochs))
             short_through.append(await asyncio.to_thread(platform_seconds, bench, dataset_id, epochs=short_epochs))
     ratios = [p / s for p, s in zip(through, alone, strict=True)]
