@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import io
@@ -15,7 +16,7 @@ from nats.js.object_store import OBJ_STREAM_TEMPLATE
 
 from visionyard.shared import bus as bus_module
 from visionyard.shared import streams
-from visionyard.shared.bus import Bus, PermanentError
+from visionyard.shared.bus import Bus, PermanentError, TransientError
 
 pytestmark = pytest.mark.integration
 
@@ -93,3 +94,61 @@ async def test_get_file_of_a_multi_megabyte_object(bus: Bus, tmp_path: Path) -> 
     copy = await bus.get_file("t/big", tmp_path / "out" / "big.bin", sha256=sha)
     assert copy.read_bytes() == source.read_bytes()
     assert not (tmp_path / "out" / "big.bin.part").exists()
+
+
+async def test_put_file_writes_the_object_store_layout_any_client_reads(
+    bus: Bus, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(bus_module, "OBJECT_PUT_IN_FLIGHT", 2)  # the ack window turns over several times
+    source = tmp_path / "ckpt.bin"
+    source.write_bytes(os.urandom(5 * 1024 * 1024 + 11))
+    sha, size = await bus.put_file("t/layout", source)
+    assert (sha, size) == (hashlib.sha256(source.read_bytes()).hexdigest(), source.stat().st_size)
+    store = await bus.object_store()
+    info = await store.get_info("t/layout")
+    assert info.size == size and info.chunks == 6
+    # nats-py's own reader checks the recorded digest against the chunks.
+    assert (await store.get("t/layout")).data == source.read_bytes()
+
+
+async def test_putting_a_name_again_drops_the_old_chunks(bus: Bus, tmp_path: Path) -> None:
+    first, second = tmp_path / "first.bin", tmp_path / "second.bin"
+    first.write_bytes(os.urandom(300_000))
+    second.write_bytes(os.urandom(200_000))
+    await bus.put_file("t/again", first)
+    old_id = (await (await bus.object_store()).get_info("t/again")).nuid
+    sha, _ = await bus.put_file("t/again", second)
+    assert b"".join(await read_all(bus, "t/again", sha256=sha)) == second.read_bytes()
+    state = await bus.js.stream_info(STAGING_STREAM, subjects_filter=f"$O.{streams.OBJECT_STAGING}.C.{old_id}")
+    assert not state.state.subjects
+
+
+async def test_an_object_is_read_while_it_is_put(bus: Bus, tmp_path: Path) -> None:
+    source = tmp_path / "incoming.bin"
+    source.write_bytes(os.urandom(3 * 1024 * 1024 + 5))
+    object_id = bus.new_object_id()
+
+    async def read() -> bytes:
+        chunks = []
+        async with contextlib.aclosing(bus.read_incoming(object_id, source.stat().st_size)) as reader:
+            async for chunk in reader:
+                chunks.append(chunk)
+        return b"".join(chunks)
+
+    reading = asyncio.create_task(read())
+    await asyncio.sleep(0.2)  # the reader is waiting before the first chunk is put
+    assert not reading.done()
+    await bus.put_file("t/incoming", source, object_id=object_id)
+    assert await asyncio.wait_for(reading, 10) == source.read_bytes()
+    assert await consumers_on_staging(bus) == 0
+
+
+async def test_reading_an_object_that_never_comes_stalls_and_cleans_up(
+    bus: Bus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(bus_module, "OBJECT_READ_STALL_SECONDS", 0.3)
+    with pytest.raises(TransientError, match="stalled"):
+        async with contextlib.aclosing(bus.read_incoming(bus.new_object_id(), 1000)) as reader:
+            async for _ in reader:
+                pass
+    assert await consumers_on_staging(bus) == 0

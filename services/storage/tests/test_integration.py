@@ -6,6 +6,7 @@ import asyncio
 import base64
 import hashlib
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -22,6 +23,7 @@ from visionyard.shared.bus import Bus
 from visionyard.shared.commands import IngestDataset
 from visionyard.shared.events import (
     ArtifactStored,
+    CheckpointIncoming,
     CheckpointStaged,
     DatasetReady,
     DatasetRejected,
@@ -258,6 +260,7 @@ async def test_checkpoint_is_stored_in_s3(bus: Bus, nats_server: NatsServer, s3_
 async def test_large_checkpoint_streams_into_s3_and_a_corrupt_one_is_aborted(
     bus: Bus, nats_server: NatsServer, s3_endpoint: str, tmp_path: Path
 ) -> None:
+    from visionyard.storage.adapters import s3 as s3_adapter
     from visionyard.storage.adapters.s3 import S3Backend
 
     settings = StorageSettings(
@@ -269,14 +272,14 @@ async def test_large_checkpoint_streams_into_s3_and_a_corrupt_one_is_aborted(
     events = await bus.nc.subscribe(subjects.job_event("job6", "artifact_stored"))
     stop, task = await start_storage(settings)
     try:
-        data = os.urandom(40 * 1024 * 1024)  # three multipart parts
+        data = os.urandom(40 * 1024 * 1024 + 5)  # several multipart parts, a short last one
         event = await stage_checkpoint(bus, tmp_path, data, job_id="job6")
         stored = ArtifactStored.model_validate_json((await events.next_msg(timeout=WAIT)).data)
         assert stored.size_bytes == len(data)
         assert s3.sha256("it-internal-big", "checkpoints/job6/best.pt") == event.sha256
         # Each part went up with its CRC32: the object's checksum is the CRC32 of the parts' CRC32s.
         head = s3.client.head_object(Bucket="it-internal-big", Key="checkpoints/job6/best.pt", ChecksumMode="ENABLED")
-        part_size = 16 * 1024 * 1024
+        part_size = s3_adapter.PART_SIZE
         parts = b"".join(zlib.crc32(data[start:start + part_size]).to_bytes(4, "big")
                          for start in range(0, len(data), part_size))
         assert head["ChecksumCRC32"].split("-")[0] == base64.b64encode(zlib.crc32(parts).to_bytes(4, "big")).decode()
@@ -303,6 +306,44 @@ async def test_large_checkpoint_streams_into_s3_and_a_corrupt_one_is_aborted(
     assert not s3.exists("it-internal-big", "checkpoints/job7/best.pt")
     assert s3.read_bytes("it-internal-big", "checkpoints/job7/best.json") is None
     assert s3.client.list_multipart_uploads(Bucket="it-internal-big").get("Uploads", []) == []  # aborted
+
+
+async def test_an_announced_checkpoint_is_copied_into_s3_while_it_is_staged(
+    bus: Bus, nats_server: NatsServer, s3_endpoint: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from visionyard.storage.adapters.s3 import S3Backend
+
+    settings = StorageSettings(
+        nats_url=nats_server.url, data_dir=tmp_path / "data", backend="s3", s3_endpoint_url=s3_endpoint,
+        s3_access_key_id="testing", s3_secret_access_key="testing",
+        internal_bucket="it-internal-early", external_bucket="it-external-early",
+    )
+    s3 = S3Backend(endpoint_url=s3_endpoint, access_key_id="testing", secret_access_key="testing")
+    events = await bus.nc.subscribe(subjects.job_event("job8", "artifact_stored"))
+    stop, task = await start_storage(settings)
+    caplog.set_level(logging.INFO, logger="visionyard.storage")
+    try:
+        await asyncio.sleep(0.5)  # subscribed to hints
+        source = tmp_path / "job8.pt"
+        source.write_bytes(os.urandom(20 * 1024 * 1024 + 3))
+        name, object_id = "ckpt/job8/1/1-best.pt", bus.new_object_id()
+        # What the runner does for a large checkpoint: announce it, put it, then publish the event.
+        await bus.notify(subjects.STORAGE_CHECKPOINT_INCOMING, CheckpointIncoming(
+            job_id="job8", attempt=1, seq=1, checkpoint_kind="best", object_name=name, object_id=object_id,
+            size_bytes=source.stat().st_size,
+        ))
+        sha256, size = await bus.put_file(name, source, object_id=object_id)
+        await bus.publish(CheckpointStaged(
+            job_id="job8", attempt=1, seq=1, checkpoint_kind="best", object_name=name, sha256=sha256,
+            size_bytes=size,
+        ))
+        stored = ArtifactStored.model_validate_json((await events.next_msg(timeout=WAIT)).data)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, WAIT)
+    assert stored.size_bytes == size and s3.sha256("it-internal-early", "checkpoints/job8/best.pt") == sha256
+    assert any("copied while it was staged" in record.getMessage() for record in caplog.records)
+    assert s3.client.list_multipart_uploads(Bucket="it-internal-early").get("Uploads", []) == []
 
 
 def test_console_script_runs_until_sigterm_and_exits_zero(nats_server: NatsServer, tmp_path: Path) -> None:

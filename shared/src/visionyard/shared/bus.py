@@ -20,6 +20,7 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -32,8 +33,15 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext, api
 from nats.js.client import DEFAULT_JS_SUB_PENDING_BYTES_LIMIT, DEFAULT_JS_SUB_PENDING_MSGS_LIMIT
 from nats.js.errors import BadRequestError, NotFoundError
-from nats.js.kv import KeyValue
-from nats.js.object_store import OBJ_CHUNKS_PRE_TEMPLATE, OBJ_STREAM_TEMPLATE, ObjectStore
+from nats.js.kv import MSG_ROLLUP_SUBJECT, KeyValue
+from nats.js.object_store import (
+    OBJ_CHUNKS_PRE_TEMPLATE,
+    OBJ_DIGEST_TEMPLATE,
+    OBJ_META_PRE_TEMPLATE,
+    OBJ_STREAM_TEMPLATE,
+    ObjectStore,
+)
+from nats.nuid import NUID
 from pydantic import BaseModel
 
 from visionyard.shared import streams, subjects
@@ -110,6 +118,10 @@ PENDING_MESSAGES_HEADER = "Nats-Pending-Messages"
 OBJECT_READ_WINDOW = 16 * 1024 * 1024
 # A read that gets nothing for this long has broken off (the broker went away); it is retried whole.
 OBJECT_READ_STALL_SECONDS = 10.0
+# How many of an object's chunks a put has sent before it awaits the oldest one's PubAck.
+OBJECT_PUT_IN_FLIGHT = 8
+# How long a put waits for one chunk's PubAck.
+OBJECT_PUT_ACK_SECONDS = 30.0
 
 MessageHandler = Callable[[Msg], Awaitable[None]]
 BatchHandler = Callable[[list[Msg]], Awaitable[None]]
@@ -124,6 +136,7 @@ class Bus:
         self.service = service
         self._object_store: ObjectStore | None = None
         self._kv: dict[str, KeyValue] = {}
+        self._nuid = NUID()
         # How long each standing pull request of a consume loop lives (tests shorten it).
         self.pull_expires = PULL_EXPIRES
 
@@ -272,16 +285,74 @@ class Bus:
 
     # -- files -----------------------------------------------------------------------------------
 
-    async def put_file(self, name: str, path: Path) -> tuple[str, int]:
-        """Put a file into the staging object store; returns its sha256 and size."""
+    def new_object_id(self) -> str:
+        """A fresh id for an object's chunks (its `nuid`): `put_file(..., object_id=)` puts them under it,
+        so a reader told the id beforehand can read them while they are still being put."""
+        return self._nuid.next().decode()
+
+    async def put_file(self, name: str, path: Path, *, object_id: str | None = None) -> tuple[str, int]:
+        """Put a file into the staging object store; returns its sha256 and size.
+
+        The object store's own layout (ADR-20: chunks on `$O.<bucket>.C.<nuid>`, then the info as a
+        rollup on `$O.<bucket>.M.<name>`), so any client reads it, but written here rather than by
+        nats-py's `ObjectStore.put`: chunks as large as the server takes, several in flight instead of
+        one PubAck round trip each (profiled as most of a large checkpoint's staging time), the digest
+        computed beside the file read, and a chunk subject the caller may know in advance.
+        """
         store = await self.object_store()
-        # Chunks as large as the server takes (the client's default is 128 KiB, each chunk awaiting
-        # its PubAck: profiled as most of a large checkpoint's staging time), and the digest the
-        # object store computes while sending instead of a second pass over the file.
-        meta = api.ObjectMeta(name=name, options=api.ObjectMetaOptions(max_chunk_size=self._chunk_size()))
-        with path.open("rb") as handle:
-            info = await store.put(name, handle, meta=meta)
-        return _hex_digest(info.digest) or await asyncio.to_thread(sha256_file, path), path.stat().st_size
+        object_id = object_id or self.new_object_id()
+        bucket = streams.OBJECT_STAGING
+        stream = OBJ_STREAM_TEMPLATE.format(bucket=bucket)
+        chunk_subject = OBJ_CHUNKS_PRE_TEMPLATE.format(bucket=bucket, obj=object_id)
+        try:
+            previous: api.ObjectInfo | None = await store.get_info(name, show_deleted=True)
+        except NotFoundError:
+            previous = None
+        chunk_size = self._chunk_size()
+        digest = hashlib.sha256()
+        size = chunks = 0
+        in_flight: collections.deque[asyncio.Future[api.PubAck]] = collections.deque()
+
+        def read_chunk(handle: Any) -> bytes:
+            data: bytes = handle.read(chunk_size)
+            digest.update(data)  # hashlib releases the GIL for large buffers
+            return data
+
+        try:
+            with path.open("rb") as handle:
+                while data := await asyncio.to_thread(read_chunk, handle):
+                    in_flight.append(await self.js.publish_async(chunk_subject, data))
+                    size += len(data)
+                    chunks += 1
+                    while len(in_flight) >= OBJECT_PUT_IN_FLIGHT:
+                        await asyncio.wait_for(in_flight.popleft(), OBJECT_PUT_ACK_SECONDS)
+            while in_flight:
+                await asyncio.wait_for(in_flight.popleft(), OBJECT_PUT_ACK_SECONDS)
+            info = api.ObjectInfo(
+                name=name, bucket=bucket, nuid=object_id, size=size, chunks=chunks,
+                mtime=datetime.now(timezone.utc).isoformat(),
+                digest=OBJ_DIGEST_TEMPLATE.format(digest=base64.urlsafe_b64encode(digest.digest()).decode()),
+                options=api.ObjectMetaOptions(max_chunk_size=chunk_size),
+            )
+            meta_subject = OBJ_META_PRE_TEMPLATE.format(
+                bucket=bucket, obj=base64.urlsafe_b64encode(name.encode()).decode()
+            )
+            await self.js.publish(
+                meta_subject, json.dumps(info.as_dict()).encode(), headers={api.Header.ROLLUP: MSG_ROLLUP_SUBJECT}
+            )
+        except BaseException:
+            for future in in_flight:
+                future.cancel()
+            with contextlib.suppress(Exception):
+                await self.js.purge_stream(stream, subject=chunk_subject)
+            raise
+        if previous is not None and previous.nuid and previous.nuid != object_id:
+            # The name now points at the new chunks; the old ones are garbage.
+            with contextlib.suppress(Exception):
+                await self.js.purge_stream(
+                    stream, subject=OBJ_CHUNKS_PRE_TEMPLATE.format(bucket=bucket, obj=previous.nuid)
+                )
+        return digest.hexdigest(), size
 
     def _chunk_size(self) -> int:
         # Leave room for the protocol's own bytes under the server's max_payload.
@@ -318,8 +389,10 @@ class Bus:
         digest = hashlib.sha256()
         size = 0
         if info.size:
-            async with contextlib.aclosing(self._object_chunks(name, info)) as chunks:
-                async for chunk in chunks:
+            chunk_size = info.options.max_chunk_size if info.options and info.options.max_chunk_size else 128 * 1024
+            chunks = self._object_chunks(name, info.nuid, chunk_size=chunk_size)
+            async with contextlib.aclosing(chunks) as reader:
+                async for chunk in reader:
                     digest.update(chunk)
                     size += len(chunk)
                     yield chunk
@@ -329,7 +402,30 @@ class Bus:
         if expected is not None and actual != expected:
             raise PermanentError(f"staged object {name} has sha256 {actual}, expected {expected}")
 
-    async def _object_chunks(self, name: str, info: api.ObjectInfo) -> AsyncIterator[bytes]:
+    async def read_incoming(self, object_id: str, size: int) -> AsyncIterator[bytes]:
+        """Yield the chunks `put_file(..., object_id=object_id)` is putting, as they are stored, until
+        `size` bytes have come: a copy can run alongside the put instead of after it.
+
+        Nothing here says the bytes are the object's: the put may still fail (its chunks are then
+        purged and this read stalls, `TransientError`) or be of another file. Check them against the
+        object's digest before acting on them.
+        """
+        if size <= 0:
+            return
+        read = 0
+        chunks = self._object_chunks(object_id, object_id, chunk_size=self._chunk_size(), until_bytes=size)
+        async with contextlib.aclosing(chunks) as reader:
+            async for chunk in reader:
+                read += len(chunk)
+                if read > size:
+                    raise TransientError(f"incoming object {object_id}: more than the {size} bytes announced")
+                yield chunk
+
+    async def _object_chunks(
+        self, name: str, object_id: str, *, chunk_size: int, until_bytes: int | None = None
+    ) -> AsyncIterator[bytes]:
+        """The chunks stored under `object_id`, in order: those there now (`until_bytes` None), or
+        waiting for more until `until_bytes` have come."""
         # nats-py's `ObjectStore.get` reads through an ordered push consumer whose flow-control
         # replies it polls every 0.25 s: profiled at ~60 MB/s (nats-py issue #703). A pull consumer of
         # our own on the object's chunk subject, fetching a window at a time, reads ~5x faster.
@@ -338,7 +434,7 @@ class Bus:
         consumer = f"read-{uuid.uuid4().hex}"
         await self.js.add_consumer(stream, config=api.ConsumerConfig(
             name=consumer,
-            filter_subject=OBJ_CHUNKS_PRE_TEMPLATE.format(bucket=bucket, obj=info.nuid),
+            filter_subject=OBJ_CHUNKS_PRE_TEMPLATE.format(bucket=bucket, obj=object_id),
             deliver_policy=api.DeliverPolicy.ALL,
             ack_policy=api.AckPolicy.NONE,
             mem_storage=True,
@@ -346,11 +442,10 @@ class Bus:
             # Removed in `finally`; the threshold only cleans up after a reader that died.
             inactive_threshold=300.0,
         ))
-        chunk_size = info.options.max_chunk_size if info.options and info.options.max_chunk_size else 128 * 1024
         batch = max(1, OBJECT_READ_WINDOW // chunk_size)
         subscription = await self.js.pull_subscribe_bind(consumer=consumer, stream=stream)
         try:
-            delivered = 0
+            delivered = received = 0
             while True:
                 try:
                     messages = await subscription.fetch(batch, timeout=OBJECT_READ_STALL_SECONDS)
@@ -362,8 +457,11 @@ class Bus:
                     # Chunks must arrive in order and without a gap, or the bytes are not the object.
                     if metadata.sequence.consumer != delivered:
                         raise TransientError(f"reading staged object {name}: chunk {delivered} missing")
+                    received += len(msg.data)
                     yield msg.data
-                    if metadata.num_pending == 0:
+                    if until_bytes is None and metadata.num_pending == 0:
+                        return
+                    if until_bytes is not None and received >= until_bytes:
                         return
         finally:
             with contextlib.suppress(Exception):
@@ -391,6 +489,21 @@ class Bus:
         except (NatsTimeoutError, nats.errors.NoRespondersError) as error:
             raise TransientError(f"no reply on {subject}: {type(error).__name__}") from error
         return reply.data
+
+    async def notify(self, subject: str, payload: BaseModel) -> None:
+        """Core NATS publish, no reply and no storage: a hint whose loss costs time, never data."""
+        await self.nc.publish(subject, payload.model_dump_json().encode())
+
+    async def listen(self, subject: str, handler: Callable[[bytes], Awaitable[None]], *, queue: str) -> Any:
+        """Take `notify` hints on `subject` as one member of a queue group; a failing handler is logged."""
+
+        async def on_hint(msg: Msg) -> None:
+            try:
+                await handler(msg.data)
+            except Exception:
+                log.exception("hint handler failed", extra={"subject": subject})
+
+        return await self.nc.subscribe(subject, queue=queue, cb=on_hint)
 
     async def serve(
         self, subject: str, handler: Callable[[bytes], Awaitable[bytes]], *, queue: str

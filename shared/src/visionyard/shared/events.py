@@ -97,6 +97,24 @@ class CheckpointStaged(JobEvent):
     epoch: int | None = None
 
 
+# Below this size a checkpoint is copied after it is staged; above it the runner announces it first.
+INCOMING_CHECKPOINT_MIN_BYTES = 32 * 1024 * 1024
+
+
+class CheckpointIncoming(BaseModel):
+    """Runner → storage (core NATS, no reply, may be lost): a large checkpoint is being staged under
+    `object_id`; storage may start copying it while it is put. Only the durable `CheckpointStaged`
+    that follows decides whether that copy is kept (same object, same sha256) or thrown away."""
+
+    job_id: str
+    attempt: int
+    seq: int
+    checkpoint_kind: str
+    object_name: str
+    object_id: str
+    size_bytes: int
+
+
 class ArtifactStored(JobEvent):
     """Storage verified a staged artifact and wrote it to its bucket."""
 

@@ -72,6 +72,8 @@ TRACKER_METRICS = "tracker.metrics"
 TRACKER_SUMMARY = "tracker.summary"
 STORAGE_PRESIGN = "storage.presign"
 STORAGE_STAGE = "storage.stage"
+# Runner → storage, fire and forget: a large checkpoint is being staged (`CheckpointIncoming`).
+STORAGE_CHECKPOINT_INCOMING = "storage.checkpoint_incoming"
 # Dataset browsing: a stored version's images (with presigned URLs on S3), and one image's bytes
 # for the local backend, which has no URL a browser can fetch.
 STORAGE_LIST_IMAGES = "storage.list_images"

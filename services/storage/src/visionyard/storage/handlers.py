@@ -18,6 +18,7 @@ from pydantic import BaseModel, ValidationError
 from visionyard.shared.bus import PermanentError
 from visionyard.shared.commands import DeleteDataset, IngestDataset
 from visionyard.shared.events import (
+    CheckpointIncoming,
     CheckpointStaged,
     ListImagesRequest,
     PresignRequest,
@@ -49,6 +50,14 @@ class StorageHandlers:
             raise PermanentError(f"{msg.subject} is not a checkpoint event")
         async with self._keep_alive(msg):
             await _permanent_on(_PERMANENT, self.service.store_checkpoint(event))
+
+    async def on_checkpoint_incoming(self, data: bytes) -> None:
+        """`storage.checkpoint_incoming` (a hint, no reply) → start copying while it is staged."""
+        try:
+            hint = CheckpointIncoming.model_validate_json(data)
+        except ValidationError as error:
+            raise PermanentError(f"undecodable checkpoint hint: {error}") from error
+        await self.service.prefetch_checkpoint(hint)
 
     async def on_ingest_dataset(self, msg: Msg) -> None:
         """`cmd.dataset.ingest` → publish `DatasetReady` or `DatasetRejected`."""

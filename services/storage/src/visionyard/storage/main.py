@@ -68,6 +68,7 @@ async def serve(settings: StorageSettings, *, stop: asyncio.Event, backend: Obje
             await bus.serve(subjects.STORAGE_PRESIGN, handlers.on_presign, queue="storage"),
             await bus.serve(subjects.STORAGE_LIST_IMAGES, handlers.on_list_images, queue="storage"),
             await bus.serve(subjects.STORAGE_READ_IMAGE, handlers.on_read_image, queue="storage"),
+            await bus.listen(subjects.STORAGE_CHECKPOINT_INCOMING, handlers.on_checkpoint_incoming, queue="storage"),
         ]
         # One message per fetch: each can take minutes (a big archive), and messages fetched but
         # not yet started would sit out their ack_wait instead of going to an idle replica.
@@ -84,6 +85,7 @@ async def serve(settings: StorageSettings, *, stop: asyncio.Event, backend: Obje
         for subscription in subscriptions:
             await subscription.unsubscribe()
         await asyncio.gather(*consumers)
+        await handlers.service.incoming.close()
     finally:
         await bus.close()
         log.info("storage service stopped")

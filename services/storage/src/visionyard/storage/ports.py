@@ -102,6 +102,10 @@ class StagingArea(Protocol):
         iteration when they do not hash to `sha256`, so a consumer that only commits after the last
         chunk never commits other bytes. `StagedObjectMissing` when it is gone."""
 
+    def read_incoming(self, object_id: str, size: int) -> AsyncIterator[bytes]:
+        """The bytes of an object still being put under `object_id`, as they are stored, until `size`
+        have come; unverified (the caller checks them against the object's sha256 before keeping them)."""
+
     async def stage(self, name: str, path: Path) -> StagedObject:
         """Put a local file into the staging object store."""
 

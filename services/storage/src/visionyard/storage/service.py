@@ -25,6 +25,7 @@ from typing import Any
 from visionyard.shared.commands import DeleteDataset, IngestDataset
 from visionyard.shared.events import (
     ArtifactStored,
+    CheckpointIncoming,
     CheckpointStaged,
     DatasetDeleted,
     DatasetEvent,
@@ -43,6 +44,7 @@ from visionyard.shared.events import (
 from visionyard.shared.logs import bind
 from visionyard.storage.archive import ArchiveLimits, ArchiveRejected, InspectedDataset
 from visionyard.storage.formats import inspect_dataset_archive
+from visionyard.storage.incoming import IncomingCopies
 from visionyard.storage.ports import (
     EventPublisher,
     ObjectBackend,
@@ -159,8 +161,21 @@ class StorageService:
         self.workdir = workdir
         self.buckets = buckets or Buckets()
         self.limits = limits or ArchiveLimits()
+        self.incoming = IncomingCopies(backend=backend, staging=staging)
 
     # -- checkpoints -----------------------------------------------------------------------------
+
+    async def prefetch_checkpoint(self, hint: CheckpointIncoming) -> bool:
+        """Start copying an announced checkpoint while the runner stages it (`incoming.py`); whether
+        a copy started. It is only kept if the `checkpoint` event names the same bytes."""
+        try:
+            _require_safe_id(hint.job_id, "job_id")
+            _require_safe_id(hint.checkpoint_kind, "checkpoint_kind")
+        except InvalidMessage as error:
+            log.warning("ignoring a checkpoint hint: %s", error)
+            return False
+        key = checkpoint_key(hint.job_id, hint.checkpoint_kind)
+        return self.incoming.start(hint, bucket=self.buckets.internal, key=key)
 
     async def store_checkpoint(self, event: CheckpointStaged) -> ArtifactStored | None:
         """Copy a staged checkpoint into the internal bucket, verify it, and announce it.
@@ -180,6 +195,7 @@ class StorageService:
                 "checkpoint %s is older than the stored one (attempt %s seq %s); not overwriting",
                 event.checkpoint_kind, stored["attempt"], stored["seq"],
             )
+            await self.incoming.discard(event.object_name)
             return None
 
         already = (
@@ -187,11 +203,19 @@ class StorageService:
             and stored.get("sha256") == event.sha256
             and await asyncio.to_thread(self.backend.exists, bucket, key)
         )
+        how = ""
         if already:
+            await self.incoming.discard(event.object_name)
             uri = self.backend.uri(bucket, key)
             size = int(stored["size_bytes"]) if stored else event.size_bytes
+            how = " (already there)"
         else:
-            uri, size = await self.copy_staged(event.object_name, sha256=event.sha256, bucket=bucket, key=key)
+            copied = await self.incoming.claim(event, bucket=bucket, key=key)
+            if copied is None:
+                copied = await self.copy_staged(event.object_name, sha256=event.sha256, bucket=bucket, key=key)
+            else:
+                how = " (copied while it was staged)"
+            uri, size = copied
         sidecar = {
             "attempt": event.attempt,
             "seq": event.seq,
@@ -215,7 +239,7 @@ class StorageService:
             epoch=event.epoch,
         )
         await self.publisher.publish(artifact)
-        logger.info("stored checkpoint %s at %s%s", event.checkpoint_kind, uri, " (already there)" if already else "")
+        logger.info("stored checkpoint %s at %s%s", event.checkpoint_kind, uri, how)
         return artifact
 
     async def copy_staged(self, object_name: str, *, sha256: str, bucket: str, key: str) -> tuple[str, int]:

@@ -22,7 +22,9 @@ from botocore.exceptions import ClientError
 
 _MIB = 1024 * 1024
 _NOT_FOUND = {"404", "NoSuchKey", "NotFound"}
-_PART_SIZE = 16 * _MIB
+# The AWS SDKs' default part size. 16 MiB parts (8 in flight) left up to 128 MB still to send when a
+# streamed copy read its last byte; with 8 MiB parts the tail is half that (bench/PROFILE.md, round 4).
+PART_SIZE = 8 * _MIB
 _PARTS_IN_FLIGHT = 8
 
 
@@ -57,7 +59,7 @@ class S3Backend:
         )
         # 16 MiB parts sent 8 at a time: a 200 MB checkpoint goes up as 13 parallel parts instead of 4.
         self.transfer = TransferConfig(
-            multipart_threshold=_PART_SIZE, multipart_chunksize=_PART_SIZE, max_concurrency=_PARTS_IN_FLIGHT
+            multipart_threshold=PART_SIZE, multipart_chunksize=PART_SIZE, max_concurrency=_PARTS_IN_FLIGHT
         )
         self._part_senders = ThreadPoolExecutor(max_workers=_PARTS_IN_FLIGHT, thread_name_prefix="s3-part")
 
@@ -219,10 +221,10 @@ class MultipartUpload:
     def write(self, data: bytes) -> None:
         """Buffer bytes; every full part is sent in the background, at most 8 at a time."""
         self._buffer += data
-        while len(self._buffer) >= _PART_SIZE:
+        while len(self._buffer) >= PART_SIZE:
             with memoryview(self._buffer) as view:
-                part = bytes(view[:_PART_SIZE])
-            del self._buffer[:_PART_SIZE]
+                part = bytes(view[:PART_SIZE])
+            del self._buffer[:PART_SIZE]
             self._send(part)
 
     def complete(self) -> str:

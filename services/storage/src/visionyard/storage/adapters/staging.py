@@ -41,6 +41,12 @@ class BusStagingArea:
         except PermanentError as error:  # the bus raises it for a sha256 mismatch
             raise StagedObjectCorrupt(str(error)) from error
 
+    async def read_incoming(self, object_id: str, size: int) -> AsyncIterator[bytes]:
+        """An object's chunks as `put_file(..., object_id=)` stores them (see `Bus.read_incoming`)."""
+        async with contextlib.aclosing(self.bus.read_incoming(object_id, size)) as chunks:
+            async for chunk in chunks:
+                yield chunk
+
     async def stage(self, name: str, path: Path) -> StagedObject:
         """Put a local file into the object store."""
         sha256, size = await self.bus.put_file(name, path)

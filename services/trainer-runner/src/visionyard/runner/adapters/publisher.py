@@ -7,8 +7,15 @@ import contextlib
 import logging
 
 from visionyard.runner.service import CheckpointDeclared, Outgoing
+from visionyard.shared import subjects
 from visionyard.shared.bus import Bus
-from visionyard.shared.events import CheckpointStaged, JobEvent, LogEmitted
+from visionyard.shared.events import (
+    INCOMING_CHECKPOINT_MIN_BYTES,
+    CheckpointIncoming,
+    CheckpointStaged,
+    JobEvent,
+    LogEmitted,
+)
 
 log = logging.getLogger("visionyard.runner.publisher")
 
@@ -117,7 +124,11 @@ class JetStreamEventPublisher:
                 event_type="checkpoint_missing",
                 message=f"declared {item.kind} checkpoint {item.path} does not exist",
             )
-        sha256, size = await self._bus.put_file(item.object_name, item.path)
+        object_id = self._bus.new_object_id()
+        size = item.path.stat().st_size
+        if size >= INCOMING_CHECKPOINT_MIN_BYTES:
+            await self._announce(item, object_id=object_id, size=size)
+        sha256, size = await self._bus.put_file(item.object_name, item.path, object_id=object_id)
         return CheckpointStaged(
             job_id=item.job_id,
             attempt=item.attempt,
@@ -128,3 +139,15 @@ class JetStreamEventPublisher:
             size_bytes=size,
             epoch=item.epoch,
         )
+
+    async def _announce(self, item: CheckpointDeclared, *, object_id: str, size: int) -> None:
+        # Storage can copy a large checkpoint into S3 while it is put here instead of after: the
+        # `checkpoint` event that follows still decides. A lost hint costs that overlap, nothing else.
+        hint = CheckpointIncoming(
+            job_id=item.job_id, attempt=item.attempt, seq=item.seq, checkpoint_kind=item.kind,
+            object_name=item.object_name, object_id=object_id, size_bytes=size,
+        )
+        try:
+            await self._bus.notify(subjects.STORAGE_CHECKPOINT_INCOMING, hint)
+        except Exception as error:
+            log.info("could not announce checkpoint %s: %s", item.object_name, error)
