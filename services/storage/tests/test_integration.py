@@ -367,3 +367,72 @@ def test_console_script_runs_until_sigterm_and_exits_zero(nats_server: NatsServe
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+async def test_storage_killed_during_an_early_copy_loses_nothing(
+    bus: Bus, nats_server: NatsServer, s3_endpoint: str, tmp_path: Path
+) -> None:
+    """kill -9 while an announced checkpoint is being copied: nothing half-written becomes visible, and the
+    restarted storage stores the checkpoint from its event the ordinary way."""
+    from visionyard.storage.adapters.s3 import S3Backend
+
+    bucket = "it-internal-killed"
+    env = {
+        **os.environ,
+        "VISIONYARD_STORAGE_NATS_URL": nats_server.url,
+        "VISIONYARD_STORAGE_DATA_DIR": str(tmp_path / "data"),
+        "VISIONYARD_STORAGE_BACKEND": "s3",
+        "VISIONYARD_STORAGE_S3_ENDPOINT_URL": s3_endpoint,
+        "VISIONYARD_STORAGE_S3_ACCESS_KEY_ID": "testing",
+        "VISIONYARD_STORAGE_S3_SECRET_ACCESS_KEY": "testing",
+        "VISIONYARD_STORAGE_INTERNAL_BUCKET": bucket,
+        "VISIONYARD_STORAGE_EXTERNAL_BUCKET": "it-external-killed",
+    }
+    script = str(Path(sys.executable).with_name("visionyard-storage"))
+    s3 = S3Backend(endpoint_url=s3_endpoint, access_key_id="testing", secret_access_key="testing")
+
+    def start() -> subprocess.Popen[bytes]:
+        process = subprocess.Popen([script], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        assert process.stderr is not None
+        for line in process.stderr:
+            if b"storage service running" in line:
+                return process
+        raise AssertionError("storage did not start")
+
+    def open_uploads() -> list[dict[str, object]]:
+        return list(s3.client.list_multipart_uploads(Bucket=bucket).get("Uploads", []))
+
+    stored_events = await bus.nc.subscribe(subjects.job_event("job9", "artifact_stored"))
+    source = tmp_path / "job9.pt"
+    source.write_bytes(os.urandom(20 * 1024 * 1024 + 1))
+    name, object_id = "ckpt/job9/1/1-best.pt", bus.new_object_id()
+    first = await asyncio.to_thread(start)
+    try:
+        # What the runner does for a large checkpoint: announce it, then put it.
+        await bus.notify(subjects.STORAGE_CHECKPOINT_INCOMING, CheckpointIncoming(
+            job_id="job9", attempt=1, seq=1, checkpoint_kind="best", object_name=name, object_id=object_id,
+            size_bytes=source.stat().st_size,
+        ))
+        sha256, size = await bus.put_file(name, source, object_id=object_id)
+        # The early copy sends parts, then waits for the event, which is not published yet: kill it now.
+        for _ in range(int(WAIT / 0.05)):
+            if await asyncio.to_thread(open_uploads):
+                break
+            await asyncio.sleep(0.05)
+        assert await asyncio.to_thread(open_uploads), "no early copy under way"
+    finally:
+        first.kill()
+        await asyncio.to_thread(first.wait)
+    assert not s3.exists(bucket, "checkpoints/job9/best.pt")  # parts sent, nothing completed
+
+    await bus.publish(CheckpointStaged(job_id="job9", attempt=1, seq=1, checkpoint_kind="best", object_name=name,
+                                       sha256=sha256, size_bytes=size))
+    second = await asyncio.to_thread(start)
+    try:
+        stored = ArtifactStored.model_validate_json((await stored_events.next_msg(timeout=WAIT)).data)
+    finally:
+        second.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(second.wait, WAIT) == 0
+    assert stored.sha256 == sha256 and s3.sha256(bucket, "checkpoints/job9/best.pt") == sha256
+    # The killed process's upload stays open (invisible; the bucket's lifecycle rule removes it).
+    assert len(await asyncio.to_thread(open_uploads)) == 1
