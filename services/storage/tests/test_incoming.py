@@ -12,9 +12,9 @@ import pytest
 
 from visionyard.shared.events import ArtifactStored, CheckpointIncoming, CheckpointStaged
 from visionyard.storage.adapters.local import LocalDirectoryBackend, PartialFileUpload
-from visionyard.storage.service import Buckets, StorageService
+from visionyard.storage.service import StorageService
 
-from .test_service import FakePublisher, FakeStaging
+from .test_service import FakePublisher, FakeStaging, service_over
 
 KEY = "checkpoints/job1/best.pt"
 
@@ -62,12 +62,8 @@ class RecordingBackend(LocalDirectoryBackend):
 
 @pytest.fixture
 def parts(tmp_path: Path) -> tuple[StorageService, RecordingBackend, ArrivingStaging, FakePublisher]:
-    backend = RecordingBackend(tmp_path / "root")
-    backend.ensure_buckets(["ext", "int"])
-    staging, publisher = ArrivingStaging(), FakePublisher()
-    service = StorageService(
-        backend=backend, staging=staging, publisher=publisher, workdir=tmp_path / "work", buckets=Buckets("ext", "int")
-    )
+    backend, staging = RecordingBackend(tmp_path / "root"), ArrivingStaging()
+    service, publisher = service_over(tmp_path, backend, staging)
     return service, backend, staging, publisher
 
 

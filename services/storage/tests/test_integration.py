@@ -64,6 +64,15 @@ async def start_storage(settings: StorageSettings) -> tuple[asyncio.Event, async
     return stop, task
 
 
+def s3_settings(nats_server: NatsServer, s3_endpoint: str, tmp_path: Path, *, suffix: str) -> StorageSettings:
+    """Settings on the S3 backend (moto), with buckets of the test's own."""
+    return StorageSettings(
+        nats_url=nats_server.url, data_dir=tmp_path / "data", backend="s3", s3_endpoint_url=s3_endpoint,
+        s3_access_key_id="testing", s3_secret_access_key="testing",
+        internal_bucket=f"it-internal{suffix}", external_bucket=f"it-external{suffix}",
+    )
+
+
 @pytest.fixture
 async def storage(bus: Bus, settings: StorageSettings) -> AsyncIterator[StorageSettings]:
     """A running storage service; stopped (and drained) at the end of the test."""
@@ -237,11 +246,7 @@ async def test_redelivered_checkpoint_event_is_stored_once_and_announced_once(bu
 async def test_checkpoint_is_stored_in_s3(bus: Bus, nats_server: NatsServer, s3_endpoint: str, tmp_path: Path) -> None:
     from visionyard.storage.adapters.s3 import S3Backend
 
-    settings = StorageSettings(
-        nats_url=nats_server.url, data_dir=tmp_path / "data", backend="s3", s3_endpoint_url=s3_endpoint,
-        s3_access_key_id="testing", s3_secret_access_key="testing",
-        internal_bucket="it-internal", external_bucket="it-external",
-    )
+    settings = s3_settings(nats_server, s3_endpoint, tmp_path, suffix="")
     events = await bus.nc.subscribe(subjects.job_event("job5", "artifact_stored"))
     stop, task = await start_storage(settings)
     data = os.urandom(100_000)
@@ -263,11 +268,7 @@ async def test_large_checkpoint_streams_into_s3_and_a_corrupt_one_is_aborted(
     from visionyard.storage.adapters import s3 as s3_adapter
     from visionyard.storage.adapters.s3 import S3Backend
 
-    settings = StorageSettings(
-        nats_url=nats_server.url, data_dir=tmp_path / "data", backend="s3", s3_endpoint_url=s3_endpoint,
-        s3_access_key_id="testing", s3_secret_access_key="testing",
-        internal_bucket="it-internal-big", external_bucket="it-external-big",
-    )
+    settings = s3_settings(nats_server, s3_endpoint, tmp_path, suffix="-big")
     s3 = S3Backend(endpoint_url=s3_endpoint, access_key_id="testing", secret_access_key="testing")
     events = await bus.nc.subscribe(subjects.job_event("job6", "artifact_stored"))
     stop, task = await start_storage(settings)
@@ -313,11 +314,7 @@ async def test_an_announced_checkpoint_is_copied_into_s3_while_it_is_staged(
 ) -> None:
     from visionyard.storage.adapters.s3 import S3Backend
 
-    settings = StorageSettings(
-        nats_url=nats_server.url, data_dir=tmp_path / "data", backend="s3", s3_endpoint_url=s3_endpoint,
-        s3_access_key_id="testing", s3_secret_access_key="testing",
-        internal_bucket="it-internal-early", external_bucket="it-external-early",
-    )
+    settings = s3_settings(nats_server, s3_endpoint, tmp_path, suffix="-early")
     s3 = S3Backend(endpoint_url=s3_endpoint, access_key_id="testing", secret_access_key="testing")
     events = await bus.nc.subscribe(subjects.job_event("job8", "artifact_stored"))
     stop, task = await start_storage(settings)

@@ -81,14 +81,20 @@ class CountingBackend(LocalDirectoryBackend):
         return super().begin_upload(bucket, key)
 
 
-@pytest.fixture
-def parts(tmp_path: Path) -> tuple[StorageService, CountingBackend, FakeStaging, FakePublisher]:
-    backend = CountingBackend(tmp_path / "root")
+def service_over(tmp_path: Path, backend: LocalDirectoryBackend, staging: FakeStaging) -> tuple[StorageService, FakePublisher]:
+    """The use cases over `backend` (buckets `ext` and `int`, created) and `staging`, with a fake publisher."""
     backend.ensure_buckets(["ext", "int"])
-    staging, publisher = FakeStaging(), FakePublisher()
+    publisher = FakePublisher()
     service = StorageService(
         backend=backend, staging=staging, publisher=publisher, workdir=tmp_path / "work", buckets=Buckets("ext", "int")
     )
+    return service, publisher
+
+
+@pytest.fixture
+def parts(tmp_path: Path) -> tuple[StorageService, CountingBackend, FakeStaging, FakePublisher]:
+    backend, staging = CountingBackend(tmp_path / "root"), FakeStaging()
+    service, publisher = service_over(tmp_path, backend, staging)
     return service, backend, staging, publisher
 
 

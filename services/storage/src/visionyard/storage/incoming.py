@@ -127,10 +127,11 @@ class IncomingCopies:
         if incoming.task is None:
             return
         incoming.task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            copied = await incoming.task
-            if copied is not None:  # it had finished: its upload is still open
-                await _abort(copied.upload)
+        # gather, not a bare await under suppress(CancelledError): a cancellation of our caller must
+        # still propagate; the task's own cancellation comes back as a value.
+        (outcome,) = await asyncio.gather(incoming.task, return_exceptions=True)
+        if isinstance(outcome, _Copied):  # it had finished: its upload is still open
+            await _abort(outcome.upload)
 
     async def _copy(self, incoming: _Incoming) -> _Copied | None:
         hint = incoming.hint
