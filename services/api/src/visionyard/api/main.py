@@ -44,6 +44,7 @@ from visionyard.api.training.service import TrainingService
 from visionyard.shared import streams
 from visionyard.shared.asyncapi import asyncapi_document
 from visionyard.shared.bus import Bus
+from visionyard.shared.lifecycle import freeze_startup_heap
 from visionyard.shared.logs import configure_logging
 
 log = logging.getLogger("visionyard.api")
@@ -246,7 +247,13 @@ async def _serve(settings: ApiSettings) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         # A signal starts a graceful shutdown: the lifespan stops the workers and drains NATS.
         loop.add_signal_handler(signum, server.request_exit)
-    await server.serve()
+    serving = asyncio.create_task(server.serve())
+    # Once started (imports, app, lifespan: migrations, engine, bus), the heap is the long-lived part.
+    while not server.started and not serving.done():
+        await asyncio.sleep(0.05)
+    if server.started:
+        freeze_startup_heap()
+    await serving
 
 
 class _QuietSignalServer:
@@ -261,6 +268,11 @@ class _QuietSignalServer:
                 yield
 
         self._server = Server(config)
+
+    @property
+    def started(self) -> bool:
+        """Whether start-up (the lifespan included) is done and the socket is listening."""
+        return bool(self._server.started)
 
     def request_exit(self) -> None:
         """Begin the graceful shutdown."""
