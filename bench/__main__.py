@@ -32,10 +32,12 @@ FIGURES = {
 }
 
 
-def _commit() -> str:
+def _commit(output: Path) -> str:
+    # The report it is about to overwrite does not count as a change to what was measured.
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", ".", f":(exclude){output.resolve()}"],
+                               capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[1])
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return head.stdout.strip() + (" (with uncommitted changes)" if dirty.stdout.strip() else "")
@@ -108,7 +110,7 @@ def main() -> None:
         "",
         f"- machine: {_cpu()}, {os.cpu_count()} cores, {platform.machine()}, Python {platform.python_version()}, "
         f"{platform.system()} {platform.release()}",
-        f"- commit: {_commit()}",
+        f"- commit: {_commit(args.output)}",
         f"- reproduce: `make bench` (or `.venv/bin/python -m bench{' --quick' if args.quick else ''}"
         f"{' --only ' + ' '.join(chosen) if args.only else ''}`)",
         f"- runs per figure: {runs}; figures are the median with (min–max) unless stated",

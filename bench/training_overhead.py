@@ -186,7 +186,10 @@ async def run(scratch: Path, *, quick: bool, runs: int) -> str:
         f"platform's processes spent {100 * statistics.median(cpu_share):.1f} % of the trainer's CPU beyond their idle "
         "rate (median): the platform's own CPU cost per job, which on this machine comes out of the trainer's "
         f"two cores. The trainer itself used {statistics.median(trainer_cpu_ratio):.3f}× its standalone CPU "
-        "(median of the pairs), consistent with its two OpenMP threads spin-waiting for each other while a "
-        "platform process holds one of the two cores (bench/PROFILE.md, round 4).",
+        "(median of the pairs)"
+        + (", consistent with its two OpenMP threads spin-waiting for each other while a platform process holds "
+           "one of the two cores" if statistics.median(trainer_cpu_ratio) > 1.0 else ": no more than standalone, "
+           "this run")
+        + " (bench/PROFILE.md, round 4).",
         "",
     ])
