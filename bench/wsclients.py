@@ -5,10 +5,10 @@ message in it is timestamped with the frame's arrival.
 
 The clients run in the bench process, on the two cores the stack being measured runs on, so they are kept
 as cheap as a client can be: an asyncio protocol that parses the (unmasked, uncompressed) server frames in
-`data_received` and handles each message right there, no task wake-up or queue per frame. The `websockets`
-client it replaces cost ~40 µs of the bench process's CPU per frame (py-spy: the receive queue, a task
-switch per `recv`, its frame assembler); at 100 clients × 100 frames/s that was ~0.4 of a core taken from
-the stack (bench/PROFILE.md, round 4). Parsing is orjson's (the stdlib's `json.loads` was 71 % of the
+`data_received` and handles each message right there, no task wake-up or queue per frame (the `websockets`
+client hands each frame through a queue to a task per `recv`). At 100 clients × 1,000 events/s batched, the
+bench process's CPU per 3-s stream went from 1.26–1.52 s to 0.97–1.03 s and the p99 from 77–166 ms to
+35–55 ms (4 alternating pairs, bench/PROFILE.md, round 4). Parsing is orjson's (the stdlib's `json.loads` was 71 % of the
 bench process at 100 clients × 1,000 events/s, round 3).
 """
 
