@@ -30,7 +30,7 @@ def freeze_startup_heap() -> None:
 
     A service's imports (MLflow, SQLAlchemy, FastAPI, pydantic models) leave 150k–320k long-lived objects,
     and every full collection re-scans them. Profiled: ~20 % of the tracker's CPU while writing metrics;
-    in the API, full collections of ~166k objects paused the event loop for 40–98 ms, the tail of the live
+    in the API, full collections (up to ~166k objects) paused the event loop for 41–98 ms, the tail of the live
     WebSocket latency (bench/PROFILE.md, round 4). Frozen objects are still freed by refcount; a collection
     first, so no garbage is frozen. Call it once, after start-up, in the service's own process.
     """
