@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from visionyard.shared import subjects
 from visionyard.shared.messages import JobMessage, Message
@@ -90,11 +90,28 @@ class ExportConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     opset_version: int = Field(default=17, ge=9, le=21)
+    # True, or the original frontend's {"images": [0]}: only the batch axis (0) can be dynamic.
     dynamic_axes: bool = True
     embed_preprocessing: bool = False
     simplify: bool = False
     fp16: bool = False
     int8: bool = False
+    # Options of formats Visionyard does not export to (TensorRT, Core ML): accepted so that the original
+    # export dialog can send them, and ignored by the ONNX and TorchScript exporters.
+    max_batch_size: int | None = Field(default=None, ge=1, le=4096)
+    minimum_deployment_target: str | None = Field(default=None, max_length=32)
+
+    @field_validator("dynamic_axes", mode="before")
+    @classmethod
+    def _batch_axis_only(cls, value: Any) -> Any:
+        if not isinstance(value, dict):
+            return value
+        for name, axes in value.items():
+            if not isinstance(axes, list) or any(not isinstance(axis, int) or isinstance(axis, bool) for axis in axes):
+                raise ValueError(f"dynamic_axes.{name} must be a list of axis numbers")
+            if any(axis != 0 for axis in axes):
+                raise ValueError(f"dynamic_axes.{name}: only the batch axis (0) can be dynamic")
+        return any(value.values())
 
 
 class ValidationConfig(BaseModel):

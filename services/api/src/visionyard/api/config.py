@@ -33,7 +33,25 @@ class ApiSettings(ServiceSettings):
     # Measured on the event pipeline (alternating runs): ~9 % less API CPU per event than asyncio's loop.
     event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
 
-    @field_validator("api_keys", mode="before")
+    # -- who may call (auth/) ------------------------------------------------------------------------
+    # Calls without credentials act as the admin: only for the one-person embedded install, whose
+    # original frontend calls the training, WebSocket and inference routes without a token.
+    # Always off in production. Off in embedded mode too when set false (then every call needs a token).
+    anonymous_as_admin: bool | None = None
+    # HS256 key for access and refresh tokens; embedded mode generates one under data_dir.
+    jwt_secret: str = ""
+    access_token_minutes: int = Field(default=30, ge=1, le=24 * 60)
+    refresh_token_days: int = Field(default=7, ge=1, le=90)
+    # The first admin, created at start-up when the database has no user yet.
+    admin_email: str = ""
+    admin_password: str = ""
+    # Self-service sign-up: on in embedded mode unless set false; off in production unless set true.
+    open_registration: bool | None = None
+    # Browser origins allowed by CORS. Embedded default: any loopback origin (http://localhost:*,
+    # http://127.0.0.1:*); production: exactly this list (empty = no cross-origin browser access).
+    cors_origins: Annotated[list[str], NoDecode] = []
+
+    @field_validator("api_keys", "cors_origins", mode="before")
     @classmethod
     def _split_keys(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -49,10 +67,27 @@ class ApiSettings(ServiceSettings):
     def _defaults_and_safety(self) -> ApiSettings:
         if not self.database_url:
             self.database_url = f"sqlite:///{(self.data_dir / 'api.db').resolve()}"
-        # An unauthenticated API is only acceptable for the single local user of the embedded mode.
-        if self.mode == "production" and not self.api_keys:
-            raise ValueError(
-                "production mode requires authentication: set VISIONYARD_API_API_KEYS "
-                "(comma-separated API keys); refusing to start without it"
-            )
+        embedded = self.mode == "embedded"
+        if self.anonymous_as_admin is None:
+            self.anonymous_as_admin = embedded
+        if self.open_registration is None:
+            self.open_registration = embedded
+        if not embedded:
+            # An unauthenticated API is only acceptable for the single local user of the embedded mode.
+            if self.anonymous_as_admin:
+                raise ValueError("anonymous_as_admin: not allowed in production mode (every call must authenticate)")
+            if len(self.jwt_secret) < 32:
+                raise ValueError(
+                    "jwt_secret: production mode requires VISIONYARD_API_JWT_SECRET of at least 32 characters; "
+                    "refusing to start without it"
+                )
+        if (self.admin_email or self.admin_password) and not (self.admin_email and "@" in self.admin_email
+                                                                and len(self.admin_password) >= 8):
+            raise ValueError("admin_email/admin_password: give an email and a password of at least 8 characters")
         return self
+
+    def allows_origin_regex(self) -> str | None:
+        """The CORS origin pattern of the embedded default (any loopback port), or None for an explicit list."""
+        if self.cors_origins or self.mode != "embedded":
+            return None
+        return r"http://(localhost|127\.0\.0\.1|\[::1\])(:\d+)?"

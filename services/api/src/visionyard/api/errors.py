@@ -26,3 +26,15 @@ class TooLarge(Exception):
 
 class Unavailable(Exception):
     """A service the request depends on did not answer (503)."""
+
+
+class Forbidden(Exception):
+    """The caller may see the resource but not do this to it (403): e.g. a viewer starting a job."""
+
+
+class Unauthorized(Exception):
+    """No valid credentials (401)."""
+
+
+class BadRequest(Exception):
+    """The request cannot be carried out as asked (400), e.g. a duplicate name the frontend reports as such."""

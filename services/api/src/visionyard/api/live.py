@@ -74,6 +74,16 @@ def _timestamp(moment: datetime) -> str:
     return moment.isoformat()
 
 
+def wire_id(job_id: str) -> int | str:
+    """A job id as REST and WebSocket clients see it: the integer (events carry its decimal string)."""
+    return int(job_id) if job_id.isdigit() else job_id
+
+
+# Messages that end an attempt: sent only once the job's row (what GET /training/jobs/{id} answers) shows it.
+TERMINAL_TYPES = frozenset({"training_complete", "training_error"})
+Gate = Callable[[str], Awaitable[None]]
+
+
 def translate(event: JobEvent, *, seq: int, view: JobView) -> list[WsMessage]:
     """The WebSocket messages (API.md) one event produces, updating `view`; [] for stale attempts."""
     if event.attempt < view.attempt:
@@ -86,7 +96,7 @@ def translate(event: JobEvent, *, seq: int, view: JobView) -> list[WsMessage]:
         messages.append(
             {
                 "type": "training_status_change",
-                "job_id": event.job_id,
+                "job_id": wire_id(event.job_id),
                 "old_status": view.status,
                 "new_status": new_status,
                 "attempt": event.attempt,
@@ -100,7 +110,7 @@ def translate(event: JobEvent, *, seq: int, view: JobView) -> list[WsMessage]:
         messages.append(
             {
                 "type": "training_progress",
-                "job_id": event.job_id,
+                "job_id": wire_id(event.job_id),
                 "attempt": event.attempt,
                 "status": view.status,
                 "current_epoch": event.epoch,
@@ -112,14 +122,14 @@ def translate(event: JobEvent, *, seq: int, view: JobView) -> list[WsMessage]:
             }
         )
         messages.append(
-            {"type": "training_metrics", "job_id": event.job_id, "epoch": event.epoch, "step": event.step,
+            {"type": "training_metrics", "job_id": wire_id(event.job_id), "epoch": event.epoch, "step": event.step,
              "metrics": event.metrics}
         )
     elif isinstance(event, LogEmitted):
         messages.append(
             {
                 "type": "training_log",
-                "job_id": event.job_id,
+                "job_id": wire_id(event.job_id),
                 "level": event.level,
                 "event_type": event.event_type,
                 "message": event.message,
@@ -134,8 +144,8 @@ def translate(event: JobEvent, *, seq: int, view: JobView) -> list[WsMessage]:
         messages.append(
             {
                 "type": "export_status_change",
-                "job_id": event.job_id,
-                "export_job_id": event.export_job_id,
+                "job_id": wire_id(event.job_id),
+                "export_job_id": wire_id(event.export_job_id),
                 "old_status": event.old_status,
                 "new_status": event.new_status,
                 "timestamp": _timestamp(event.occurred_at),
@@ -169,7 +179,7 @@ def _terminal(
 ) -> WsMessage:
     return {
         "type": kind,
-        "job_id": event.job_id,
+        "job_id": wire_id(event.job_id),
         "attempt": event.attempt,
         "status": view.status,
         "total_epochs_completed": epochs,
@@ -191,11 +201,13 @@ class JobEventReader:
     Subclasses decide where the translated messages of each event go (`on_messages`).
     """
 
-    def __init__(self, *, bus: Bus, job_id: str) -> None:
+    def __init__(self, *, bus: Bus, job_id: str, gate: Gate | None = None) -> None:
         self.job_id = job_id
         self._bus = bus
         self._view = JobView(job_id=job_id)
         self._subscription: Any = None
+        # Holds an attempt's terminal messages (and everything after them) until the job's row shows it.
+        self._gate = gate
 
     async def start(self) -> None:
         """Open the ordered consumer over the job's events, from the first one."""
@@ -213,7 +225,10 @@ class JobEventReader:
         except ValueError:
             log.warning("undecodable event on live feed", extra={"subject": msg.subject, "seq": seq})
             return
-        await self.on_messages(seq, translate(event, seq=seq, view=self._view))
+        messages = translate(event, seq=seq, view=self._view)
+        if self._gate is not None and any(message["type"] in TERMINAL_TYPES for message in messages):
+            await self._gate(self.job_id)
+        await self.on_messages(seq, messages)
 
     async def on_messages(self, seq: int, messages: list[WsMessage]) -> None:
         """Handle the messages one event translated to (possibly none: it may only move the view)."""
@@ -232,10 +247,15 @@ class JobEventReader:
 class JobFeed(JobEventReader):
     """One client's subscription to one job: replay, then live, in stream order."""
 
-    def __init__(self, *, bus: Bus, job_id: str, last_seq: int | None, send: Send) -> None:
-        super().__init__(bus=bus, job_id=job_id)
+    def __init__(self, *, bus: Bus, job_id: str, last_seq: int | None, send: Send, gate: Gate | None = None) -> None:
+        super().__init__(bus=bus, job_id=job_id, gate=gate)
         self._last_seq = last_seq or 0
         self._send = send
+
+    @property
+    def position(self) -> int:
+        """The seq of the last event passed to the client."""
+        return self._last_seq
 
     async def on_messages(self, seq: int, messages: list[WsMessage]) -> None:
         """Send what lies after the client's `last_seq`."""
@@ -250,11 +270,16 @@ class BatchedJobFeed(JobEventReader):
     """One client's own subscription in batched mode: replay, then live, as frames of what lies after `last_seq`."""
 
     def __init__(self, *, bus: Bus, job_id: str, last_seq: int | None, batch_ms: int,
-                 offer: Callable[[Frame], None]) -> None:
-        super().__init__(bus=bus, job_id=job_id)
+                 offer: Callable[[Frame], None], gate: Gate | None = None) -> None:
+        super().__init__(bus=bus, job_id=job_id, gate=gate)
         self._last_seq = last_seq or 0
         self._offer = offer
         self._batcher = Batcher(batch_ms=batch_ms, deliver=self._deliver)
+
+    @property
+    def position(self) -> int:
+        """The seq of the last event passed to the client."""
+        return self._last_seq
 
     async def on_messages(self, seq: int, messages: list[WsMessage]) -> None:
         """Batch what lies after the client's `last_seq`."""
@@ -299,8 +324,10 @@ class LiveConnection:
         max_queue: int = 10_000,
         hub: FeedHub | None = None,
         write_text: Callable[[str], Awaitable[None]] | None = None,
+        gate: Gate | None = None,
     ) -> None:
         self._bus = bus
+        self._gate = gate
         self._write = write
         # Shared feeds hand over messages already encoded once for every client (see `livehub`).
         self._write_text = write_text or (lambda text: write(json.loads(text)))
@@ -353,10 +380,10 @@ class LiveConnection:
         # No hub, or the client resumes from further back than the shared feed holds: its own replay.
         feed: JobEventReader
         if batch_ms is None:
-            feed = JobFeed(bus=self._bus, job_id=job_id, last_seq=last_seq, send=self.enqueue)
+            feed = JobFeed(bus=self._bus, job_id=job_id, last_seq=last_seq, send=self.enqueue, gate=self._gate)
         else:
             feed = BatchedJobFeed(bus=self._bus, job_id=job_id, last_seq=last_seq, batch_ms=batch_ms,
-                                  offer=self.offer)
+                                  offer=self.offer, gate=self._gate)
         self._feeds[job_id] = feed
         self._stats.subscriptions += 1
         await feed.start()
@@ -369,6 +396,10 @@ class LiveConnection:
         self._stats.subscriptions -= 1
         await feed.stop()
         return True
+
+    def positions(self) -> dict[str, int]:
+        """For each watched job, the seq of the last event passed to this client (to resume a session)."""
+        return {job_id: feed.position for job_id, feed in self._feeds.items() if hasattr(feed, "position")}
 
     async def close(self) -> None:
         """Stop every feed and the writer."""

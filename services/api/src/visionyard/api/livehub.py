@@ -24,13 +24,17 @@ from collections.abc import Callable
 
 from visionyard.shared.bus import Bus
 
-from visionyard.api.live import JobEventReader, WsMessage
+import asyncio
+
+from visionyard.api.live import Gate, JobEventReader, WsMessage
 from visionyard.api.livebatch import Batcher, Entry, Frame, encode_entry, frame_after, frames_of
 
 log = logging.getLogger("visionyard.api.livehub")
 
 # Messages a feed keeps for late joiners (about 0.3 KB each): older ones are replayed from the stream.
 DEFAULT_RETAIN = 20_000
+# How long a feed stays open after its last client left.
+DEFAULT_LINGER_SECONDS = 30.0
 
 Offer = Callable[[str | Frame], None]
 
@@ -77,8 +81,8 @@ class BatchGroup:
 class SharedJobFeed(JobEventReader):
     """The ordered consumer of one job's events, its view, recent messages and listeners."""
 
-    def __init__(self, *, bus: Bus, job_id: str, retain: int) -> None:
-        super().__init__(bus=bus, job_id=job_id)
+    def __init__(self, *, bus: Bus, job_id: str, retain: int, gate: Gate | None = None) -> None:
+        super().__init__(bus=bus, job_id=job_id, gate=gate)
         self._retain = retain
         self._history: deque[Entry] = deque()
         self._held = 0
@@ -153,6 +157,11 @@ class FeedHandle:
         self._feed = feed
         self._listener = listener
 
+    @property
+    def position(self) -> int:
+        """The seq of the last event passed to the client."""
+        return self._listener.last_seq
+
     async def stop(self) -> None:
         """Leave the feed (stopping it if this was its last client)."""
         await self._hub.detach(self._feed, self._listener)
@@ -161,17 +170,24 @@ class FeedHandle:
 class FeedHub:
     """The shared feeds of one API instance, by job id."""
 
-    def __init__(self, *, bus: Bus, retain: int = DEFAULT_RETAIN) -> None:
+    def __init__(self, *, bus: Bus, retain: int = DEFAULT_RETAIN, gate: Gate | None = None,
+                 linger_seconds: float = DEFAULT_LINGER_SECONDS) -> None:
         self._bus = bus
         self._retain = retain
+        self._gate = gate
+        self._linger = linger_seconds
         self._feeds: dict[str, SharedJobFeed] = {}
+        self._stopping: dict[str, asyncio.TimerHandle] = {}
 
     async def attach(self, job_id: str, *, last_seq: int | None, offer: Offer,
                      batch_ms: int | None = None) -> FeedHandle | None:
         """Watch `job_id` from after `last_seq` (batched if `batch_ms`); None when the feed no longer holds that far back."""
+        pending_stop = self._stopping.pop(job_id, None)
+        if pending_stop is not None:
+            pending_stop.cancel()
         feed = self._feeds.get(job_id)
         if feed is None:
-            feed = SharedJobFeed(bus=self._bus, job_id=job_id, retain=self._retain)
+            feed = SharedJobFeed(bus=self._bus, job_id=job_id, retain=self._retain, gate=self._gate)
             self._feeds[job_id] = feed
             try:
                 await feed.start()
@@ -190,9 +206,32 @@ class FeedHub:
         feed.detach(listener)
         if feed.listeners:
             return
+        if self._linger > 0 and self._feeds.get(feed.job_id) is feed:
+            # A client that reconnects at once (the original frontend does on every render) finds the feed
+            # still open instead of making it replay the job's history again.
+            loop = asyncio.get_running_loop()
+            self._stopping[feed.job_id] = loop.call_later(
+                self._linger, lambda: asyncio.ensure_future(self._stop_idle(feed))
+            )
+            return
+        await self._stop_idle(feed)
+
+    async def _stop_idle(self, feed: SharedJobFeed) -> None:
+        if feed.listeners:
+            return
+        self._stopping.pop(feed.job_id, None)
         if self._feeds.get(feed.job_id) is feed:
             del self._feeds[feed.job_id]
         await feed.stop()
+
+    async def close(self) -> None:
+        """Stop every feed (at shutdown)."""
+        for handle in self._stopping.values():
+            handle.cancel()
+        self._stopping.clear()
+        for feed in list(self._feeds.values()):
+            await feed.stop()
+        self._feeds.clear()
 
     @property
     def feeds(self) -> int:

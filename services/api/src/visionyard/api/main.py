@@ -12,6 +12,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from sqlalchemy import text
@@ -19,6 +20,10 @@ from sqlalchemy import text
 from visionyard.api import ws
 from visionyard.api.adapters.capabilities import KvCapabilitySource
 from visionyard.api.adapters.tracker import BusTrackerClient
+from visionyard.api.auth import tokens
+from visionyard.api.auth.endpoints import router as auth_router
+from visionyard.api.auth.objects import ObjectAccess
+from visionyard.api.auth.service import AuthService
 from visionyard.api.config import ApiSettings
 from visionyard.api.datasets.endpoints import router as datasets_router
 from visionyard.api.adapters.dataset_storage import BusDatasetStorage
@@ -26,7 +31,16 @@ from visionyard.api.datasets.service import DatasetService
 from visionyard.api.datasets.versions import DatasetVersionService
 from visionyard.api.db.migrate import upgrade_to_head
 from visionyard.api.db.session import UnitOfWork, make_engine, make_session_factory
-from visionyard.api.errors import Conflict, InvalidInput, NotFound, TooLarge, Unavailable
+from visionyard.api.errors import (
+    BadRequest,
+    Conflict,
+    Forbidden,
+    InvalidInput,
+    NotFound,
+    TooLarge,
+    Unauthorized,
+    Unavailable,
+)
 from visionyard.api.adapters.storage_client import BusStorageClient
 from visionyard.api.db import models_exports  # noqa: F401  (registers the export/inference tables)
 from visionyard.api.exports.endpoints import router as exports_router
@@ -37,6 +51,8 @@ from visionyard.api.inference.results_loader import InferenceResultsLoader
 from visionyard.api.inference.service import InferenceService
 from visionyard.api.models.endpoints import router as models_router
 from visionyard.api.outbox import OutboxRelay
+from visionyard.api.projects.endpoints import router as projects_router
+from visionyard.api.projects.service import ProjectService
 from visionyard.api.projector import Projector, RetryPolicy
 from visionyard.api.telemetry import ApiMetrics
 from visionyard.api.training.endpoints import router as training_router
@@ -58,11 +74,19 @@ def create_app(settings: ApiSettings | None = None, *, bus: Bus | None = None) -
     engine = make_engine(settings.database_url)
     session_factory = make_session_factory(engine)
     metrics = ApiMetrics()
+    account_uow = UnitOfWork(session_factory)
+    auth = AuthService(
+        uow=account_uow, secret=settings.jwt_secret or tokens.embedded_secret(settings.data_dir),
+        access_minutes=settings.access_token_minutes, refresh_days=settings.refresh_token_days,
+        settings_keys=settings.api_keys, anonymous_as_admin=bool(settings.anonymous_as_admin),
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         await asyncio.to_thread(upgrade_to_head, engine)
+        await asyncio.to_thread(auth.bootstrap, email=settings.admin_email, password=settings.admin_password,
+                                embedded=settings.mode == "embedded")
         connected = bus or await Bus.connect(settings.nats_url, service="api")
         await connected.ensure_topology(replicas=settings.stream_replicas)
         relay = OutboxRelay(
@@ -120,8 +144,18 @@ def create_app(settings: ApiSettings | None = None, *, bus: Bus | None = None) -
     app.state.settings = settings
     app.state.session_factory = session_factory
     app.state.metrics = metrics
+    app.state.auth = auth
+    app.state.projects = ProjectService(uow=account_uow)
+    app.state.access = ObjectAccess(uow=account_uow)
     app.middleware("http")(metrics.middleware)
+    # Outermost, so that preflights and error answers carry the CORS headers too.
+    app.add_middleware(
+        CORSMiddleware, allow_origins=settings.cors_origins, allow_origin_regex=settings.allows_origin_regex(),
+        allow_credentials=True, allow_methods=["*"], allow_headers=["*"],
+    )
     _install_error_handlers(app)
+    app.include_router(auth_router)
+    app.include_router(projects_router)
     app.include_router(training_router)
     app.include_router(models_router)
     app.include_router(datasets_router)
@@ -134,7 +168,8 @@ def create_app(settings: ApiSettings | None = None, *, bus: Bus | None = None) -
 
 def _install_error_handlers(app: FastAPI) -> None:
     statuses: dict[type[Exception], int] = {
-        NotFound: 404, Conflict: 409, InvalidInput: 422, TooLarge: 413, Unavailable: 503,
+        NotFound: 404, Conflict: 409, InvalidInput: 422, TooLarge: 413, Unavailable: 503, Forbidden: 403,
+        Unauthorized: 401, BadRequest: 400,
     }
     for error_type, status in statuses.items():
 

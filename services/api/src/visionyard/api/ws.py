@@ -3,6 +3,15 @@
 Thin adapter: authenticate, accept, then route client messages (ping, subscribe, unsubscribe) to a
 `LiveConnection`, whose feeds read the EVENTS stream directly. `batch_ms` (query or subscribe message)
 opts a subscription into batched frames (`livebatch`); without it every message is its own frame.
+
+Where a subscription starts: `last_seq=N` → everything after N (`last_seq=0`: the whole history), then
+live. Without `last_seq` → live messages only, unless the same `session_id` was connected to this API
+instance within `SESSION_MEMORY_SECONDS`: then it resumes where that connection stopped. The original
+frontend reopens its socket on every render and never sends `last_seq`; replaying the history to each
+socket flooded it (461 sockets and refetches in 10 s).
+
+A terminal message (`training_complete`, `training_error`) waits until the job's row shows the
+terminal status, so a client that refetches the job on it never reads a stale `running`.
 """
 
 from __future__ import annotations
@@ -14,11 +23,21 @@ from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import APIRouter, Request, WebSocket, WebSocketDisconnect
-
-from visionyard.api.auth import resolve_principal
+from starlette.concurrency import run_in_threadpool
+from visionyard.api.auth import (
+    CurrentPrincipal,
+    Principal,
+    Role,
+    resolve_socket_principal,
+)
+from visionyard.api.auth.objects import ObjectAccess
+from visionyard.api.db.models import TrainingJob
+from visionyard.api.errors import NotFound, Unauthorized
+from visionyard.api.jobstate import TERMINAL
 from visionyard.api.live import LiveConnection, LiveStats
 from visionyard.api.livebatch import parse_batch_ms
 from visionyard.api.livehub import FeedHub
+from visionyard.shared import streams
 
 router = APIRouter()
 
@@ -34,31 +53,82 @@ def _stats(app: Any) -> LiveStats:
     return stats
 
 
+# A reconnecting session resumes where it stopped if it comes back within this long.
+SESSION_MEMORY_SECONDS = 120.0
+# The longest a terminal message waits for the job's row (the projector) before it is sent anyway.
+PROJECTION_WAIT_SECONDS = 30.0
+PROJECTION_POLL_SECONDS = 0.05
+TERMINAL_STATUSES = frozenset(status.value for status in TERMINAL)
+
+
 def _hub(app: Any) -> FeedHub:
     # One shared feed per watched job in this API instance, whatever the number of clients.
     if getattr(app.state, "live_hub", None) is None:
-        app.state.live_hub = FeedHub(bus=app.state.bus)
+        app.state.live_hub = FeedHub(bus=app.state.bus, gate=_projection_gate(app))
     hub: FeedHub = app.state.live_hub
     return hub
+
+
+def _projection_gate(app: Any) -> Any:
+    """Wait until the job's row shows a terminal status (the projector may be a moment behind the stream)."""
+
+    def status_of(job_id: str) -> str | None:
+        with app.state.session_factory() as session:
+            job = session.get(TrainingJob, job_id)
+            return job.status if job is not None else None
+
+    async def gate(job_id: str) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + PROJECTION_WAIT_SECONDS
+        while loop.time() < deadline:
+            status = await run_in_threadpool(status_of, job_id)
+            if status is None or status in TERMINAL_STATUSES:
+                return
+            await asyncio.sleep(PROJECTION_POLL_SECONDS)
+
+    return gate
+
+
+class SessionPositions:
+    """Where each recent session stopped, per job: a socket reopened with the same `session_id` resumes there."""
+
+    def __init__(self) -> None:
+        self._positions: dict[str, tuple[float, dict[str, int]]] = {}
+
+    def remember(self, session_id: str, positions: dict[str, int]) -> None:
+        """Record where a closing connection stopped."""
+        now = asyncio.get_running_loop().time()
+        self._positions = {key: value for key, value in self._positions.items()
+                           if now - value[0] < SESSION_MEMORY_SECONDS}
+        if positions:
+            known = self._positions.get(session_id, (now, {}))[1]
+            self._positions[session_id] = (now, {**known, **positions})
+
+    def recall(self, session_id: str | None, job_id: str) -> int | None:
+        """Where that session stopped on that job, if it was here recently."""
+        if not session_id or session_id not in self._positions:
+            return None
+        moment, positions = self._positions[session_id]
+        if asyncio.get_running_loop().time() - moment >= SESSION_MEMORY_SECONDS:
+            return None
+        return positions.get(job_id)
+
+
+def _sessions(app: Any) -> SessionPositions:
+    if getattr(app.state, "live_sessions", None) is None:
+        app.state.live_sessions = SessionPositions()
+    sessions: SessionPositions = app.state.live_sessions
+    return sessions
 
 
 def _now() -> str:
     return datetime.now(UTC).isoformat()
 
 
-def _bearer(websocket: WebSocket, token: str | None) -> str | None:
-    if token:
-        return token
-    header = websocket.headers.get("authorization", "")
-    if header.lower().startswith("bearer "):
-        return header[7:]
-    return websocket.headers.get("x-api-key")
-
-
 @router.websocket("/api/v1/ws/training")
 async def training_socket(
     websocket: WebSocket,
-    job_id: str | None = None,
+    job_id: int | None = None,
     session_id: str | None = None,
     last_seq: int | None = None,
     token: str | None = None,
@@ -67,14 +137,14 @@ async def training_socket(
     """Live job events: `connected`, then the subscribed jobs' messages (or frames of them), each with its `seq`."""
     app = websocket.app
     try:
-        resolve_principal(_bearer(websocket, token), app.state.settings)
-    except PermissionError as refused:
+        principal = await resolve_socket_principal(websocket, token)
+    except Unauthorized as refused:
         await websocket.close(code=CLOSE_POLICY_VIOLATION, reason=str(refused)[:120])
         return
     await websocket.accept()
     session = session_id or uuid.uuid4().hex
     connection = LiveConnection(bus=app.state.bus, write=websocket.send_json, stats=_stats(app), hub=_hub(app),
-                                write_text=websocket.send_text)
+                                write_text=websocket.send_text, gate=_projection_gate(app))
     # Everything after accept goes through the connection's single writer, so messages never interleave.
     await connection.enqueue({"type": "connected", "session_id": session, "timestamp": _now()})
     # The query's batch_ms is the connection's default for every subscription; a bad one subscribes nothing.
@@ -86,9 +156,11 @@ async def training_socket(
         except ValueError as error:
             valid = False
             await connection.enqueue({"type": "error", "message": str(error)})
-    if job_id and valid:
-        await _subscribe(connection, job_id, last_seq=last_seq, batch_ms=default_batch_ms)
-    receiver = asyncio.create_task(_receive(websocket, connection, default_batch_ms=default_batch_ms))
+    if job_id is not None and valid:
+        await _subscribe(websocket, connection, principal, str(job_id), last_seq=last_seq, batch_ms=default_batch_ms,
+                         session_id=session_id)
+    receiver = asyncio.create_task(_receive(websocket, connection, principal, default_batch_ms=default_batch_ms,
+                                            session_id=session_id))
     overflow = asyncio.create_task(connection.overflowed.wait())
     try:
         done, _ = await asyncio.wait({receiver, overflow}, return_when=asyncio.FIRST_COMPLETED)
@@ -97,18 +169,48 @@ async def training_socket(
     finally:
         for task in (receiver, overflow):
             task.cancel()
+        _sessions(app).remember(session, connection.positions())
         await connection.close()
 
 
-async def _subscribe(connection: LiveConnection, job_id: str, *, last_seq: int | None, batch_ms: int | None) -> None:
-    subscribed: dict[str, Any] = {"type": "subscribed", "job_id": job_id, "timestamp": _now()}
+async def _subscribe(
+    websocket: WebSocket, connection: LiveConnection, principal: Principal, job_id: str, *, last_seq: int | None,
+    batch_ms: int | None, session_id: str | None,
+) -> None:
+    access: ObjectAccess = websocket.app.state.access
+    try:
+        await run_in_threadpool(access.require, principal, "training", job_id, Role.VIEWER, field="job_id")
+    except NotFound as missing:
+        await connection.enqueue({"type": "error", "message": str(missing)})
+        return
+    if last_seq is None:
+        last_seq = _sessions(websocket.app).recall(session_id, job_id)
+    if last_seq is None:
+        # Live only: everything up to the stream's current end is history this client did not ask for.
+        info = await websocket.app.state.bus.js.stream_info(streams.EVENTS.name)
+        last_seq = int(info.state.last_seq)
+    subscribed: dict[str, Any] = {"type": "subscribed", "job_id": int(job_id), "last_seq": last_seq,
+                                  "timestamp": _now()}
     if batch_ms is not None:
         subscribed["batch_ms"] = batch_ms  # after clamping: the client learns the interval it got
     await connection.enqueue(subscribed)
     await connection.subscribe(job_id, last_seq=last_seq, batch_ms=batch_ms)
 
 
-async def _receive(websocket: WebSocket, connection: LiveConnection, *, default_batch_ms: int | None) -> None:
+def _job_id(value: Any) -> str | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int) and value > 0:
+        return str(value)
+    if isinstance(value, str) and value.isdigit():
+        return value
+    return None
+
+
+async def _receive(
+    websocket: WebSocket, connection: LiveConnection, principal: Principal, *, default_batch_ms: int | None,
+    session_id: str | None,
+) -> None:
     try:
         while True:
             raw = await websocket.receive_text()
@@ -123,9 +225,9 @@ async def _receive(websocket: WebSocket, connection: LiveConnection, *, default_
             if kind == "ping":
                 await connection.enqueue({"type": "pong", "timestamp": _now()})
             elif kind == "subscribe":
-                target = message.get("job_id")
-                if not isinstance(target, str) or not target:
-                    await connection.enqueue({"type": "error", "message": "subscribe needs a job_id string"})
+                target = _job_id(message.get("job_id"))
+                if target is None:
+                    await connection.enqueue({"type": "error", "message": "subscribe needs job_id: a job's integer id"})
                     continue
                 # Absent: the connection's default; null: one message per frame.
                 chosen = message.get("batch_ms", default_batch_ms)
@@ -135,12 +237,14 @@ async def _receive(websocket: WebSocket, connection: LiveConnection, *, default_
                     await connection.enqueue({"type": "error", "message": str(error)})
                     continue
                 last = message.get("last_seq")
-                await _subscribe(connection, target, last_seq=last if isinstance(last, int) else None,
-                                 batch_ms=target_batch_ms)
+                await _subscribe(websocket, connection, principal, target,
+                                 last_seq=last if isinstance(last, int) and not isinstance(last, bool) else None,
+                                 batch_ms=target_batch_ms, session_id=session_id)
             elif kind == "unsubscribe":
-                target = str(message.get("job_id", ""))
+                target = _job_id(message.get("job_id")) or str(message.get("job_id", ""))
                 await connection.unsubscribe(target)
-                await connection.enqueue({"type": "unsubscribed", "job_id": target, "timestamp": _now()})
+                await connection.enqueue({"type": "unsubscribed", "job_id": int(target) if target.isdigit() else target,
+                                          "timestamp": _now()})
             else:
                 await connection.enqueue({"type": "error", "message": f"unknown message type {kind!r}"})
     except WebSocketDisconnect:
@@ -148,7 +252,7 @@ async def _receive(websocket: WebSocket, connection: LiveConnection, *, default_
 
 
 @router.get("/api/v1/ws/stats")
-async def websocket_stats(request: Request) -> dict[str, int]:
+async def websocket_stats(request: Request, principal: CurrentPrincipal) -> dict[str, int]:
     """Connection, subscription and message counts of this API instance."""
     stats = _stats(request.app)
     return {

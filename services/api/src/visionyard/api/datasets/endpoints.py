@@ -15,14 +15,14 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.types import Message
 
-from visionyard.api.auth import CurrentPrincipal, authorize_project, require_principal
+from visionyard.api.auth import CurrentPrincipal, Role
 from visionyard.api.config import ApiSettings
 from visionyard.api.datasets import schemas
 from visionyard.api.datasets.service import DatasetService
 from visionyard.api.datasets.versions import DatasetVersionService
 from visionyard.api.errors import InvalidInput, TooLarge
 
-router = APIRouter(prefix="/api/v1/datasets", tags=["datasets"], dependencies=[Depends(require_principal)])
+router = APIRouter(prefix="/api/v1/datasets", tags=["datasets"])
 
 CHUNK = 1 << 20
 # Multipart framing (boundaries, part headers) on top of the file itself.
@@ -54,28 +54,25 @@ ANNOTATION_FIELDS = ("annotations", "annotations.json")
 @router.post("", response_model=schemas.CreateDatasetResponse, status_code=201)
 def create_dataset(body: schemas.CreateDatasetRequest, service: Service, principal: CurrentPrincipal) -> Any:
     """Register a dataset (empty until an upload is ingested)."""
-    authorize_project(principal, body.project_id)
-    return service.create_dataset(body)
+    return service.create_dataset(body, principal=principal)
 
 
 @router.get("/available", response_model=list[schemas.DatasetResponse])
-def available_datasets(service: Service) -> Any:
-    """Every dataset, newest first."""
-    return service.list_available()
+def available_datasets(service: Service, principal: CurrentPrincipal, labeled: bool | None = None) -> Any:
+    """The datasets of the caller's projects, newest first (`labeled=true` for labeled ones only)."""
+    return service.list_available(principal, labeled=labeled)
 
 
 @router.get("/{dataset_id}", response_model=schemas.DatasetResponse)
 def get_dataset(dataset_id: str, service: Service, principal: CurrentPrincipal) -> Any:
     """One dataset with the statistics of its current version."""
-    dataset = service.get_dataset(dataset_id)
-    authorize_project(principal, dataset.project_id)
-    return dataset
+    return service.authorize(principal, dataset_id, Role.VIEWER)
 
 
 @router.delete("/{dataset_id}", response_model=schemas.DeleteResponse)
 def delete_dataset(dataset_id: str, service: Service, versions: Versions, principal: CurrentPrincipal) -> Any:
     """Delete a dataset (409 while a queued or running job pins any version); says what stays stored."""
-    authorize_project(principal, service.get_dataset(dataset_id).project_id)
+    service.authorize(principal, dataset_id, Role.MEMBER)
     return versions.delete_dataset(dataset_id)
 
 
@@ -84,7 +81,7 @@ async def set_split(
     dataset_id: str, body: schemas.SplitRequest, service: Service, versions: Versions, principal: CurrentPrincipal
 ) -> Any:
     """Configure the current version's train/val(/test) split (auto, manual or partial)."""
-    authorize_project(principal, (await run_in_threadpool(service.get_dataset, dataset_id)).project_id)
+    await run_in_threadpool(service.authorize, principal, dataset_id, Role.MEMBER)
     return await versions.set_split(dataset_id, body)
 
 
@@ -93,7 +90,7 @@ def get_split(
     dataset_id: str, service: Service, versions: Versions, principal: CurrentPrincipal, version: str | None = None
 ) -> Any:
     """The split of the current version (or `?version=<content_hash>`)."""
-    authorize_project(principal, service.get_dataset(dataset_id).project_id)
+    service.authorize(principal, dataset_id, Role.VIEWER)
     return versions.get_split(dataset_id, version)
 
 
@@ -102,14 +99,14 @@ def create_snapshot(
     dataset_id: str, body: schemas.SnapshotRequest, service: Service, versions: Versions, principal: CurrentPrincipal
 ) -> Any:
     """Name the current version (409 when the tag exists)."""
-    authorize_project(principal, service.get_dataset(dataset_id).project_id)
+    service.authorize(principal, dataset_id, Role.MEMBER)
     return versions.create_snapshot(dataset_id, body)
 
 
 @router.get("/{dataset_id}/snapshots", response_model=schemas.SnapshotListResponse)
 def list_snapshots(dataset_id: str, service: Service, versions: Versions, principal: CurrentPrincipal) -> Any:
     """Named snapshots and every stored version."""
-    authorize_project(principal, service.get_dataset(dataset_id).project_id)
+    service.authorize(principal, dataset_id, Role.VIEWER)
     return versions.list_snapshots(dataset_id)
 
 
@@ -125,7 +122,7 @@ async def list_images(
     version: str | None = None,
 ) -> Any:
     """A page of the current (or a named) version's images with URLs a browser can fetch."""
-    authorize_project(principal, (await run_in_threadpool(service.get_dataset, dataset_id)).project_id)
+    await run_in_threadpool(service.authorize, principal, dataset_id, Role.VIEWER)
     return await versions.list_images(
         dataset_id, limit=limit, offset=offset, version=version, base_url=str(request.base_url)
     )
@@ -137,7 +134,7 @@ async def image_url(
     principal: CurrentPrincipal, version: str | None = None,
 ) -> Any:
     """Where one image can be fetched."""
-    authorize_project(principal, (await run_in_threadpool(service.get_dataset, dataset_id)).project_id)
+    await run_in_threadpool(service.authorize, principal, dataset_id, Role.VIEWER)
     return await versions.image_url(dataset_id, filename, version=version, base_url=str(request.base_url))
 
 
@@ -147,7 +144,7 @@ async def image_content(
     principal: CurrentPrincipal, version: str | None = None,
 ) -> Response:
     """The image itself: served from storage's reply on the local backend, a redirect on S3."""
-    authorize_project(principal, (await run_in_threadpool(service.get_dataset, dataset_id)).project_id)
+    await run_in_threadpool(service.authorize, principal, dataset_id, Role.VIEWER)
     located = await versions.image_url(dataset_id, filename, version=version, base_url=str(request.base_url))
     if "/content?" not in located.presigned_url:
         return RedirectResponse(located.presigned_url, status_code=307)
@@ -180,8 +177,7 @@ async def image_content(
 )
 async def upload_dataset(dataset_id: str, request: Request, service: Service, principal: CurrentPrincipal) -> Any:
     """Upload a zip (multipart field `file`, or a raw `application/zip` body), streamed to disk."""
-    dataset = await run_in_threadpool(service.get_dataset, dataset_id)
-    authorize_project(principal, dataset.project_id)
+    await run_in_threadpool(service.authorize, principal, dataset_id, Role.MEMBER)
     settings: ApiSettings = request.app.state.settings
     limit = settings.upload_max_bytes
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -231,8 +227,7 @@ async def upload_dataset(dataset_id: str, request: Request, service: Service, pr
 )
 async def upload_images(dataset_id: str, request: Request, service: Service, principal: CurrentPrincipal) -> Any:
     """Upload a folder: many `files` named by relative path (+ optional `annotations.json`), zipped server-side."""
-    dataset = await run_in_threadpool(service.get_dataset, dataset_id)
-    authorize_project(principal, dataset.project_id)
+    await run_in_threadpool(service.authorize, principal, dataset_id, Role.MEMBER)
     settings: ApiSettings = request.app.state.settings
     limit = settings.upload_max_bytes
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()

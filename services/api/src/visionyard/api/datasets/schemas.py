@@ -16,14 +16,14 @@ class CreateDatasetRequest(BaseModel):
     name: str = Field(min_length=1, max_length=256)
     description: str | None = Field(default=None, max_length=10_000)
     visibility: Literal["private", "public"] = "private"
-    project_id: str = Field(default="default", min_length=1, max_length=128)
+    project_id: int | None = Field(default=None, ge=1, description="default: the caller's own Uncategorized project")
 
 
 class DatasetResponse(BaseModel):
     """A dataset and the statistics of its current version."""
 
     id: str
-    project_id: str
+    project_id: int
     name: str
     description: str | None
     format: str | None
@@ -49,6 +49,7 @@ class CreateDatasetResponse(BaseModel):
     status: str
     dataset_id: str
     dataset: DatasetResponse
+    message: str = ""
 
 
 class UploadAccepted(BaseModel):

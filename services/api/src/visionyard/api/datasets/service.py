@@ -7,11 +7,15 @@ import uuid
 from pathlib import Path
 from typing import Protocol
 
+from visionyard.api.auth.access import Role, project_filter, require_project_role
+from visionyard.api.auth.principal import Principal
+from visionyard.api.auth.service import default_project
 from visionyard.api.db.models import Dataset, utcnow
+from visionyard.api.db.models_access import Project
 from visionyard.api.db.repositories import DatasetRepository, OutboxRepository
 from visionyard.api.db.session import UnitOfWork
 from visionyard.api.datasets import schemas
-from visionyard.api.errors import InvalidInput, NotFound
+from visionyard.api.errors import Forbidden, InvalidInput, NotFound
 from visionyard.shared.commands import IngestDataset
 
 # A zip archive starts with a local file header, or (when empty) with the end-of-directory record.
@@ -30,7 +34,8 @@ def to_response(dataset: Dataset) -> schemas.DatasetResponse:
     """The wire form of a dataset."""
     return schemas.DatasetResponse(
         id=dataset.id, project_id=dataset.project_id, name=dataset.name, description=dataset.description,
-        format=dataset.format, labeled=dataset.labeled, num_items=dataset.num_images, num_images=dataset.num_images,
+        # Never null: the original frontend upper-cases it unguarded. "unknown" until an upload is ingested.
+        format=dataset.format or "unknown", labeled=dataset.labeled, num_items=dataset.num_images, num_images=dataset.num_images,
         num_classes=dataset.num_classes, class_names=list(dataset.class_names or []),
         class_counts=dict(dataset.class_counts or {}), splits=dict(dataset.splits or {}),
         task_types=list(dataset.task_types or []), size_mb=round((dataset.size_bytes or 0) / 1024**2, 3),
@@ -54,23 +59,50 @@ class DatasetService:
         self._uow = uow
         self._staging = staging
 
-    def create_dataset(self, request: schemas.CreateDatasetRequest) -> schemas.CreateDatasetResponse:
-        """Register an empty dataset; data arrives with an upload."""
+    def create_dataset(
+        self, request: schemas.CreateDatasetRequest, *, principal: Principal
+    ) -> schemas.CreateDatasetResponse:
+        """Register an empty dataset in a project the caller works in; data arrives with an upload."""
         with self._uow.transaction() as session:
+            if request.project_id is None:
+                if principal.user_id is None:
+                    raise Forbidden("project_id: required for a credential that is not a user's")
+                project_id = str(default_project(session, principal.user_id).id)
+            else:
+                project_id = str(request.project_id)
+                if session.get(Project, request.project_id) is None:
+                    raise NotFound(f"project_id: project {project_id} not found")
+            require_project_role(session, principal, project_id, Role.MEMBER,
+                                 not_found=f"project_id: project {project_id} not found")
             dataset = Dataset(
-                id=uuid.uuid4().hex, project_id=request.project_id, name=request.name,
+                id=uuid.uuid4().hex, project_id=project_id, name=request.name,
                 description=request.description, visibility=request.visibility, status="empty",
                 class_names=[], class_counts={}, splits={}, task_types=[], created_at=utcnow(),
             )
             DatasetRepository(session).add(dataset)
             session.flush()
             view = to_response(dataset)
-        return schemas.CreateDatasetResponse(status="created", dataset_id=view.id, dataset=view)
+        # "success": the original frontend treats anything else as a failure.
+        return schemas.CreateDatasetResponse(status="success", dataset_id=view.id, dataset=view,
+                                             message=f"dataset {view.name!r} created")
 
-    def list_available(self) -> list[schemas.DatasetResponse]:
-        """Every dataset, newest first."""
+    def list_available(self, principal: Principal, *, labeled: bool | None = None) -> list[schemas.DatasetResponse]:
+        """The datasets of the caller's projects, newest first (only labeled or unlabeled ones when asked)."""
         with self._uow.read() as session:
-            return [to_response(row) for row in DatasetRepository(session).list()]
+            visible = project_filter(session, principal)
+            rows = DatasetRepository(session).list()
+            return [to_response(row) for row in rows
+                    if (visible is None or row.project_id in visible) and (labeled is None or row.labeled == labeled)]
+
+    def authorize(self, principal: Principal, dataset_id: str, need: Role) -> schemas.DatasetResponse:
+        """The dataset when the caller's role in its project is at least `need` (NotFound when it may not see it)."""
+        missing = f"dataset_id: dataset {dataset_id} not found"
+        with self._uow.read() as session:
+            dataset = DatasetRepository(session).get(dataset_id)
+            if dataset is None:
+                raise NotFound(missing)
+            require_project_role(session, principal, dataset.project_id, need, not_found=missing)
+            return to_response(dataset)
 
     def get_dataset(self, dataset_id: str) -> schemas.DatasetResponse:
         """One dataset."""
@@ -90,7 +122,7 @@ class DatasetService:
         )
         await asyncio.to_thread(self._mark_processing, dataset_id, command)
         return schemas.UploadAccepted(
-            status="processing", dataset_id=dataset_id, message="upload accepted; storage is checking it",
+            status="success", dataset_id=dataset_id, message="upload accepted; storage is checking it (the dataset becomes ready or rejected)",
             object_name=object_name, sha256=sha256, size_bytes=size,
         )
 

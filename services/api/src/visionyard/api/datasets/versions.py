@@ -318,7 +318,7 @@ class DatasetVersionService:
             "(so those jobs stay reproducible)" if kept else "dataset deleted; no job trained on it"
         ) + f"; storage is removing the files of {len(removed)} other version(s)"
         return schemas.DeleteResponse(
-            status="deleted", dataset_id=dataset_id, kept_versions=kept, deleted_versions=removed, message=message
+            status="success", dataset_id=dataset_id, kept_versions=kept, deleted_versions=removed, message=message
         )
 
 

@@ -212,3 +212,6 @@ class OutboxMessage(Base):
 
 # Registers the dataset split/snapshot tables on `Base.metadata` (their module imports `Base` from here).
 from visionyard.api.db import models_datasets as _models_datasets  # noqa: E402,F401
+
+# Registers the users/projects/job-number tables (migration 0004_access).
+from visionyard.api.db import models_access as _models_access  # noqa: E402,F401

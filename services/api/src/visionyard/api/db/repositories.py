@@ -42,12 +42,12 @@ class JobRepository:
         return self.session.scalars(query).first()
 
     def list(
-        self, *, project_id: str | None, status: str | None, limit: int, offset: int
+        self, *, projects: set[str] | None, status: str | None, limit: int, offset: int
     ) -> tuple[Sequence[TrainingJob], int]:
-        """A page of jobs, newest first, and how many match in all."""
+        """A page of jobs in `projects` (None: all), newest first, and how many match in all."""
         query = select(TrainingJob)
-        if project_id:
-            query = query.where(TrainingJob.project_id == project_id)
+        if projects is not None:
+            query = query.where(TrainingJob.project_id.in_(sorted(projects)))
         if status:
             query = query.where(TrainingJob.status == status)
         total = self.session.scalar(select(func.count()).select_from(query.subquery())) or 0

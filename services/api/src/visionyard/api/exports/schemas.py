@@ -15,7 +15,7 @@ class CreateExportRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    training_job_id: str = Field(min_length=1)
+    training_job_id: int = Field(ge=1)
     export_format: str = Field(min_length=1)
     checkpoint_path: str | None = None
     export_config: ExportConfig = Field(default_factory=ExportConfig)
@@ -28,8 +28,8 @@ class ExportJobResponse(BaseModel):
 
     model_config = ConfigDict(from_attributes=True)
 
-    id: str
-    training_job_id: str
+    id: int
+    training_job_id: int
     export_format: str
     checkpoint_path: str | None
     export_path: str | None
@@ -46,11 +46,19 @@ class ExportJobResponse(BaseModel):
 
 
 class ExportListResponse(BaseModel):
-    """Every export of one training job, newest version first."""
+    """Every export of one training job, newest version first (`export_jobs` is what the frontend reads)."""
 
-    training_job_id: str
+    training_job_id: int
     total: int
+    export_jobs: list[ExportJobResponse]
     exports: list[ExportJobResponse]
+
+
+class DeletedExportResponse(BaseModel):
+    """Answer to `DELETE /export/jobs/{id}`."""
+
+    status: str = "success"
+    message: str
 
 
 class FormatCapability(BaseModel):

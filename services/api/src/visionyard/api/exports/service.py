@@ -6,7 +6,6 @@ the command is published if and only if the export exists.
 
 from __future__ import annotations
 
-import uuid
 from pathlib import Path
 from typing import Protocol
 
@@ -16,6 +15,7 @@ from sqlalchemy.orm import Session
 from visionyard.api.db.models import Checkpoint, TrainingJob, utcnow
 from visionyard.api.db.models_exports import ExportJob, InferenceJob
 from visionyard.api.db.repositories import OutboxRepository
+from visionyard.api.db.numbers import next_job_id
 from visionyard.api.db.session import UnitOfWork
 from visionyard.api.errors import Conflict, InvalidInput, NotFound, Unavailable
 from visionyard.api.exports import schemas
@@ -154,7 +154,7 @@ class ExportService:
     async def create(self, request: schemas.CreateExportRequest) -> schemas.ExportJobResponse:
         """Create a `pending` export and queue `cmd.export`; 404/409/422 name the field."""
         with self._uow.read() as session:
-            job = completed_training_job(session, request.training_job_id)
+            job = completed_training_job(session, str(request.training_job_id))
             framework, model_name, task_type = job.framework, job.model_name, job.task_type
         manifest = manifest_for(await self._capabilities.manifests(), framework=framework, model_name=model_name,
                                 task_type=task_type)
@@ -169,7 +169,7 @@ class ExportService:
             if getattr(request.export_config, option):
                 raise InvalidInput(f"export_config.{option}", f"{option} is not supported by the {framework} exporter")
         with self._uow.transaction() as session:
-            job = completed_training_job(session, request.training_job_id)
+            job = completed_training_job(session, str(request.training_job_id))
             checkpoint = resolve_checkpoint(session, job, request.checkpoint_path, field="checkpoint_path")
             version = (session.scalar(select(func.max(ExportJob.version))
                                       .where(ExportJob.training_job_id == job.id)) or 0) + 1
@@ -178,7 +178,7 @@ class ExportService:
             if request.set_as_default:
                 session.execute(update(ExportJob).where(ExportJob.training_job_id == job.id).values(is_default=False))
             export = ExportJob(
-                id=uuid.uuid4().hex, project_id=job.project_id, training_job_id=job.id,
+                id=next_job_id(session, "export"), project_id=job.project_id, training_job_id=job.id,
                 export_format=request.export_format, checkpoint_kind=checkpoint.kind, checkpoint_path=checkpoint.uri,
                 export_config=request.export_config.model_dump(), validation_config=request.validation_config.model_dump(),
                 version=version, is_default=request.set_as_default or not has_default, status="pending",
@@ -202,8 +202,9 @@ class ExportService:
                 raise NotFound(f"training_job_id: training job {training_job_id} not found")
             rows = session.scalars(select(ExportJob).where(ExportJob.training_job_id == training_job_id)
                                    .order_by(ExportJob.version.desc())).all()
-            return schemas.ExportListResponse(training_job_id=training_job_id, total=len(rows),
-                                              exports=[to_response(row) for row in rows])
+            exports = [to_response(row) for row in rows]
+            return schemas.ExportListResponse(training_job_id=int(training_job_id), total=len(rows),
+                                              export_jobs=exports, exports=exports)
 
     def get(self, export_id: str) -> schemas.ExportJobResponse:
         """One export."""
@@ -218,6 +219,28 @@ class ExportService:
             announce_export_status(session, export, old=old)
             session.flush()
             return to_response(export)
+
+    def delete(self, export_id: str) -> schemas.DeletedExportResponse:
+        """Remove a finished export from the list; an unfinished one must be cancelled first (409)."""
+        with self._uow.transaction() as session:
+            export = self._export(session, export_id)
+            if export.status not in ("completed", "failed", "cancelled"):
+                raise Conflict(f"export_job_id: export {export_id} is {export.status}; cancel it first")
+            was_default = export.is_default
+            training_job_id = export.training_job_id
+            session.delete(export)
+            session.flush()
+            if was_default:
+                # Another completed export of the job becomes the default, newest first.
+                successor = session.scalars(
+                    select(ExportJob).where(ExportJob.training_job_id == training_job_id,
+                                            ExportJob.status == "completed").order_by(ExportJob.version.desc())
+                ).first()
+                if successor is not None:
+                    successor.is_default = True
+            return schemas.DeletedExportResponse(
+                message=f"export {export_id} deleted from the list (its stored package is kept: {export.export_path})"
+            )
 
     def _export(self, session: Session, export_id: str) -> ExportJob:
         export = session.get(ExportJob, export_id)

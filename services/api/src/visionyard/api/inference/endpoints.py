@@ -8,13 +8,15 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request, UploadFile
+from starlette.concurrency import run_in_threadpool
 
-from visionyard.api.auth import require_principal
+from visionyard.api.auth import CurrentPrincipal, Principal, Role
+from visionyard.api.auth.objects import ObjectAccess
 from visionyard.api.errors import InvalidInput, TooLarge
 from visionyard.api.inference import schemas
 from visionyard.api.inference.service import InferenceService, ReceivedFile
 
-router = APIRouter(prefix="/api/v1/test_inference", tags=["inference"], dependencies=[Depends(require_principal)])
+router = APIRouter(prefix="/api/v1/test_inference", tags=["inference"])
 
 MAX_FILES = 1000
 MAX_FILE_BYTES = 50 * 1024 * 1024
@@ -29,9 +31,19 @@ def inference_service(request: Request) -> InferenceService:
 Service = Annotated[InferenceService, Depends(inference_service)]
 
 
+async def _require(request: Request, principal: Principal, kind: str, object_id: int, need: Role, field: str) -> None:
+    access: ObjectAccess = request.app.state.access
+    await run_in_threadpool(access.require, principal, kind, object_id, need, field=field)
+
+
 @router.post("/inference/upload-images", response_model=schemas.UploadResponse)
-async def upload_images(service: Service, files: list[UploadFile], training_job_id: str | None = None) -> Any:
+async def upload_images(
+    request: Request, service: Service, principal: CurrentPrincipal, files: list[UploadFile],
+    training_job_id: int | None = None,
+) -> Any:
     """Upload images (multipart `files`) for inference; anything that is not an image is refused."""
+    if training_job_id is not None:
+        await _require(request, principal, "training", training_job_id, Role.MEMBER, "training_job_id")
     if len(files) > MAX_FILES:
         raise InvalidInput("files", f"at most {MAX_FILES} files per upload")
     scratch = Path(tempfile.mkdtemp(prefix="vy-infer-upload-"))
@@ -48,39 +60,48 @@ async def upload_images(service: Service, files: list[UploadFile], training_job_
                         raise TooLarge(f"files: {name} is larger than {MAX_FILE_BYTES} bytes")
                     sink.write(chunk)
             received.append(ReceivedFile(filename=name, path=path))
-        return await service.upload_images(received, training_job_id=training_job_id)
+        return await service.upload_images(
+            received, training_job_id=None if training_job_id is None else str(training_job_id)
+        )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
 @router.post("/inference/jobs", response_model=schemas.InferenceJobResponse, status_code=201)
-def create_inference(body: schemas.CreateInferenceRequest, service: Service) -> Any:
-    """Classify uploaded images (single, batch) or a dataset split with a stored checkpoint."""
-    return service.create(body)
+async def create_inference(
+    body: schemas.CreateInferenceRequest, request: Request, service: Service, principal: CurrentPrincipal
+) -> Any:
+    """Run a stored checkpoint on uploaded images (single, batch) or on a dataset split."""
+    await _require(request, principal, "training", body.training_job_id, Role.MEMBER, "training_job_id")
+    return await run_in_threadpool(service.create, body)
 
 
 @router.post("/inference/jobs/{inference_job_id}/cancel", response_model=schemas.InferenceJobResponse)
-def cancel_inference(inference_job_id: str, service: Service) -> Any:
+async def cancel_inference(inference_job_id: int, request: Request, service: Service, principal: CurrentPrincipal) -> Any:
     """Stop an inference job: pending → cancelled, running → cancelling until the runner confirms."""
-    return service.cancel(inference_job_id)
+    await _require(request, principal, "inference", inference_job_id, Role.MEMBER, "inference_job_id")
+    return await run_in_threadpool(service.cancel, str(inference_job_id))
 
 
 @router.get("/inference/jobs/detail/{inference_job_id}", response_model=schemas.InferenceJobResponse)
-def get_inference(inference_job_id: str, service: Service) -> Any:
+async def get_inference(inference_job_id: int, request: Request, service: Service, principal: CurrentPrincipal) -> Any:
     """One inference job."""
-    return service.get(inference_job_id)
+    await _require(request, principal, "inference", inference_job_id, Role.VIEWER, "inference_job_id")
+    return await run_in_threadpool(service.get, str(inference_job_id))
 
 
 @router.get("/inference/jobs/{inference_job_id}/results", response_model=schemas.ResultsResponse)
-def results(
-    inference_job_id: str, service: Service, skip: int = Query(default=0, ge=0),
-    limit: int = Query(default=100, ge=1, le=1000),
+async def results(
+    inference_job_id: int, request: Request, service: Service, principal: CurrentPrincipal,
+    skip: int = Query(default=0, ge=0), limit: int = Query(default=100, ge=1, le=1000),
 ) -> Any:
     """A page of per-image results."""
-    return service.results(inference_job_id, skip=skip, limit=limit)
+    await _require(request, principal, "inference", inference_job_id, Role.VIEWER, "inference_job_id")
+    return await run_in_threadpool(service.results, str(inference_job_id), skip=skip, limit=limit)
 
 
 @router.get("/inference/jobs/{training_job_id}", response_model=schemas.InferenceListResponse)
-def list_inference(training_job_id: str, service: Service) -> Any:
+async def list_inference(training_job_id: int, request: Request, service: Service, principal: CurrentPrincipal) -> Any:
     """Every inference job of a training job, with a summary."""
-    return service.list_for_training_job(training_job_id)
+    await _require(request, principal, "training", training_job_id, Role.VIEWER, "training_job_id")
+    return await run_in_threadpool(service.list_for_training_job, str(training_job_id))

@@ -32,7 +32,8 @@ class InputData(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    image_paths_s3: list[str] = Field(default_factory=list)
+    # A list of uploaded URIs, or (as the original frontend sends it) the `s3_prefix` of an upload.
+    image_paths_s3: list[str] | str = Field(default_factory=list)
     dataset_split: str | None = None
     confidence_threshold: float = Field(default=0.0, ge=0.0, le=1.0)
     iou_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
@@ -46,7 +47,7 @@ class CreateInferenceRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    training_job_id: str = Field(min_length=1)
+    training_job_id: int = Field(ge=1)
     checkpoint_path: str | None = None
     inference_type: Literal["single", "batch", "dataset"] = "batch"
     input_data: InputData = Field(default_factory=InputData)
@@ -57,8 +58,8 @@ class InferenceJobResponse(BaseModel):
 
     model_config = ConfigDict(from_attributes=True)
 
-    id: str
-    training_job_id: str
+    id: int
+    training_job_id: int
     checkpoint_path: str | None
     inference_type: str
     status: str
@@ -76,7 +77,7 @@ class InferenceJobResponse(BaseModel):
 class InferenceListResponse(BaseModel):
     """Every inference job of one training job, with a summary."""
 
-    training_job_id: str
+    training_job_id: int
     total: int
     completed: int
     total_images: int
@@ -103,8 +104,8 @@ class ResultRow(BaseModel):
 class ResultsResponse(BaseModel):
     """`GET /inference/jobs/{id}/results`."""
 
-    inference_job_id: str
-    training_job_id: str
+    inference_job_id: int
+    training_job_id: int
     total_count: int
     skip: int
     limit: int

@@ -13,10 +13,12 @@ from pathlib import Path
 from typing import Protocol
 
 from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
 from visionyard.api.db.models import TrainingJob, utcnow
 from visionyard.api.db.models_exports import InferenceJob, InferenceResult, InferenceUpload
 from visionyard.api.db.repositories import OutboxRepository
+from visionyard.api.db.numbers import next_job_id
 from visionyard.api.db.session import UnitOfWork
 from visionyard.api.errors import InvalidInput, NotFound, Unavailable
 from visionyard.api.exports.service import completed_training_job, request_cancel, resolve_checkpoint
@@ -94,9 +96,13 @@ class InferenceService:
         """Create a `pending` inference job and queue `cmd.infer`."""
         data = request.input_data
         with self._uow.transaction() as session:
-            job = completed_training_job(session, request.training_job_id)
+            job = completed_training_job(session, str(request.training_job_id))
             checkpoint = resolve_checkpoint(session, job, request.checkpoint_path, field="checkpoint_path")
-            uris = list(dict.fromkeys(data.image_paths_s3))
+            if isinstance(data.image_paths_s3, str):
+                uris = _uploads_under(session, data.image_paths_s3)
+                data = data.model_copy(update={"image_paths_s3": uris})
+            else:
+                uris = list(dict.fromkeys(data.image_paths_s3))
             dataset: DatasetRef | None = None
             if request.inference_type == "dataset":
                 if not job.dataset_snapshot_id:
@@ -115,7 +121,7 @@ class InferenceService:
                     raise InvalidInput("input_data.image_paths_s3",
                                        f"{unknown[0]} was not uploaded through upload-images")
             inference = InferenceJob(
-                id=uuid.uuid4().hex, project_id=job.project_id, training_job_id=job.id,
+                id=next_job_id(session, "inference"), project_id=job.project_id, training_job_id=job.id,
                 checkpoint_kind=checkpoint.kind, checkpoint_path=checkpoint.uri,
                 inference_type=request.inference_type, input_data=data.model_dump(), task_type=job.task_type,
                 status="pending", attempt=1, created_at=utcnow(),
@@ -182,3 +188,17 @@ class InferenceService:
                 skip=skip, limit=limit, avg_inference_time_ms=inference.avg_inference_time_ms,
                 results=[schemas.ResultRow.model_validate(row) for row in rows],
             )
+
+
+def _uploads_under(session: Session, prefix: str) -> list[str]:
+    """The uploaded images under an upload's `s3_prefix` (what the original frontend sends), in upload order."""
+    if not prefix.strip():
+        raise InvalidInput("input_data.image_paths_s3", "an empty prefix names no uploaded image")
+    base = prefix if prefix.endswith("/") else prefix + "/"
+    uris = list(session.scalars(
+        select(InferenceUpload.uri).where(InferenceUpload.uri.startswith(base, autoescape=True))
+        .order_by(InferenceUpload.id)
+    ))
+    if not uris:
+        raise InvalidInput("input_data.image_paths_s3", f"no image was uploaded under {prefix}")
+    return list(dict.fromkeys(uris))

@@ -10,7 +10,7 @@ from __future__ import annotations
 from visionyard.api.datasets.versions import split_for_version
 from visionyard.api.db.models import TrainingJob
 from visionyard.api.db.repositories import JobRepository, OutboxRepository
-from visionyard.api.errors import Conflict
+from visionyard.api.errors import Conflict, InvalidInput
 from visionyard.shared import streams
 from visionyard.shared.commands import CheckpointRef, DatasetRef, StartTraining, TrainingConfig
 from visionyard.shared.events import JobQueued
@@ -40,8 +40,13 @@ def last_stored_checkpoint(jobs: JobRepository, job: TrainingJob) -> CheckpointR
     return None
 
 
-def require_checkpoint(jobs: JobRepository, job: TrainingJob) -> CheckpointRef:
-    """The checkpoint to resume from; Conflict when the job has none."""
+def require_checkpoint(jobs: JobRepository, job: TrainingJob, *, uri: str | None = None) -> CheckpointRef:
+    """The checkpoint to resume from (the one stored at `uri` when given); Conflict when the job has none."""
+    if uri:
+        for row in jobs.checkpoints(job.id):
+            if row.status == "stored" and row.uri == uri and row.sha256:
+                return CheckpointRef(kind=row.kind, uri=row.uri, sha256=row.sha256, epoch=row.epoch)
+        raise InvalidInput("checkpoint_path", f"{uri} is not a stored checkpoint of job {job.id}")
     found = last_stored_checkpoint(jobs, job)
     if found is None:
         raise Conflict(f"cannot resume job {job.id}: no stored checkpoint")

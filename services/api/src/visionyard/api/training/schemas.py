@@ -15,7 +15,7 @@ class CreateJobRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    project_id: str | None = Field(default=None, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_\-]+$")
+    project_id: int | None = Field(default=None, ge=1, description="default: the caller's own Uncategorized project")
     experiment_name: str | None = Field(default=None, min_length=1, max_length=256)
     tags: list[str] = Field(default_factory=list)
     notes: str | None = None
@@ -27,8 +27,9 @@ class TrainingJobResponse(BaseModel):
 
     model_config = ConfigDict(from_attributes=True, protected_namespaces=())
 
-    id: str
-    project_id: str
+    id: int
+    project_id: int
+    project_name: str | None = None
     experiment_name: str
     tags: list[str] = Field(default_factory=list)
     notes: str | None = None
@@ -73,6 +74,7 @@ class MetricResponse(BaseModel):
 
     model_config = ConfigDict(from_attributes=True)
 
+    id: int
     epoch: int
     step: int | None
     loss: float | None
@@ -94,7 +96,7 @@ class JobStatusResponse(BaseModel):
 class MetricSchemaResponse(BaseModel):
     """Which metrics a job reports."""
 
-    job_id: str
+    job_id: int
     framework: str
     task_type: str
     primary_metric: str
@@ -104,11 +106,11 @@ class MetricSchemaResponse(BaseModel):
 
 
 class LogResponse(BaseModel):
-    """One log line."""
-
-    model_config = ConfigDict(from_attributes=True)
+    """One log line: `log_type` and `content` as the original frontend reads them, and the event's own fields."""
 
     id: int
+    log_type: str = Field(description="stdout or stderr for captured output, else the event type")
+    content: str
     attempt: int
     seq: int
     level: str
@@ -117,13 +119,12 @@ class LogResponse(BaseModel):
     data: dict[str, Any] | None
     created_at: datetime
 
-
-class LogsResponse(BaseModel):
-    """A job's newest log lines, oldest first."""
-
-    job_id: str
-    logs: list[LogResponse]
-    total: int
+    @classmethod
+    def from_row(cls, row: Any) -> LogResponse:
+        """A log row as the frontend reads it."""
+        return cls(id=row.id, log_type=row.event_type, content=row.message or "", attempt=row.attempt, seq=row.seq,
+                   level=row.level, event_type=row.event_type, message=row.message or "", data=row.data,
+                   created_at=row.created_at)
 
 
 class CheckpointResponse(BaseModel):

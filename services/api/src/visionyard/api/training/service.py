@@ -6,18 +6,23 @@ command is published if and only if the change was committed.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.exc import StaleDataError
 
 from visionyard.api import jobstate
+from visionyard.api.auth.access import Role, project_filter, require_project_role
+from visionyard.api.auth.principal import Principal
+from visionyard.api.auth.service import default_project
+from visionyard.api.db.models_access import Project
+from visionyard.api.db.numbers import next_job_id
 from visionyard.api.db.models import TrainingJob, utcnow
 from visionyard.api.db.repositories import DatasetRepository, JobRepository, OutboxRepository
 from visionyard.api.db.session import UnitOfWork
-from visionyard.api.errors import Conflict, NotFound
+from visionyard.api.errors import Conflict, Forbidden, NotFound
 from visionyard.api.jobstate import JobAction, JobStatus
 from visionyard.api.models.service import CapabilitySource, default_primary_metric, resolve_trainer
 from visionyard.api.training import attempts, schemas
@@ -70,22 +75,34 @@ class TrainingService:
         return task, config.primary_metric or metric, config.primary_metric_mode or mode
 
     def create_job(
-        self, request: schemas.CreateJobRequest, *, task_type: str, primary_metric: str, primary_metric_mode: str
+        self, request: schemas.CreateJobRequest, *, principal: Principal, task_type: str, primary_metric: str,
+        primary_metric_mode: str,
     ) -> schemas.TrainingJobResponse:
-        """Create a `pending` job pinned to the dataset's current version."""
+        """Create a `pending` job pinned to the dataset's current version, in a project the caller works in."""
         config = request.config
-        project_id = request.project_id or "default"
         with self._uow.transaction() as session:
+            if request.project_id is None:
+                if principal.user_id is None:
+                    raise Forbidden("project_id: required for a credential that is not a user's")
+                project_id = str(default_project(session, principal.user_id).id)
+            else:
+                project_id = str(request.project_id)
+                if session.get(Project, request.project_id) is None:
+                    raise NotFound(f"project_id: project {project_id} not found")
+            require_project_role(session, principal, project_id, Role.MEMBER,
+                                 not_found=f"project_id: project {project_id} not found")
             dataset = DatasetRepository(session).get(config.dataset_id)
+            missing = f"config.dataset_id: dataset {config.dataset_id} not found"
             if dataset is None:
-                raise NotFound(f"config.dataset_id: dataset {config.dataset_id} not found")
+                raise NotFound(missing)
+            require_project_role(session, principal, dataset.project_id, Role.VIEWER, not_found=missing)
             if dataset.content_hash is None:
                 raise Conflict(f"config.dataset_id: dataset {dataset.id} is not ready: status is {dataset.status}")
             num_classes = config.num_classes
             if num_classes is None and dataset.num_classes >= 2:
                 num_classes = dataset.num_classes
             job = TrainingJob(
-                id=uuid.uuid4().hex,
+                id=next_job_id(session, "training"),
                 project_id=project_id,
                 experiment_name=request.experiment_name or f"visionyard-{project_id}",
                 tags=list(request.tags),
@@ -109,27 +126,57 @@ class TrainingService:
             )
             JobRepository(session).add(job)
             session.flush()
-            return schemas.TrainingJobResponse.model_validate(job)
+            return _response(session, job)
 
     def list_jobs(
-        self, *, project_id: str | None, status: str | None, limit: int, offset: int
+        self, *, principal: Principal, project_id: int | None, status: str | None, limit: int, offset: int
     ) -> schemas.JobListResponse:
-        """A page of jobs, newest first."""
+        """A page of the jobs the caller may see, newest first."""
         with self._uow.read() as session:
-            rows, total = JobRepository(session).list(project_id=project_id, status=status, limit=limit, offset=offset)
-            jobs = [schemas.TrainingJobResponse.model_validate(row) for row in rows]
+            visible = project_filter(session, principal)
+            if project_id is not None:
+                if visible is not None and str(project_id) not in visible:
+                    raise NotFound(f"project_id: project {project_id} not found")
+                visible = {str(project_id)}
+            rows, total = JobRepository(session).list(projects=visible, status=status, limit=limit, offset=offset)
+            jobs = [_response(session, row) for row in rows]
         return schemas.JobListResponse(jobs=jobs, total=total, limit=limit, offset=offset)
+
+    def authorize(self, principal: Principal, job_id: str, need: Role) -> schemas.TrainingJobResponse:
+        """The job when the caller's role in its project is at least `need` (NotFound when it may not see it)."""
+        with self._uow.read() as session:
+            job = _job(session, job_id)
+            require_project_role(session, principal, job.project_id, need, not_found=_missing(job_id))
+            return _response(session, job)
 
     def get_job(self, job_id: str) -> schemas.TrainingJobResponse:
         """One job."""
         with self._uow.read() as session:
-            return schemas.TrainingJobResponse.model_validate(_job(session, job_id))
+            return _response(session, _job(session, job_id))
 
     # -- the state machine ---------------------------------------------------------------------
 
-    def start_job(self, job_id: str) -> schemas.TrainingJobResponse:
-        """pending → queued; outbox: `cmd.train` and the `queued` event."""
-        return self._write(lambda session: self._queue(session, job_id, JobAction.START))
+    def start_job(
+        self, job_id: str, *, resume: bool = False, checkpoint_path: str | None = None
+    ) -> schemas.TrainingJobResponse:
+        """pending → queued (outbox: `cmd.train` and the `queued` event); a job already on its way answers as is.
+
+        The original frontend calls `start` right after `restart` (which already queued the job), and
+        `start?resume=true&checkpoint_path=` to continue a finished job from one of its checkpoints.
+        """
+
+        def start(session: Session) -> schemas.TrainingJobResponse:
+            job = _job(session, job_id, for_update=True)
+            if resume or checkpoint_path:
+                if job.status in jobstate.TERMINAL:
+                    return self._queue(session, job_id, JobAction.RESUME, checkpoint_path=checkpoint_path)
+                if job.status == JobStatus.PENDING:
+                    raise Conflict(f"cannot resume job {job_id}: it has not run yet (status is pending); start it")
+            if job.status in jobstate.ACTIVE:
+                return _response(session, job)
+            return self._queue(session, job_id, JobAction.START)
+
+        return self._write(start)
 
     def restart_job(self, job_id: str) -> schemas.TrainingJobResponse:
         """A finished job → a new attempt from scratch, queued."""
@@ -163,22 +210,24 @@ class TrainingService:
             else:
                 outbox.add(JobCancelRequested(job_id=job.id, attempt=job.attempt))
             session.flush()
-            return schemas.TrainingJobResponse.model_validate(job)
+            return _response(session, job)
 
         return self._write(cancel)
 
-    def _queue(self, session: Session, job_id: str, action: JobAction) -> schemas.TrainingJobResponse:
+    def _queue(
+        self, session: Session, job_id: str, action: JobAction, *, checkpoint_path: str | None = None
+    ) -> schemas.TrainingJobResponse:
         job = _job(session, job_id, for_update=True)
         target = jobstate.user_transition(job.id, job.status, action)
         resume_from: CheckpointRef | None = None
         if action is JobAction.RESUME:
-            resume_from = attempts.require_checkpoint(JobRepository(session), job)
+            resume_from = attempts.require_checkpoint(JobRepository(session), job, uri=checkpoint_path)
         if action in (JobAction.RESTART, JobAction.RESUME):
             attempts.begin_new_attempt(job)
         job.status = target.value
         attempts.queue_attempt(OutboxRepository(session), job, resume_from=resume_from)
         session.flush()
-        return schemas.TrainingJobResponse.model_validate(job)
+        return _response(session, job)
 
     def _write(self, use_case: Callable[[Session], T]) -> T:
         # A concurrent writer (the projector) bumped the row version: redo on fresh state.
@@ -199,15 +248,16 @@ class TrainingService:
             job = _job(session, job_id)
             metrics = JobRepository(session).metrics(job.id, limit=10, newest=True)
             return schemas.JobStatusResponse(
-                job=schemas.TrainingJobResponse.model_validate(job),
+                job=_response(session, job),
                 latest_metrics=[schemas.MetricResponse.model_validate(row) for row in metrics],
             )
 
     def metrics(self, job_id: str, *, limit: int) -> list[schemas.MetricResponse]:
-        """Metric rows, oldest first."""
+        """The newest `limit` metric rows, oldest first: the last row is the newest epoch (the progress bar)."""
         with self._uow.read() as session:
             job = _job(session, job_id)
-            return [schemas.MetricResponse.model_validate(row) for row in JobRepository(session).metrics(job.id, limit=limit)]
+            rows = JobRepository(session).metrics(job.id, limit=limit, newest=True)
+            return [schemas.MetricResponse.model_validate(row) for row in rows]
 
     def metric_schema(self, job_id: str) -> schemas.MetricSchemaResponse:
         """Which metric names the job has reported."""
@@ -224,13 +274,12 @@ class TrainingService:
                 primary_metric_mode=job.primary_metric_mode, available_metrics=sorted(names), metric_count=count,
             )
 
-    def logs(self, job_id: str, *, limit: int, log_type: str | None) -> schemas.LogsResponse:
+    def logs(self, job_id: str, *, limit: int, log_type: str | None) -> list[schemas.LogResponse]:
         """The newest `limit` log lines, oldest first."""
         with self._uow.read() as session:
             job = _job(session, job_id)
             rows = JobRepository(session).logs(job.id, limit=limit, log_type=log_type)
-            logs = [schemas.LogResponse.model_validate(row) for row in rows]
-        return schemas.LogsResponse(job_id=job_id, logs=logs, total=len(logs))
+            return [schemas.LogResponse.from_row(row) for row in rows]
 
     def checkpoints(self, job_id: str) -> schemas.CheckpointsResponse:
         """The job's stored checkpoints."""
@@ -319,11 +368,21 @@ class TrainingService:
         return self._write(ingest)
 
 
+def _missing(job_id: str) -> str:
+    return f"job_id: training job {job_id} not found"
+
+
 def _job(session: Session, job_id: str, *, for_update: bool = False) -> TrainingJob:
     job = JobRepository(session).get(job_id, for_update=for_update)
     if job is None:
-        raise NotFound(f"job_id: training job {job_id} not found")
+        raise NotFound(_missing(job_id))
     return job
+
+
+def _response(session: Session, job: TrainingJob) -> schemas.TrainingJobResponse:
+    """The job as the frontend reads it, with its project's name."""
+    name = session.scalar(select(Project.name).where(Project.id == int(job.project_id))) if job.project_id.isdigit() else None
+    return schemas.TrainingJobResponse.model_validate(job).model_copy(update={"project_name": name})
 
 
 def _metric_context(job: schemas.TrainingJobResponse) -> dict[str, Any]:

@@ -1,0 +1,40 @@
+"""Access to one object by its id: load its project and check the caller's role there, in one read.
+
+Another project's object answers exactly as a missing one ("not found"), so ids cannot be probed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from visionyard.api.auth.access import Role, require_project_role
+from visionyard.api.auth.principal import Principal
+from visionyard.api.db.models import Dataset, TrainingJob
+from visionyard.api.db.models_exports import ExportJob, InferenceJob
+from visionyard.api.db.session import UnitOfWork
+from visionyard.api.errors import NotFound
+
+_KINDS: dict[str, tuple[Any, str]] = {
+    "training": (TrainingJob, "training job"),
+    "export": (ExportJob, "export job"),
+    "inference": (InferenceJob, "inference job"),
+    "dataset": (Dataset, "dataset"),
+}
+
+
+class ObjectAccess:
+    """Checks a caller's role on datasets and jobs by id."""
+
+    def __init__(self, *, uow: UnitOfWork) -> None:
+        self._uow = uow
+
+    def require(self, principal: Principal, kind: str, object_id: int | str, need: Role, *, field: str) -> str:
+        """The object's project id when the caller's role there is at least `need`; NotFound naming `field` else."""
+        model, label = _KINDS[kind]
+        missing = f"{field}: {label} {object_id} not found"
+        with self._uow.read() as session:
+            row = session.get(model, str(object_id))
+            if row is None:
+                raise NotFound(missing)
+            require_project_role(session, principal, row.project_id, need, not_found=missing)
+            return str(row.project_id)
