@@ -13,30 +13,35 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from visionyard.api.auth import resolve_principal
 from visionyard.api.config import ApiSettings
 from visionyard.shared.natsserver import NatsServer, free_port
 
 
-def test_production_without_api_keys_refuses_to_start(tmp_path: Path) -> None:
-    with pytest.raises(ValidationError, match="VISIONYARD_API_API_KEYS"):
+def test_production_refuses_anonymous_access_and_a_missing_signing_key(tmp_path: Path) -> None:
+    with pytest.raises(ValidationError, match="jwt_secret"):
         ApiSettings(mode="production", data_dir=tmp_path)
-    assert ApiSettings(mode="production", api_keys=["k"], data_dir=tmp_path).api_keys == ["k"]
+    with pytest.raises(ValidationError, match="anonymous_as_admin"):
+        ApiSettings(mode="production", data_dir=tmp_path, jwt_secret="x" * 32, anonymous_as_admin=True)
+    settings = ApiSettings(mode="production", data_dir=tmp_path, jwt_secret="x" * 32)
+    assert settings.anonymous_as_admin is False and settings.open_registration is False
+    assert settings.allows_origin_regex() is None
 
 
-def test_keys_from_env_and_default_database(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_embedded_defaults_open_the_one_person_install(tmp_path: Path) -> None:
+    settings = ApiSettings(data_dir=tmp_path)
+    assert settings.anonymous_as_admin is True and settings.open_registration is True
+    assert settings.allows_origin_regex() is not None
+
+
+def test_keys_and_origins_from_env_and_default_database(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("VISIONYARD_API_API_KEYS", "a, b")
+    monkeypatch.setenv("VISIONYARD_API_CORS_ORIGINS", "https://ui.example.com")
     monkeypatch.setenv("VISIONYARD_API_DATA_DIR", str(tmp_path))
     settings = ApiSettings()
     assert settings.api_keys == ["a", "b"]
+    assert settings.cors_origins == ["https://ui.example.com"]
+    assert settings.allows_origin_regex() is None  # an explicit list replaces the loopback default
     assert settings.database_url == f"sqlite:///{tmp_path.resolve() / 'api.db'}"
-    assert resolve_principal("b", settings).subject.startswith("key:")
-    with pytest.raises(PermissionError):
-        resolve_principal(None, settings)
-
-
-def test_embedded_without_keys_is_the_local_user(tmp_path: Path) -> None:
-    assert resolve_principal(None, ApiSettings(data_dir=tmp_path)).is_local
 
 
 @pytest.mark.integration

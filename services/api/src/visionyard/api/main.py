@@ -23,7 +23,7 @@ from visionyard.api.adapters.tracker import BusTrackerClient
 from visionyard.api.auth import tokens
 from visionyard.api.auth.endpoints import router as auth_router
 from visionyard.api.auth.objects import ObjectAccess
-from visionyard.api.auth.service import AuthService
+from visionyard.api.auth.service import AuthService, admin_login_file
 from visionyard.api.config import ApiSettings
 from visionyard.api.datasets.endpoints import router as datasets_router
 from visionyard.api.adapters.dataset_storage import BusDatasetStorage
@@ -57,6 +57,8 @@ from visionyard.api.projector import Projector, RetryPolicy
 from visionyard.api.telemetry import ApiMetrics
 from visionyard.api.training.endpoints import router as training_router
 from visionyard.api.training.service import TrainingService
+from visionyard.api.validation.endpoints import router as validation_router
+from visionyard.api.validation.service import ValidationService
 from visionyard.shared import streams
 from visionyard.shared.asyncapi import asyncapi_document
 from visionyard.shared.bus import Bus
@@ -86,7 +88,7 @@ def create_app(settings: ApiSettings | None = None, *, bus: Bus | None = None) -
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         await asyncio.to_thread(upgrade_to_head, engine)
         await asyncio.to_thread(auth.bootstrap, email=settings.admin_email, password=settings.admin_password,
-                                embedded=settings.mode == "embedded")
+                                embedded=settings.mode == "embedded", login_file=admin_login_file(settings.data_dir))
         connected = bus or await Bus.connect(settings.nats_url, service="api")
         await connected.ensure_topology(replicas=settings.stream_replicas)
         relay = OutboxRelay(
@@ -131,6 +133,9 @@ def create_app(settings: ApiSettings | None = None, *, bus: Bus | None = None) -
             yield
         finally:
             stop.set()
+            hub = getattr(app.state, "live_hub", None)
+            if hub is not None:
+                await hub.close()
             _, pending = await asyncio.wait(workers, timeout=SHUTDOWN_GRACE_SECONDS)
             for task in pending:
                 task.cancel()
@@ -147,6 +152,7 @@ def create_app(settings: ApiSettings | None = None, *, bus: Bus | None = None) -
     app.state.auth = auth
     app.state.projects = ProjectService(uow=account_uow)
     app.state.access = ObjectAccess(uow=account_uow)
+    app.state.validation = ValidationService(uow=account_uow)
     app.middleware("http")(metrics.middleware)
     # Outermost, so that preflights and error answers carry the CORS headers too.
     app.add_middleware(
@@ -161,6 +167,7 @@ def create_app(settings: ApiSettings | None = None, *, bus: Bus | None = None) -
     app.include_router(datasets_router)
     app.include_router(exports_router)
     app.include_router(inference_router)
+    app.include_router(validation_router)
     app.include_router(ws.router)
     _install_operational_routes(app)
     return app

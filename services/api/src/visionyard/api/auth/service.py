@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import logging
+import os
 import secrets
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select
@@ -30,6 +33,12 @@ log = logging.getLogger("visionyard.api.auth")
 
 API_KEY_PREFIX = "vy_"
 DEFAULT_PROJECT = "Uncategorized"
+EMBEDDED_ADMIN_EMAIL = "admin@visionyard.local"
+
+
+def admin_login_file(data_dir: Path) -> Path:
+    """Where embedded mode keeps the generated first admin's login (read by `visionyard up`)."""
+    return data_dir / "auth" / "admin-login.json"
 
 
 def key_digest(key: str) -> str:
@@ -54,16 +63,25 @@ class AuthService:
 
     # -- start-up --------------------------------------------------------------------------------
 
-    def bootstrap(self, *, email: str, password: str, embedded: bool) -> None:
-        """Create the first admin when there is no user yet, and give it the projects nobody owns."""
+    def bootstrap(self, *, email: str, password: str, embedded: bool, login_file: Path) -> None:
+        """Create the first admin when there is no user yet, and give it the projects nobody owns.
+
+        Embedded mode without `admin_email`/`admin_password` makes `admin@visionyard.local` with a random
+        password written to `login_file` (0600), which `visionyard up` prints.
+        """
         with self._uow.transaction() as session:
             if session.scalar(select(func.count()).select_from(User)) == 0:
                 if not (email and password):
-                    where = "embedded mode: `visionyard up` generates them" if embedded else "production mode"
-                    raise RuntimeError(
-                        "admin_email/admin_password: the database has no user yet; set VISIONYARD_API_ADMIN_EMAIL "
-                        f"and VISIONYARD_API_ADMIN_PASSWORD to create the first admin ({where})"
-                    )
+                    if not embedded:
+                        raise RuntimeError(
+                            "admin_email/admin_password: the database has no user yet; set "
+                            "VISIONYARD_API_ADMIN_EMAIL and VISIONYARD_API_ADMIN_PASSWORD to create the first admin"
+                        )
+                    email, password = EMBEDDED_ADMIN_EMAIL, secrets.token_urlsafe(12)
+                    login_file.parent.mkdir(parents=True, exist_ok=True)
+                    with open(login_file, "w", encoding="utf-8",
+                              opener=lambda name, flags: os.open(name, flags, 0o600)) as out:
+                        json.dump({"email": email, "password": password}, out)
                 admin = User(email=email.strip().lower(), password_hash=passwords.hash_password(password),
                              full_name="Administrator", system_role="admin", is_active=True, token_version=1)
                 session.add(admin)

@@ -115,18 +115,42 @@ def _shift_augment(batch: torch.Tensor, generator: torch.Generator) -> torch.Ten
     return padded[..., dy : dy + batch.shape[-2], dx : dx + batch.shape[-1]]
 
 
-def _evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int) -> tuple[float, float]:
+def _evaluate(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int, num_classes: int
+) -> tuple[float, float, list[list[int]]]:
+    """Validation loss, accuracy and the confusion matrix (rows: true class, columns: predicted)."""
     model.eval()
     criterion = nn.CrossEntropyLoss(reduction="sum")
     total_loss, correct = 0.0, 0
+    confusion = torch.zeros((num_classes, num_classes), dtype=torch.long)
     with torch.no_grad():
         for start in range(0, len(labels), batch_size):
             logits = model(images[start : start + batch_size])
             target = labels[start : start + batch_size]
             total_loss += float(criterion(logits, target))
-            correct += int((logits.argmax(1) == target).sum())
+            predicted = logits.argmax(1)
+            correct += int((predicted == target).sum())
+            confusion += torch.bincount(target * num_classes + predicted, minlength=num_classes**2).view(
+                num_classes, num_classes
+            )
     count = max(len(labels), 1)
-    return total_loss / count, correct / count
+    return total_loss / count, correct / count, confusion.tolist()
+
+
+def validation_result(epoch: int, class_names: list[str], confusion: list[list[int]]) -> dict[str, Any]:
+    """One epoch's per-class precision/recall/F1 and confusion matrix, as the platform's validation views read them."""
+    per_class = []
+    for index, name in enumerate(class_names):
+        true_positive = confusion[index][index]
+        predicted = sum(row[index] for row in confusion)
+        support = sum(confusion[index])
+        precision = true_positive / predicted if predicted else 0.0
+        recall = true_positive / support if support else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_class.append({"class_name": name, "precision": precision, "recall": recall, "f1_score": f1,
+                          "support": support})
+    return {"epoch": epoch, "task_type": "image_classification", "class_names": class_names,
+            "confusion_matrix": confusion, "per_class_metrics": per_class}
 
 
 def _save(path: Path, state: dict[str, Any]) -> None:
@@ -272,7 +296,10 @@ def train(job: TrainerJob, reporter: Reporter, stop: StopRequested) -> int:
             correct += int((logits.argmax(1) == target).sum())
             if stop.requested:
                 return save_last_and_stop()
-        val_loss, val_accuracy = _evaluate(model, val_x, val_y, max(params.batch_size, 256))
+        val_loss, val_accuracy, confusion = _evaluate(model, val_x, val_y, max(params.batch_size, 256), num_classes)
+        names = list(dataset.class_names) + [f"class_{index}" for index in range(len(dataset.class_names), num_classes)]
+        reporter.log(f"epoch {epoch}: validation accuracy {val_accuracy:.4f}", event_type="validation_result",
+                     data=validation_result(epoch, names, confusion))
         last_metrics = {
             "loss": val_loss,
             "accuracy": val_accuracy,
