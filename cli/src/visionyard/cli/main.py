@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import signal
 import sys
@@ -73,6 +74,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _admin_login(data_dir: Path) -> tuple[str, str] | None:
+    """The first admin's generated login, which the API writes in embedded mode (None when it was configured)."""
+    path = data_dir / "auth" / "admin-login.json"
+    try:
+        login = json.loads(path.read_text(encoding="utf-8"))
+        return str(login["email"]), str(login["password"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
@@ -111,6 +122,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         else:
             print(f"  MLflow UI:    MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false {' '.join(stack.mlflow_ui_command)}")
         print(f"  logs:         {stack.logs_dir}")
+        login = _admin_login(stack.data_dir)
+        if login:
+            print(f"  admin login:  {login[0]} / {login[1]} (generated on first start; change it under /auth/me)")
         print("Press Ctrl-C to stop.", flush=True)
         while True:
             dead = stack.dead_services()
