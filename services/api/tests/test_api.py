@@ -76,10 +76,13 @@ async def test_create_list_get_start_publishes_the_command_and_the_queued_event(
     job = created.json()
     assert job["status"] == "pending" and job["task_type"] == "image_classification"
     assert (job["num_classes"], job["dataset_snapshot_id"]) == (10, "hash-1")
-    assert (job["primary_metric"], job["primary_metric_mode"], job["project_id"]) == ("accuracy", "max", "default")
-    assert job["experiment_name"] == "visionyard-default"
+    # Integer ids on the wire; without a project_id the job lands in the caller's own default project.
+    assert isinstance(job["id"], int) and isinstance(job["project_id"], int)
+    assert (job["primary_metric"], job["primary_metric_mode"]) == ("accuracy", "max")
+    assert job["project_name"] == "Uncategorized"
+    assert job["experiment_name"] == f"visionyard-{job['project_id']}"
 
-    listed = (await client.get(JOBS, params={"project_id": "default"})).json()
+    listed = (await client.get(JOBS, params={"project_id": job["project_id"]})).json()
     assert listed["total"] == 1 and listed["jobs"][0]["id"] == job["id"]
     assert (await client.get(f"{JOBS}/{job['id']}")).json()["id"] == job["id"]
 
@@ -91,17 +94,22 @@ async def test_create_list_get_start_publishes_the_command_and_the_queued_event(
 
     commands = await until(command_landed)
     command = StartTraining.model_validate_json(commands[0][1])
-    assert (command.job_id, command.attempt, command.dataset.content_hash) == (job["id"], 1, "hash-1")
+    assert (command.job_id, command.attempt, command.dataset.content_hash) == (str(job["id"]), 1, "hash-1")
     assert command.config.task_type == "image_classification" and command.config.epochs == 2
 
     async def queued_landed() -> list[tuple[str, bytes]]:
-        return await _stream_messages(bus, "EVENTS", subjects.job_event(job["id"], "queued"))
+        return await _stream_messages(bus, "EVENTS", subjects.job_event(str(job["id"]), "queued"))
 
     assert await until(queued_landed)
 
+    # The original frontend calls start on a job already queued (after restart): it answers the job as is,
+    # and queues nothing more.
     again = await client.post(f"{JOBS}/{job['id']}/start")
-    assert again.status_code == 409
-    assert again.json()["detail"] == f"cannot start job {job['id']}: status is queued"
+    assert again.status_code == 200, again.text
+    assert (again.json()["status"], again.json()["attempt"]) == ("queued", 1)
+    relay = client.app.state.relay  # type: ignore[attr-defined]
+    assert relay.count_backlog() == 0  # nothing was added to the outbox by the second start
+    assert len(await _stream_messages(bus, "COMMANDS", subjects.CMD_TRAIN)) == 1
 
 
 @pytest.mark.parametrize(
@@ -144,7 +152,7 @@ async def test_cancelling_a_queued_job_records_the_cancel_in_kv(client: httpx.As
 
     async def entry() -> Any:
         try:
-            return await kv.get(job_id)
+            return await kv.get(str(job_id))  # the KV key is the internal id: the decimal string
         except Exception:
             return None
 
@@ -161,16 +169,17 @@ async def test_projector_applies_a_run_with_duplicates_and_completes_only_when_s
     dataset_id = await _ready_dataset(client, bus)
     job_id = (await client.post(JOBS, json=_job_body(dataset_id))).json()["id"]
     await client.post(f"{JOBS}/{job_id}/start")
-    progress = ProgressReported(job_id=job_id, attempt=1, seq=2, epoch=1, total_epochs=2,
+    internal_id = str(job_id)  # events carry the internal id, the REST paths the integer
+    progress = ProgressReported(job_id=internal_id, attempt=1, seq=2, epoch=1, total_epochs=2,
                                 metrics={"loss": 0.7, "accuracy": 0.6, "train_loss": 0.8})
     run = [
-        JobStarted(job_id=job_id, attempt=1, seq=1, runner_id="r1"),
+        JobStarted(job_id=internal_id, attempt=1, seq=1, runner_id="r1"),
         progress,
-        LogEmitted(job_id=job_id, attempt=1, seq=3, message="hello", event_type="stdout"),
-        ProgressReported(job_id=job_id, attempt=1, seq=4, epoch=2, total_epochs=2, metrics={"loss": 0.3, "accuracy": 0.95}),
-        CheckpointStaged(job_id=job_id, attempt=1, seq=5, checkpoint_kind="best", object_name="ckpt/x/1/5-best.pt",
+        LogEmitted(job_id=internal_id, attempt=1, seq=3, message="hello", event_type="stdout"),
+        ProgressReported(job_id=internal_id, attempt=1, seq=4, epoch=2, total_epochs=2, metrics={"loss": 0.3, "accuracy": 0.95}),
+        CheckpointStaged(job_id=internal_id, attempt=1, seq=5, checkpoint_kind="best", object_name="ckpt/x/1/5-best.pt",
                          sha256="b" * 64, size_bytes=12, epoch=2),
-        JobCompleted(job_id=job_id, attempt=1, seq=6, total_epochs_completed=2, final_metrics={"accuracy": 0.95},
+        JobCompleted(job_id=internal_id, attempt=1, seq=6, total_epochs_completed=2, final_metrics={"accuracy": 0.95},
                      best_metrics={"accuracy": 0.95}, best_epoch=2, declared_checkpoints=["best"]),
     ]
     for event in run:
@@ -185,7 +194,7 @@ async def test_projector_applies_a_run_with_duplicates_and_completes_only_when_s
     await until(finished_epochs)
     assert (await client.get(f"{JOBS}/{job_id}")).json()["status"] == "running"  # best not stored yet
 
-    await bus.publish(ArtifactStored(job_id=job_id, attempt=1, seq=5, checkpoint_kind="best",
+    await bus.publish(ArtifactStored(job_id=internal_id, attempt=1, seq=5, checkpoint_kind="best",
                                      uri="file:///store/best.pt", sha256="b" * 64, size_bytes=12, epoch=2))
 
     async def completed() -> dict[str, Any] | None:
@@ -200,7 +209,7 @@ async def test_projector_applies_a_run_with_duplicates_and_completes_only_when_s
     status = (await client.get(f"{JOBS}/{job_id}/status")).json()
     assert len(status["latest_metrics"]) == 2
     logs = (await client.get(f"{JOBS}/{job_id}/logs", params={"log_type": "stdout"})).json()
-    assert [entry["message"] for entry in logs["logs"]] == ["hello"]
+    assert [(entry["log_type"], entry["content"], entry["message"]) for entry in logs] == [("stdout", "hello", "hello")]
     checkpoints = (await client.get(f"{JOBS}/{job_id}/checkpoints")).json()["checkpoints"]
     assert checkpoints == [{"kind": "best", "uri": "file:///store/best.pt", "sha256": "b" * 64, "size_bytes": 12, "epoch": 2}]
     schema = (await client.get(f"{JOBS}/{job_id}/metric-schema")).json()
@@ -243,7 +252,7 @@ async def test_callback_ingress_becomes_events_the_projector_applies(client: htt
     assert job["final_accuracy"] == 0.8
     metrics = (await client.get(f"{JOBS}/{job_id}/metrics")).json()
     assert metrics[0]["accuracy"] == 0.7 and metrics[0]["extra_metrics"] == {"f1": 0.6}
-    logs = (await client.get(f"{JOBS}/{job_id}/logs", params={"log_type": "note"})).json()["logs"]
+    logs = (await client.get(f"{JOBS}/{job_id}/logs", params={"log_type": "note"})).json()
     assert [(entry["message"], entry["level"]) for entry in logs] == [("hi", "INFO")]
 
 
@@ -327,7 +336,8 @@ async def test_models_schema_health_and_tracker_outage(client: httpx.AsyncClient
 
 
 async def test_api_keys_are_required_when_configured(bus: Bus, settings: ApiSettings) -> None:
-    locked = settings.model_copy(update={"api_keys": ["s3cret"]})
+    # Embedded mode lets calls without credentials act as the admin unless anonymous_as_admin is off.
+    locked = settings.model_copy(update={"api_keys": ["s3cret"], "anonymous_as_admin": False})
     app = create_app(locked, bus=bus)
     async with app.router.lifespan_context(app):
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api") as http:

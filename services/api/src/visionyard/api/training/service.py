@@ -292,11 +292,12 @@ class TrainingService:
 
     async def mlflow_metrics(self, job: schemas.TrainingJobResponse) -> dict[str, Any]:
         """The tracker's metric history, plus what only the API knows."""
-        return {**await self._tracker.metrics(job.id), **_metric_context(job)}
+        # The tracker and MLflow know the job by its internal id: the decimal string.
+        return {**await self._tracker.metrics(str(job.id)), **_metric_context(job)}
 
     async def mlflow_summary(self, job: schemas.TrainingJobResponse) -> dict[str, Any]:
         """The tracker's run summary, plus what only the API knows."""
-        return {**await self._tracker.summary(job.id), **_metric_context(job)}
+        return {**await self._tracker.summary(str(job.id)), **_metric_context(job)}
 
     # -- HTTP callback ingress -------------------------------------------------------------------
 
