@@ -9,6 +9,7 @@ from pathlib import Path, PurePosixPath
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
+from pydantic import ValidationError
 from fastapi.responses import FileResponse, RedirectResponse, Response
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
@@ -157,6 +158,56 @@ async def image_content(
             background=BackgroundTask(image.path.unlink, missing_ok=True),
         )
     return Response(content=image.data or b"", media_type=image.content_type, headers=headers)
+
+
+@router.post(
+    "/upload",
+    status_code=202,
+    response_model=schemas.UploadAccepted,
+    openapi_extra={
+        "requestBody": {
+            "content": {
+                "multipart/form-data": {
+                    "schema": {"type": "object", "required": ["file"], "properties": {
+                        "file": {"type": "string", "format": "binary"}, "name": {"type": "string"},
+                        "description": {"type": "string"}, "visibility": {"type": "string"},
+                        "project_id": {"type": "integer"},
+                    }}
+                }
+            }
+        }
+    },
+)
+async def upload_new_dataset(request: Request, service: Service, principal: CurrentPrincipal) -> Any:
+    """Create a dataset from one zip (multipart `file`; optional `name`, `description`, `visibility`, `project_id`)."""
+    settings: ApiSettings = request.app.state.settings
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type != "multipart/form-data":
+        raise InvalidInput("file", "send multipart/form-data with the zip in field 'file'")
+    spool_dir = settings.data_dir / "uploads"
+    spool_dir.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(prefix="upload-", suffix=".zip", dir=spool_dir)
+    os.close(handle)
+    target = Path(name)
+    try:
+        fields: dict[str, str] = {}
+        filename = await _receive_multipart(request, target, limit=settings.upload_max_bytes, fields=fields)
+        project = fields.get("project_id") or None
+        try:
+            body = schemas.CreateDatasetRequest(
+                name=(fields.get("name") or fields.get("dataset_name") or PurePosixPath(filename).stem or "dataset")[:256],
+                description=fields.get("description") or None, visibility=fields.get("visibility") or "private",
+                project_id=int(project) if project and project.isdigit() else None,
+            )
+        except ValidationError as error:
+            problem = error.errors()[0]
+            raise InvalidInput(".".join(str(part) for part in problem["loc"]) or "body", problem["msg"]) from None
+        if project and not project.isdigit():
+            raise InvalidInput("project_id", "must be a project's integer id")
+        created = await run_in_threadpool(service.create_dataset, body, principal=principal)
+        return await service.ingest_upload(created.dataset_id, path=target, filename=filename)
+    finally:
+        target.unlink(missing_ok=True)
 
 
 @router.post(
@@ -326,9 +377,11 @@ def _size_limited(request: Request, *, limit: int, field: str) -> Request:
     return Request(request.scope, counting_receive)
 
 
-async def _receive_multipart(request: Request, target: Path, *, limit: int) -> str:
+async def _receive_multipart(request: Request, target: Path, *, limit: int, fields: dict[str, str] | None = None) -> str:
     counted = _size_limited(request, limit=limit, field="file")
     async with counted.form(max_files=1, max_fields=20) as form:
+        if fields is not None:
+            fields.update({key: value for key, value in form.items() if isinstance(value, str)})
         upload = form.get("file")
         if not isinstance(upload, UploadFile):
             raise InvalidInput("file", "missing multipart file field 'file'")
