@@ -99,6 +99,11 @@ class ResultRow(BaseModel):
     inference_time_ms: float | None
     true_label: str | None = None
     error: str | None = None
+    # What the original test-inference panel also reads: the job's task, and the predictions in one list
+    # (the top-k labels for classification, the boxes for detection) with their count.
+    task_type: str | None = None
+    predictions: list[Any] = Field(default_factory=list)
+    num_detections: int | None = None
 
 
 class ResultsResponse(BaseModel):

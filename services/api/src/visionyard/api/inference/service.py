@@ -186,8 +186,17 @@ class InferenceService:
             return schemas.ResultsResponse(
                 inference_job_id=inference.id, training_job_id=inference.training_job_id, total_count=total,
                 skip=skip, limit=limit, avg_inference_time_ms=inference.avg_inference_time_ms,
-                results=[schemas.ResultRow.model_validate(row) for row in rows],
+                results=[_result_row(row, inference.task_type) for row in rows],
             )
+
+
+def _result_row(row: InferenceResult, task_type: str) -> schemas.ResultRow:
+    result = schemas.ResultRow.model_validate(row)
+    boxes = result.predicted_boxes
+    return result.model_copy(update={
+        "task_type": task_type, "predictions": list(boxes) if boxes is not None else list(result.top5_predictions),
+        "num_detections": len(boxes) if boxes is not None else None,
+    })
 
 
 def _uploads_under(session: Session, prefix: str) -> list[str]:
