@@ -10,13 +10,10 @@ from typing import Any
 
 import pytest
 import uvicorn
-from websockets.asyncio.client import ClientConnection, connect
-
 from visionyard.api.config import ApiSettings
 from visionyard.api.live import JobFeed, JobView, translate
 from visionyard.api.main import create_app
 from visionyard.shared.bus import Bus
-from visionyard.shared.natsserver import free_port
 from visionyard.shared.events import (
     ArtifactStored,
     JobCompleted,
@@ -26,6 +23,10 @@ from visionyard.shared.events import (
     LogEmitted,
     ProgressReported,
 )
+from visionyard.shared.natsserver import free_port
+from websockets.asyncio.client import ClientConnection, connect
+
+from .conftest import until
 
 
 def _run(job_id: str = "j1", attempt: int = 1) -> list:
@@ -205,3 +206,37 @@ async def test_a_bad_batch_ms_gets_an_error_naming_the_field_and_subscribes_noth
         assert subscribed["type"] == "subscribed" and "batch_ms" not in subscribed
         singles = [await _next(socket) for _ in catch_up]
         assert singles == catch_up  # one message per frame again, the same messages
+
+
+@pytest.mark.integration
+async def test_a_terminal_message_waits_for_the_projection_gate(bus: Bus) -> None:
+    """`training_complete` (and what follows it) is held until the gate says the job's row shows it."""
+    for event in _run("gated"):
+        await bus.publish(event)
+    received: list[dict] = []
+    gate_called = asyncio.Event()
+    projected = asyncio.Event()
+
+    async def collect(message: dict) -> None:
+        received.append(message)
+
+    async def gate(job_id: str) -> None:
+        assert job_id == "gated"
+        gate_called.set()
+        await projected.wait()
+
+    feed = JobFeed(bus=bus, job_id="gated", last_seq=None, send=collect, gate=gate)
+    await feed.start()
+    try:
+        await asyncio.wait_for(gate_called.wait(), timeout=20)
+        assert "training_progress" in [m["type"] for m in received]
+        assert not any(m["type"] in ("training_complete",) or m.get("new_status") == "completed" for m in received)
+        projected.set()
+        await until(lambda: _has(received, "training_complete"))
+        assert [m["job_id"] for m in received if m["type"] == "training_complete"] == ["gated"]
+    finally:
+        await feed.stop()
+
+
+async def _has(received: list[dict], kind: str) -> bool:
+    return any(message["type"] == kind for message in received)
