@@ -148,10 +148,10 @@ async def test_folder_upload_is_ingested_then_split_snapshotted_browsed_and_dele
     # The job trains on the version it pinned, with that version's split (not the new upload's).
     assert command.dataset.content_hash == version and command.dataset.split == partial["splits"]
     refused = await client.delete(f"{DATASETS}/{dataset_id}")
-    assert refused.status_code == 409 and job["id"] in refused.json()["detail"]
+    assert refused.status_code == 409 and str(job["id"]) in refused.json()["detail"]
     await client.post(f"/api/v1/training/jobs/{job['id']}/cancel")
     deleted = (await client.delete(f"{DATASETS}/{dataset_id}")).json()
-    assert deleted["status"] == "deleted" and deleted["kept_versions"] == [version]
+    assert deleted["status"] == "success" and deleted["kept_versions"] == [version]  # what the frontend requires
     assert "finished jobs trained on them" in deleted["message"]
     assert (await client.get(f"{DATASETS}/{dataset_id}")).status_code == 404
 
