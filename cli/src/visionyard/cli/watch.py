@@ -113,10 +113,12 @@ def terminal_status(message: dict[str, Any]) -> str | None:
 
 
 def connect_url(ws_url: str, job_id: str, last_seq: int | None) -> str:
-    """The WebSocket URL for `job_id`, resuming after `last_seq` when given."""
-    params: dict[str, Any] = {"job_id": job_id}
-    if last_seq is not None:
-        params["last_seq"] = last_seq
+    """The WebSocket URL for `job_id`: its whole history first (`last_seq=0`), or what came after `last_seq`.
+
+    The server sends live messages only to a client that gives no `last_seq`; `watch` wants the history too
+    (a job may have finished before it connected).
+    """
+    params: dict[str, Any] = {"job_id": job_id, "last_seq": 0 if last_seq is None else last_seq}
     return f"{ws_url}?{urlencode(params)}"
 
 
