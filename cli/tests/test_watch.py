@@ -95,7 +95,7 @@ async def test_reconnects_with_last_seq_and_prints_every_epoch_exactly_once(
     assert outcome.status == "completed" and outcome.succeeded
     assert outcome.reconnects == 1
     assert len(fake.connections) == 2
-    assert "last_seq" not in fake.connections[0]["query"]
+    assert fake.connections[0]["query"]["last_seq"] == "0"  # the whole history first
     assert fake.connections[1]["query"] == {"job_id": JOB, "last_seq": str(fake.drop_after_seq)}
     assert fake.connections[1]["subscribe"] == {"type": "subscribe", "job_id": JOB, "last_seq": fake.drop_after_seq}
     text = out.getvalue()
