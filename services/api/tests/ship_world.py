@@ -45,8 +45,8 @@ async def install_shipping_manifest(bus: Bus) -> None:
     await kv.put(SHIPPING_CLASSIFIER.name, SHIPPING_CLASSIFIER.model_dump_json().encode())
 
 
-async def training_job(client: httpx.AsyncClient, bus: Bus, *, start: bool = True) -> str:
-    """A training job on a ready dataset: `queued` (start) or `pending`."""
+async def training_job(client: httpx.AsyncClient, bus: Bus, *, start: bool = True) -> int:
+    """A training job on a ready dataset: `queued` (start) or `pending`; its integer id (the wire's)."""
     created = await client.post("/api/v1/datasets", json={"name": "digits", "visibility": "private"})
     assert created.status_code == 201, created.text
     dataset_id = created.json()["dataset_id"]
@@ -63,23 +63,24 @@ async def training_job(client: httpx.AsyncClient, bus: Bus, *, start: bool = Tru
                        "dataset_id": dataset_id, "epochs": 1}}
     job = await client.post(JOBS, json=body)
     assert job.status_code == 201, job.text
-    job_id: str = job.json()["id"]
+    job_id: int = job.json()["id"]
     if start:
         assert (await client.post(f"{JOBS}/{job_id}/start")).status_code == 200
     return job_id
 
 
-async def completed_training_job(client: httpx.AsyncClient, bus: Bus) -> tuple[str, str]:
+async def completed_training_job(client: httpx.AsyncClient, bus: Bus) -> tuple[int, str]:
     """A training job the projector shows `completed` with a stored `best` checkpoint: (id, checkpoint uri)."""
     job_id = await training_job(client, bus)
+    internal_id = str(job_id)  # events carry the internal id: the integer's decimal string
     uri = f"file:///store/checkpoints/{job_id}/best.pt"
     for event in (
-        JobStarted(job_id=job_id, attempt=1, seq=1, runner_id="r1"),
-        CheckpointStaged(job_id=job_id, attempt=1, seq=2, checkpoint_kind="best", object_name=f"ckpt/{job_id}/best.pt",
+        JobStarted(job_id=internal_id, attempt=1, seq=1, runner_id="r1"),
+        CheckpointStaged(job_id=internal_id, attempt=1, seq=2, checkpoint_kind="best", object_name=f"ckpt/{job_id}/best.pt",
                          sha256="b" * 64, size_bytes=12, epoch=1),
-        JobCompleted(job_id=job_id, attempt=1, seq=3, total_epochs_completed=1, final_metrics={"accuracy": 0.9},
+        JobCompleted(job_id=internal_id, attempt=1, seq=3, total_epochs_completed=1, final_metrics={"accuracy": 0.9},
                      declared_checkpoints=["best"]),
-        ArtifactStored(job_id=job_id, attempt=1, seq=2, checkpoint_kind="best", uri=uri, sha256="b" * 64,
+        ArtifactStored(job_id=internal_id, attempt=1, seq=2, checkpoint_kind="best", uri=uri, sha256="b" * 64,
                        size_bytes=12, epoch=1),
     ):
         await bus.publish(event)
@@ -123,11 +124,11 @@ async def stream_messages(bus: Bus, stream: str, subject_prefix: str) -> list[tu
     return found
 
 
-async def kv_cancel_entry(bus: Bus, key: str) -> dict[str, Any] | None:
-    """The `job_cancellations` entry for `key`, if any."""
+async def kv_cancel_entry(bus: Bus, key: int | str) -> dict[str, Any] | None:
+    """The `job_cancellations` entry for job `key` (keyed by the internal id, the decimal string), if any."""
     kv = await bus.kv(streams.KV_CANCELLATIONS)
     try:
-        entry = await kv.get(key)
+        entry = await kv.get(str(key))
     except Exception:
         return None
     return json.loads(entry.value) if entry.value else None

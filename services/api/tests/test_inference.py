@@ -38,7 +38,7 @@ from .ship_world import (
 pytestmark = pytest.mark.integration
 
 
-async def _upload(client: httpx.AsyncClient, names: list[str], training_job_id: str | None = None) -> dict[str, Any]:
+async def _upload(client: httpx.AsyncClient, names: list[str], training_job_id: int | None = None) -> dict[str, Any]:
     files = [("files", (name, PNG, "image/png")) for name in names]
     params = {"training_job_id": training_job_id} if training_job_id else {}
     uploaded = await client.post(f"{INFERENCE}/upload-images", files=files, params=params)
@@ -46,7 +46,7 @@ async def _upload(client: httpx.AsyncClient, names: list[str], training_job_id: 
     return dict(uploaded.json())
 
 
-async def _create(client: httpx.AsyncClient, training_job_id: str, uris: list[str], **body: Any) -> dict[str, Any]:
+async def _create(client: httpx.AsyncClient, training_job_id: int, uris: list[str], **body: Any) -> dict[str, Any]:
     created = await client.post(f"{INFERENCE}/jobs", json={
         "training_job_id": training_job_id, "inference_type": "batch", "input_data": {"image_paths_s3": uris}, **body,
     })
@@ -54,7 +54,7 @@ async def _create(client: httpx.AsyncClient, training_job_id: str, uris: list[st
     return dict(created.json())
 
 
-async def _status(client: httpx.AsyncClient, inference_id: str, wanted: str) -> dict[str, Any]:
+async def _status(client: httpx.AsyncClient, inference_id: int, wanted: str) -> dict[str, Any]:
     async def reached() -> dict[str, Any] | None:
         body = (await client.get(f"{INFERENCE}/jobs/detail/{inference_id}")).json()
         return body if body["status"] == wanted else None
@@ -68,9 +68,14 @@ def _rows(count: int) -> list[dict[str, Any]]:
              "predicted_boxes": None, "inference_time_ms": 2.0} for index in range(count)]
 
 
-async def _complete(bus: Bus, tmp_path: Path, *, inference_id: str, training_job_id: str, rows: int) -> None:
+def _stamp(inference_id: int, training_job_id: int) -> dict[str, Any]:
+    """The fields every inference event carries: the internal ids (the integers' decimal strings)."""
+    return {"job_id": str(inference_id), "attempt": 1, "training_job_id": str(training_job_id)}
+
+
+async def _complete(bus: Bus, tmp_path: Path, *, inference_id: int, training_job_id: int, rows: int) -> None:
     name, sha256 = await stage_results(bus, tmp_path, _rows(rows), name=f"results/{inference_id}/1/results.json")
-    stamp = {"job_id": inference_id, "attempt": 1, "training_job_id": training_job_id}
+    stamp = _stamp(inference_id, training_job_id)
     await bus.publish(InferenceStarted(**stamp, seq=1, runner_id="r1"))
     await bus.publish(InferenceCompleted(**stamp, seq=3, results={"model_name": "simple_cnn"}, results_object=name,
                                          results_sha256=sha256))
@@ -85,7 +90,9 @@ async def test_upload_keeps_images_and_refuses_a_non_image_naming_it(client: htt
     assert refused.json()["detail"].startswith("files: notes.txt is not an image")
     assert kept == [] and count_rows(client, InferenceUpload) == 0
     assert (await client.post(f"{INFERENCE}/upload-images", files=[("files", ("a.png", PNG))],
-                              params={"training_job_id": "nope"})).status_code == 404
+                              params={"training_job_id": 999999})).status_code == 404
+    assert (await client.post(f"{INFERENCE}/upload-images", files=[("files", ("a.png", PNG))],
+                              params={"training_job_id": "nope"})).status_code == 422
 
     uploaded = await _upload(client, ["seven.png", "eight.png"])
     assert uploaded["total_files"] == 2 and [f["original_filename"] for f in uploaded["uploaded_files"]] == [
@@ -103,7 +110,8 @@ async def test_invalid_inference_is_refused_naming_the_field_and_leaves_no_row(
     uris = [f["s3_uri"] for f in (await _upload(client, ["a.png", "b.png"]))["uploaded_files"]]
     queued = await training_job(client, bus)
     cases: list[tuple[dict[str, Any], int, str]] = [
-        ({"training_job_id": "nope", "input_data": {"image_paths_s3": uris}}, 404, "training_job_id"),
+        ({"training_job_id": 999999, "input_data": {"image_paths_s3": uris}}, 404, "training_job_id"),
+        ({"training_job_id": "nope", "input_data": {"image_paths_s3": uris}}, 422, "training_job_id"),
         ({"training_job_id": queued, "input_data": {"image_paths_s3": uris}}, 409, "training_job_id"),
         ({"training_job_id": training_job_id, "checkpoint_path": "file:///x.pt", "input_data": {"image_paths_s3": uris}},
          404, "checkpoint_path"),
@@ -132,7 +140,7 @@ async def test_invalid_inference_is_refused_naming_the_field_and_leaves_no_row(
         return await stream_messages(bus, "COMMANDS", subjects.CMD_INFER)
 
     sent = StartInference.model_validate_json((await until(command))[0][1])
-    assert (sent.job_id, sent.image_uris, sent.top_k, sent.checkpoint.kind) == (created["id"], uris, 3, "best")
+    assert (sent.job_id, sent.image_uris, sent.top_k, sent.checkpoint.kind) == (str(created["id"]), uris, 3, "best")
 
 
 async def test_completed_results_are_paginated_and_summarised(
@@ -155,11 +163,11 @@ async def test_completed_results_are_paginated_and_summarised(
     tail = (await client.get(f"{INFERENCE}/jobs/{first}/results", params={"skip": 4, "limit": 10})).json()
     assert [row["image_name"] for row in tail["results"]] == ["img-4.png"]
     assert (await client.get(f"{INFERENCE}/jobs/{first}/results", params={"limit": 0})).status_code == 422
-    assert (await client.get(f"{INFERENCE}/jobs/missing/results")).status_code == 404
+    assert (await client.get(f"{INFERENCE}/jobs/999999/results")).status_code == 404
 
     await _complete(bus, tmp_path, inference_id=second, training_job_id=training_job_id, rows=3)
     await _status(client, second, "completed")
-    stamp = {"job_id": broken, "attempt": 1, "training_job_id": training_job_id}
+    stamp = _stamp(broken, training_job_id)
     await bus.publish(InferenceFailed(**stamp, seq=1, reason=FailureReason.USER_ERROR, error_message="unreadable image"))
     failed = await _status(client, broken, "failed")
     assert failed["error_message"] == "user_error: unreadable image"
@@ -168,7 +176,7 @@ async def test_completed_results_are_paginated_and_summarised(
     assert (summary["total"], summary["completed"], summary["total_images"]) == (3, 2, 8)
     assert summary["avg_inference_time_ms"] == 2.0
     assert {job["id"] for job in summary["jobs"]} == {first, second, broken}
-    assert (await client.get(f"{INFERENCE}/jobs/unknown-training-job")).status_code == 404
+    assert (await client.get(f"{INFERENCE}/jobs/999999")).status_code == 404
 
 
 async def test_cancel_pending_and_running_inference_and_refuse_a_finished_one(
@@ -183,7 +191,7 @@ async def test_cancel_pending_and_running_inference_and_refuse_a_finished_one(
     assert await until(lambda: kv_cancel_entry(bus, pending)) == {"attempt": 1}
 
     running = (await _create(client, training_job_id, uris))["id"]
-    stamp = {"job_id": running, "attempt": 1, "training_job_id": training_job_id}
+    stamp = _stamp(running, training_job_id)
     await bus.publish(InferenceStarted(**stamp, seq=1, runner_id="r1"))
     await _status(client, running, "running")
     assert (await client.post(f"{INFERENCE}/jobs/{running}/cancel")).json()["status"] == "cancelling"
@@ -197,4 +205,4 @@ async def test_cancel_pending_and_running_inference_and_refuse_a_finished_one(
     refused = await client.post(f"{INFERENCE}/jobs/{finished}/cancel")
     assert refused.status_code == 409
     assert refused.json()["detail"] == f"inference_job_id: cannot cancel inference job {finished}: status is completed"
-    assert (await client.post(f"{INFERENCE}/jobs/missing/cancel")).status_code == 404
+    assert (await client.post(f"{INFERENCE}/jobs/999999/cancel")).status_code == 404
