@@ -8,11 +8,13 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
+import httpx
 import pytest
 import uvicorn
 from visionyard.api.config import ApiSettings
 from visionyard.api.live import JobFeed, JobView, translate
 from visionyard.api.main import create_app
+from visionyard.shared import streams, subjects
 from visionyard.shared.bus import Bus
 from visionyard.shared.events import (
     ArtifactStored,
@@ -26,7 +28,8 @@ from visionyard.shared.events import (
 from visionyard.shared.natsserver import free_port
 from websockets.asyncio.client import ClientConnection, connect
 
-from .conftest import until
+from .conftest import CLASSIFIER, until
+from .ship_world import stream_messages, training_job
 
 
 def _run(job_id: str = "j1", attempt: int = 1) -> list:
@@ -120,17 +123,48 @@ def test_a_retry_is_shown_as_retrying_then_running_again() -> None:
 
 
 @pytest.fixture
-async def ws_url(bus: Bus, settings: ApiSettings) -> AsyncIterator[str]:
-    """The WebSocket endpoint of an API served by uvicorn on a free loopback port (as in production)."""
+async def served(bus: Bus, settings: ApiSettings) -> AsyncIterator[str]:
+    """The base URL of an API served by uvicorn on a free loopback port (as in production)."""
+    kv = await bus.kv(streams.KV_CAPABILITIES)
+    await kv.put(CLASSIFIER.name, CLASSIFIER.model_dump_json().encode())
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(settings, bus=bus), host="127.0.0.1", port=port,
                                            log_level="warning", ws_per_message_deflate=False))
     serving = asyncio.create_task(server.serve())
     await _until(lambda: server.started or serving.done())
     assert server.started
-    yield f"ws://127.0.0.1:{port}/api/v1/ws/training"
+    yield f"127.0.0.1:{port}"
     server.should_exit = True
     await serving
+
+
+@pytest.fixture
+def ws_url(served: str) -> str:
+    """The WebSocket endpoint of the served API."""
+    return f"ws://{served}/api/v1/ws/training"
+
+
+async def _job_with_a_run(served: str, bus: Bus) -> int:
+    """A job the caller may watch (its row decides access), started, with a whole run in EVENTS; its integer id.
+
+    The API itself publishes the `queued` event when the job starts; the rest of the run follows it. Returns
+    once the job's row shows `completed`, so terminal messages are not held back for the projection.
+    """
+    async with httpx.AsyncClient(base_url=f"http://{served}") as http:
+        job_id = await training_job(http, bus, start=True)
+
+        async def queued() -> list[tuple[str, bytes]]:
+            return await stream_messages(bus, "EVENTS", subjects.job_event(str(job_id), "queued"))
+
+        await until(queued)
+        for event in _run(str(job_id))[1:]:
+            await bus.publish(event)
+
+        async def completed() -> bool:
+            return (await http.get(f"/api/v1/training/jobs/{job_id}")).json()["status"] == "completed"
+
+        await until(completed)
+    return job_id
 
 
 async def _next(socket: ClientConnection) -> Any:
@@ -154,23 +188,26 @@ async def _watch(url: str) -> tuple[list[Any], list[dict]]:
 
 @pytest.mark.integration
 async def test_batched_websocket_frames_carry_the_per_message_stream_and_resume_after_last_seq(
-    bus: Bus, ws_url: str
+    bus: Bus, served: str, ws_url: str
 ) -> None:
-    for event in _run("wsbatch"):
-        await bus.publish(event)
-    single_frames, single = await _watch(f"{ws_url}?job_id=wsbatch")
-    frames, batched = await _watch(f"{ws_url}?job_id=wsbatch&batch_ms=20")
+    job_id = await _job_with_a_run(served, bus)
+    # last_seq=0: the whole history, then live (without last_seq a socket gets live messages only).
+    single_frames, single = await _watch(f"{ws_url}?job_id={job_id}&last_seq=0")
+    frames, batched = await _watch(f"{ws_url}?job_id={job_id}&batch_ms=20&last_seq=0")
     assert all(isinstance(frame, dict) for frame in single_frames)  # the default contract is unchanged
     assert [f["type"] for f in frames[:2]] == ["connected", "subscribed"] and frames[1]["batch_ms"] == 20
     assert all(isinstance(frame, list) and frame for frame in frames[2:])
     assert batched == single
+    assert {m["job_id"] for m in single} == {job_id}  # the integer id in every message
+    assert [m["new_status"] for m in single if m["type"] == "training_status_change"] == [
+        "queued", "running", "completed"]
     cut = next(m["seq"] for m in single if m["type"] == "training_progress")
-    _, resumed = await _watch(f"{ws_url}?job_id=wsbatch&batch_ms=20&last_seq={cut}")
+    _, resumed = await _watch(f"{ws_url}?job_id={job_id}&batch_ms=20&last_seq={cut}")
     assert resumed == [m for m in single if m["seq"] > cut]
     # The same through a subscribe message on an open connection.
     async with connect(ws_url) as socket:
         assert (await _next(socket))["type"] == "connected"
-        await socket.send(json.dumps({"type": "subscribe", "job_id": "wsbatch", "last_seq": cut, "batch_ms": 5}))
+        await socket.send(json.dumps({"type": "subscribe", "job_id": job_id, "last_seq": cut, "batch_ms": 5}))
         subscribed = await _next(socket)
         assert subscribed["type"] == "subscribed" and subscribed["batch_ms"] == 5
         got: list[dict] = []
@@ -179,29 +216,42 @@ async def test_batched_websocket_frames_carry_the_per_message_stream_and_resume_
             assert isinstance(frame, list)
             got.extend(frame)
         assert got == resumed
+    # Without last_seq: live messages only. The subscription starts after the whole finished run.
+    async with connect(f"{ws_url}?job_id={job_id}") as socket:
+        assert (await _next(socket))["type"] == "connected"
+        subscribed = await _next(socket)
+        assert subscribed["type"] == "subscribed" and subscribed["job_id"] == job_id
+        assert subscribed["last_seq"] >= single[-1]["seq"]
+        await socket.send(json.dumps({"type": "ping"}))
+        assert (await _next(socket))["type"] == "pong"
 
 
 @pytest.mark.integration
-async def test_a_bad_batch_ms_gets_an_error_naming_the_field_and_subscribes_nothing(bus: Bus, ws_url: str) -> None:
-    for event in _run("wsbad"):
-        await bus.publish(event)
-    async with connect(f"{ws_url}?job_id=wsbad&batch_ms=fast") as socket:
+async def test_a_bad_batch_ms_gets_an_error_naming_the_field_and_subscribes_nothing(
+    bus: Bus, served: str, ws_url: str
+) -> None:
+    job_id = await _job_with_a_run(served, bus)
+    async with connect(f"{ws_url}?job_id={job_id}&batch_ms=fast&last_seq=0") as socket:
         assert (await _next(socket))["type"] == "connected"
         error = await _next(socket)
         assert error["type"] == "error" and "batch_ms" in error["message"] and "'fast'" in error["message"]
         for bad in (-1, "soon", 2.5, True):
-            await socket.send(json.dumps({"type": "subscribe", "job_id": "wsbad", "batch_ms": bad}))
+            await socket.send(json.dumps({"type": "subscribe", "job_id": job_id, "last_seq": 0, "batch_ms": bad}))
             error = await _next(socket)
             assert error["type"] == "error" and "batch_ms" in error["message"]
         await socket.send(json.dumps({"type": "ping"}))
         # One writer per connection: had anything been subscribed, its messages would come before the pong.
         assert (await _next(socket))["type"] == "pong"
         # Out of range is clamped, not refused; null asks for one message per frame.
-        await socket.send(json.dumps({"type": "subscribe", "job_id": "wsbad", "batch_ms": 60_000}))
+        await socket.send(json.dumps({"type": "subscribe", "job_id": job_id, "last_seq": 0, "batch_ms": 60_000}))
         assert (await _next(socket))["batch_ms"] == 1000
-        catch_up = await _next(socket)
-        assert isinstance(catch_up, list) and catch_up[-1]["type"] == "training_complete"
-        await socket.send(json.dumps({"type": "subscribe", "job_id": "wsbad", "batch_ms": None}))
+        # The catch-up comes in frames (the terminal message may wait for the projection gate in its own frame).
+        catch_up: list[dict] = []
+        while not catch_up or catch_up[-1]["type"] != "training_complete":
+            frame = await _next(socket)
+            assert isinstance(frame, list) and frame
+            catch_up.extend(frame)
+        await socket.send(json.dumps({"type": "subscribe", "job_id": job_id, "last_seq": 0, "batch_ms": None}))
         subscribed = await _next(socket)
         assert subscribed["type"] == "subscribed" and "batch_ms" not in subscribed
         singles = [await _next(socket) for _ in catch_up]
