@@ -15,7 +15,7 @@ from websockets.asyncio.server import ServerConnection, serve
 
 from visionyard.cli.watch import watch_job
 
-JOB = "job-1"
+JOB = 7  # job ids are integers on the wire
 TOTAL = 5
 
 
@@ -96,7 +96,9 @@ async def test_reconnects_with_last_seq_and_prints_every_epoch_exactly_once(
     assert outcome.reconnects == 1
     assert len(fake.connections) == 2
     assert fake.connections[0]["query"]["last_seq"] == "0"  # the whole history first
-    assert fake.connections[1]["query"] == {"job_id": JOB, "last_seq": str(fake.drop_after_seq)}
+    # The subscribe message asks for the same position (without last_seq it would restart the feed live only).
+    assert fake.connections[0]["subscribe"] == {"type": "subscribe", "job_id": JOB, "last_seq": 0}
+    assert fake.connections[1]["query"] == {"job_id": str(JOB), "last_seq": str(fake.drop_after_seq)}
     assert fake.connections[1]["subscribe"] == {"type": "subscribe", "job_id": JOB, "last_seq": fake.drop_after_seq}
     text = out.getvalue()
     assert printed_epochs(text) == [1, 2, 3, 4, 5]
@@ -121,7 +123,8 @@ async def test_failed_or_cancelled_job_ends_the_watch_unsuccessfully(
     fake.drop_after_seq = 100  # no drop
     out = io.StringIO()
 
-    outcome = await watch_job(url, JOB, out=out, reconnect_delay=0.01)
+    # The id as `visionyard watch` gets it from argv: a string, matching the messages' integer.
+    outcome = await watch_job(url, str(JOB), out=out, reconnect_delay=0.01)
 
     assert outcome.status == expected and not outcome.succeeded
     assert outcome.reconnects == 0

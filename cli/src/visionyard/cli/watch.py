@@ -112,7 +112,7 @@ def terminal_status(message: dict[str, Any]) -> str | None:
     return None
 
 
-def connect_url(ws_url: str, job_id: str, last_seq: int | None) -> str:
+def connect_url(ws_url: str, job_id: str | int, last_seq: int | None) -> str:
     """The WebSocket URL for `job_id`: its whole history first (`last_seq=0`), or what came after `last_seq`.
 
     The server sends live messages only to a client that gives no `last_seq`; `watch` wants the history too
@@ -124,7 +124,7 @@ def connect_url(ws_url: str, job_id: str, last_seq: int | None) -> str:
 
 async def watch_job(
     ws_url: str,
-    job_id: str,
+    job_id: str | int,
     *,
     out: TextIO | None = None,
     reconnect_delay: float = 0.5,
@@ -145,16 +145,20 @@ async def watch_job(
             async with websockets.connect(url, additional_headers=headers, open_timeout=10, max_size=None,
                                           proxy=None) as socket:
                 failures_in_a_row = 0
-                subscribe: dict[str, Any] = {"type": "subscribe", "job_id": job_id}
-                if renderer.last_seq is not None:
-                    subscribe["last_seq"] = renderer.last_seq
+                # The same position as the URL's: a subscribe without last_seq restarts the feed live only,
+                # which would cut off the history the URL's subscription is replaying.
+                subscribe: dict[str, Any] = {"type": "subscribe", "job_id": _wire_id(job_id),
+                                             "last_seq": 0 if renderer.last_seq is None else renderer.last_seq}
                 await socket.send(json.dumps(subscribe))
                 async for raw in socket:
                     try:
                         message = json.loads(raw)
                     except ValueError:
                         continue
-                    if not isinstance(message, dict) or message.get("job_id") not in (None, job_id):
+                    if not isinstance(message, dict):
+                        continue
+                    # Messages carry the integer id; the caller may hold it as a string (from argv).
+                    if message.get("job_id") is not None and str(message["job_id"]) != str(job_id):
                         continue
                     if not renderer.accept(message):
                         continue
@@ -175,6 +179,12 @@ async def watch_job(
         reconnects += 1
         delay = min(reconnect_delay * (2 ** max(failures_in_a_row - 1, 0)), max_reconnect_delay)
         await asyncio.sleep(delay)
+
+
+def _wire_id(job_id: str | int) -> str | int:
+    """The job id as the API's messages carry it: an integer when it is one."""
+    text = str(job_id)
+    return int(text) if text.isdigit() else job_id
 
 
 def _refuse_if_rejected(code: int | None, reason: str | None) -> None:
