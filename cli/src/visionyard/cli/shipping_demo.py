@@ -37,9 +37,10 @@ def wait_until(client: ApiClient, path: str, *, timeout: float = 300.0) -> dict[
         time.sleep(0.5)
 
 
-def export_and_classify(client: ApiClient, job_id: str, *, data_dir: Path, heldout_dir: Path,
+def export_and_classify(client: ApiClient, job_id: str | int, *, data_dir: Path, heldout_dir: Path,
                         say: Callable[[str], None]) -> bool:
     """Export to ONNX, run the package's example on held-out digits, run an inference job; whether all worked."""
+    job_id = int(job_id)  # job ids are integers on the wire
     export = client.request("POST", "/api/v1/export/jobs", json={
         "training_job_id": job_id, "export_format": "onnx", "export_config": {"opset_version": 17},
         "validation_config": {"validate_outputs": True, "tolerance": 1e-4, "num_samples": 16},
@@ -56,7 +57,7 @@ def export_and_classify(client: ApiClient, job_id: str, *, data_dir: Path, heldo
     url = client.request("GET", f"/api/v1/export/{export['id']}/download")["download_url"]
     package = httpx.get(url, timeout=60)
     package.raise_for_status()
-    target = data_dir / "export" / export["id"]
+    target = data_dir / "export" / str(export["id"])
     zipfile.ZipFile(io.BytesIO(package.content)).extractall(target)
     say(f"downloaded and unpacked the package into {target}: {', '.join(sorted(p.name for p in target.iterdir()))}")
     images = heldout_images(heldout_dir)
