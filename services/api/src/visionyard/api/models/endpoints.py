@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 
-from visionyard.api.auth import require_principal
 from visionyard.api.models.service import list_models
 
-router = APIRouter(prefix="/api/v1/models", tags=["models"], dependencies=[Depends(require_principal)])
+# No credential needed: the catalogue is the installed trainers' manifests (no user data), and the
+# original frontend's model selector fetches it without a token (ModelSelector.tsx:67).
+router = APIRouter(prefix="/api/v1/models", tags=["models"])
 
 
 @router.get("/list")
