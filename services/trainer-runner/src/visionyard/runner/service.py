@@ -460,6 +460,12 @@ class RunnerOptions:
     stall_seconds: float = 0.0
     # At most one checkpoint of each kind staged per this many seconds, the newest (cadence.py); 0: all.
     checkpoint_interval_seconds: float = 0.0
+    # Manifest name → the interpreter of its environment (runner/trainers.py); others use trainer_python.
+    interpreters: dict[str, str] = field(default_factory=dict)
+
+    def python_for(self, manifest: TrainerManifest) -> str:
+        """The interpreter that runs `manifest`'s trainer, export and predict modules."""
+        return self.interpreters.get(manifest.name, self.trainer_python)
 
 
 class TrainingAttempts:
@@ -597,7 +603,7 @@ class TrainingAttempts:
         job_file = job_dir / "job.json"
         job_file.write_text(job.model_dump_json(indent=2))
         spec = LaunchSpec(
-            argv=[self.options.trainer_python, "-m", manifest.module],
+            argv=[self.options.python_for(manifest), "-m", str(manifest.module)],
             cwd=job_dir,
             env={**self.options.base_env, "VISIONYARD_JOB_FILE": str(job_file), "PYTHONUNBUFFERED": "1"},
         )

@@ -9,7 +9,6 @@ from starlette.concurrency import run_in_threadpool
 
 from visionyard.api.auth import CurrentPrincipal, authorize_project, require_principal
 from visionyard.api.jobstate import JobStatus
-from visionyard.api.models.service import config_schema
 from visionyard.api.training import schemas
 from visionyard.api.training.service import TrainingService
 
@@ -163,10 +162,3 @@ def completion_callback(job_id: str, body: schemas.CompletionCallback, service: 
 def log_callback(job_id: str, body: schemas.LogCallback, service: Service) -> Any:
     """HTTP log ingress."""
     return service.report_log(job_id, body)
-
-
-@router.get("/config-schema")
-async def get_config_schema(request: Request, framework: str, task_type: str | None = None) -> dict[str, Any]:
-    """The trainer's UI configuration schema."""
-    manifests = await request.app.state.capabilities.manifests()
-    return config_schema(manifests, framework=framework, task_type=task_type)
