@@ -19,9 +19,12 @@ from visionyard.shared.natsserver import NatsServer, free_port
 
 
 def test_production_without_api_keys_refuses_to_start(tmp_path: Path) -> None:
+    nats_url = "nats://api:secret@127.0.0.1:4222"  # production also refuses a NATS URL without credentials
     with pytest.raises(ValidationError, match="VISIONYARD_API_API_KEYS"):
-        ApiSettings(mode="production", data_dir=tmp_path)
-    assert ApiSettings(mode="production", api_keys=["k"], data_dir=tmp_path).api_keys == ["k"]
+        ApiSettings(mode="production", nats_url=nats_url, data_dir=tmp_path)
+    assert ApiSettings(mode="production", nats_url=nats_url, api_keys=["k"], data_dir=tmp_path).api_keys == ["k"]
+    with pytest.raises(ValidationError, match="VISIONYARD_API_NATS_URL"):
+        ApiSettings(mode="production", api_keys=["k"], data_dir=tmp_path)
 
 
 def test_keys_from_env_and_default_database(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
