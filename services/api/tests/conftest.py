@@ -1,9 +1,13 @@
-"""Fixtures of the API tests: settings on a temp dir, a migrated SQLite database, a live app client."""
+"""Fixtures of the API tests: settings on a temp dir, a migrated database, a live app client.
+
+The database is SQLite under the test's tmp dir, or a fresh PostgreSQL schema when
+`VISIONYARD_TEST_DATABASE_URL` is set (CI): then every database test here runs on PostgreSQL.
+"""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +22,8 @@ from visionyard.api.main import create_app
 from visionyard.shared import streams
 from visionyard.shared.bus import Bus
 from visionyard.shared.manifest import ModelInfo, TrainerManifest
+
+from .pgschema import fresh_postgres_schema, fresh_postgres_url, postgres_required
 
 CLASSIFIER = TrainerManifest(
     name="classifier",
@@ -35,17 +41,30 @@ CLASSIFIER = TrainerManifest(
 
 
 @pytest.fixture
-def settings(tmp_path: Path) -> ApiSettings:
-    """Embedded-mode settings with everything under the test's tmp dir."""
-    return ApiSettings(data_dir=tmp_path / "data", outbox_poll_seconds=0.1)
+def settings(tmp_path: Path) -> Iterator[ApiSettings]:
+    """Embedded-mode settings with everything under the test's tmp dir (the database on CI's PostgreSQL)."""
+    if not postgres_required():
+        yield ApiSettings(data_dir=tmp_path / "data", outbox_poll_seconds=0.1)
+        return
+    with fresh_postgres_url() as database_url:
+        yield ApiSettings(data_dir=tmp_path / "data", outbox_poll_seconds=0.1, database_url=database_url)
 
 
-@pytest.fixture
-def session_factory(tmp_path: Path) -> sessionmaker[Session]:
-    """A migrated SQLite database."""
-    engine = make_engine(f"sqlite:///{tmp_path / 'unit.db'}")
-    upgrade_to_head(engine)
-    return make_session_factory(engine)
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgresql)])
+def session_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[sessionmaker[Session]]:
+    """A migrated database of each supported kind, so repository-level tests run on both.
+
+    PostgreSQL: a fresh schema, dropped afterwards; skipped when unreachable unless CI requires it.
+    """
+    if request.param == "sqlite":
+        engine = make_engine(f"sqlite:///{tmp_path / 'unit.db'}")
+        upgrade_to_head(engine)
+        yield make_session_factory(engine)
+        engine.dispose()
+        return
+    with fresh_postgres_schema() as (engine, _schema):
+        upgrade_to_head(engine)
+        yield make_session_factory(engine)
 
 
 async def until(predicate: Callable[[], Awaitable[Any]], *, timeout: float = 20.0) -> Any:

@@ -121,6 +121,7 @@ async def test_create_list_get_start_publishes_the_command_and_the_queued_event(
         ({"framework": "jax"}, "config.framework"),
         ({"model_name": "resnet9000"}, "config.model_name"),
         ({"task_type": "segmentation"}, "config.task_type"),
+        ({"dataset_format": "yolo"}, "config.dataset_format"),
     ],
 )
 async def test_invalid_job_is_refused_naming_the_field_and_leaves_no_row(
@@ -313,9 +314,9 @@ async def test_delete_dataset_refused_while_a_queued_job_uses_it(client: httpx.A
 
 async def test_models_schema_health_and_tracker_outage(client: httpx.AsyncClient, bus: Bus) -> None:
     models = (await client.get("/api/v1/models/list", params={"task_type": "classification"})).json()
-    assert {m["model_name"] for m in models["models"]} == {"simple_cnn", "tiny_resnet"}
+    assert {m["model_name"] for m in models} == {"simple_cnn", "tiny_resnet"}
     schema = (await client.get("/api/v1/training/config-schema", params={"framework": "pytorch"})).json()
-    assert schema["schema"] == {"fields": [{"name": "epochs", "type": "int"}]}
+    assert [(f["name"], f["type"]) for f in schema["fields"]] == [("epochs", "int")]
     assert (await client.get("/health/ready")).status_code == 200
     asyncapi = (await client.get("/asyncapi.json")).json()
     assert asyncapi["channels"]["job_progress"]["address"] == "evt.job.{job_id}.progress"

@@ -18,11 +18,15 @@ from visionyard.shared.natsserver import NatsServer, free_port
 
 
 def test_production_refuses_anonymous_access_and_a_missing_signing_key(tmp_path: Path) -> None:
+    nats_url = "nats://api:secret@127.0.0.1:4222"  # production also refuses a NATS URL without credentials
     with pytest.raises(ValidationError, match="jwt_secret"):
-        ApiSettings(mode="production", data_dir=tmp_path)
+        ApiSettings(mode="production", nats_url=nats_url, data_dir=tmp_path)
     with pytest.raises(ValidationError, match="anonymous_as_admin"):
-        ApiSettings(mode="production", data_dir=tmp_path, jwt_secret="x" * 32, anonymous_as_admin=True)
-    settings = ApiSettings(mode="production", data_dir=tmp_path, jwt_secret="x" * 32)
+        ApiSettings(mode="production", nats_url=nats_url, data_dir=tmp_path, jwt_secret="x" * 32,
+                    anonymous_as_admin=True)
+    with pytest.raises(ValidationError, match="VISIONYARD_API_NATS_URL"):
+        ApiSettings(mode="production", data_dir=tmp_path, jwt_secret="x" * 32)
+    settings = ApiSettings(mode="production", nats_url=nats_url, data_dir=tmp_path, jwt_secret="x" * 32)
     assert settings.anonymous_as_admin is False and settings.open_registration is False
     assert settings.allows_origin_regex() is None
 

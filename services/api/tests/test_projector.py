@@ -1,20 +1,22 @@
-"""Projection use cases on a real (migrated) SQLite and PostgreSQL database: idempotent, fenced, completion-gated."""
+"""Projection use cases on a real (migrated) SQLite and PostgreSQL database: idempotent, fenced, completion-gated.
+
+The database comes from conftest's `session_factory`, which parametrises every test over both kinds.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
+from typing import Any
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import event, func, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
-from visionyard.api.db.migrate import upgrade_to_head
 from visionyard.api.db.models import (
     Checkpoint, Dataset, DatasetVersion, TrainingJob, TrainingLog, TrainingMetric, utcnow,
 )
+from visionyard.api.db.migrate import upgrade_to_head
 from visionyard.api.db.repositories import SeqKeyedRows
-from visionyard.api.db.session import make_engine, make_session_factory
+from visionyard.api.db.session import make_session_factory
 from visionyard.api.projector import Projector
 from visionyard.shared.events import (
     ArtifactStored,
@@ -32,20 +34,6 @@ from visionyard.shared.events import (
 from visionyard.shared.messages import Message
 
 from .pgschema import fresh_postgres_schema
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def session_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[sessionmaker[Session]]:
-    """A migrated database of each supported kind (PostgreSQL: a fresh schema, skipped when unreachable)."""
-    if request.param == "sqlite":
-        engine = make_engine(f"sqlite:///{tmp_path / 'unit.db'}")
-        upgrade_to_head(engine)
-        yield make_session_factory(engine)
-        engine.dispose()
-        return
-    with fresh_postgres_schema() as (engine, _schema):
-        upgrade_to_head(engine)
-        yield make_session_factory(engine)
 
 
 def _seed(
@@ -303,3 +291,32 @@ def test_the_outbox_relay_is_woken_only_by_batches_that_queued_messages(session_
     _apply(projector, JobCompleted(job_id="j1", attempt=1, seq=3, total_epochs_completed=2))
     assert _job(session_factory).status == "completed"
     assert wakes == [1]  # the terminal marker waits in the outbox
+
+
+@pytest.mark.postgresql
+def test_a_batch_that_loses_the_race_on_its_job_row_is_applied_again_on_postgresql() -> None:
+    # PostgreSQL lets an endpoint (a callback bumping `ingress_seq`) commit a job row the projector has
+    # read; the batch must then be applied on the fresh row, not nak'ed and redelivered after later events.
+    with fresh_postgres_schema() as (engine, _schema):
+        upgrade_to_head(engine)
+        session_factory = make_session_factory(engine)
+        _seed(session_factory, status="running")
+        races: list[int] = []
+
+        def racing_factory(**options: Any) -> Session:
+            session = session_factory(**options)
+            if not races:
+                @event.listens_for(session, "before_flush")
+                def _endpoint_commits_first(*_args: Any) -> None:
+                    if not races:
+                        races.append(1)
+                        with engine.begin() as other:
+                            other.execute(text("UPDATE training_jobs SET ingress_seq = ingress_seq + 1, "
+                                               "row_version = row_version + 1 WHERE id = 'j1'"))
+            return session
+
+        assert _apply(Projector(racing_factory), _progress(2, 1)) == []  # type: ignore[arg-type]
+        assert races == [1]
+        assert _metric_keys(session_factory) == [("j1", 1, 2, 1)]
+        job = _job(session_factory)
+        assert (job.current_epoch, job.last_seq, job.ingress_seq) == (1, 2, 1)

@@ -63,7 +63,7 @@ SLOW = TrainerManifest(
     name="slow", framework="fake", version="0", module="vy_slow_shipper", task_types=["image_classification"],
     models=[ModelInfo(model_name="fake", display_name="fake", task_types=["image_classification"])],
     dataset_formats=["imagefolder"], export_module="vy_slow_shipper", predict_module="vy_slow_shipper",
-    export_formats=["onnx"],
+    export_formats=["onnx"], environment="shipenv",
 )
 
 
@@ -149,10 +149,16 @@ async def runner(bus: Bus, nats_server, tmp_path: Path) -> AsyncIterator[Runner]
     trainer_path = tmp_path / "trainer_path"
     trainer_path.mkdir()
     (trainer_path / "vy_slow_shipper.py").write_text(SLOW_SHIPPER)
+    # The slow shipper's environment: an interpreter that records each start, then runs this one.
+    shipenv = tmp_path / "shipenv" / "bin" / "python"
+    shipenv.parent.mkdir(parents=True)
+    shipenv.write_text(f'#!/bin/sh\necho started >> "{tmp_path / "shipenv" / "starts"}"\nexec "{sys.executable}" "$@"\n')
+    shipenv.chmod(0o755)
     settings = RunnerSettings(
         nats_url=nats_server.url, data_dir=tmp_path / "data", slots=2, heartbeat_seconds=1.0,
         cancel_grace_seconds=1.0, trainer_python=sys.executable,
         trainer_base_env={"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(trainer_path)},
+        trainer_envs={"shipenv": str(tmp_path / "shipenv")},
     )
     stop = asyncio.Event()
     task = asyncio.create_task(serve(settings, stop=stop, manifests=[CLASSIFIER, SLOW]))
@@ -298,6 +304,8 @@ async def test_cancel_stops_a_running_export_group_with_sigkill_after_the_grace(
             break
         await asyncio.sleep(0.05)
     grandchild = int(pid_file.read_text())
+    # The exporter ran with its manifest's environment's interpreter, not the runner's.
+    assert (runner.storage.root / "shipenv" / "starts").read_text().split() == ["started"]
     kv = await bus.kv(streams.KV_CANCELLATIONS)
     await kv.put("exp-slow", json.dumps({"attempt": 1}).encode())
     rest = [event async for event in seen]

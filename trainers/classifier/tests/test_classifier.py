@@ -180,4 +180,6 @@ def test_manifest_describes_the_trainer_without_importing_torch() -> None:
     manifest = json.loads(out)
     assert manifest["name"] == "pytorch-classifier" and manifest["primary_metric"] == {"image_classification": "accuracy"}
     assert {m["model_name"] for m in manifest["models"]} == {"simple_cnn", "tiny_resnet"}
-    assert set(manifest["config_schema"]["properties"]) >= {"image_size", "optimizer", "weight_decay", "val_split", "seed", "augment"}
+    fields = {field["name"] for field in manifest["config_schema"]["fields"]}
+    assert fields >= {"image_size", "optimizer", "weight_decay", "val_split", "seed", "augment", "lr_schedule"}
+    assert manifest["task_types"][0]["name"] == "image_classification" and manifest["dataset_formats"][0]["name"] == "imagefolder"

@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--internal-bucket", help="bucket for checkpoints (default visionyard-internal)")
     up.add_argument("--mlflow-ui", action="store_true", help="also start `mlflow ui`")
     up.add_argument("--mlflow-port", type=int, default=5000, help="port of the MLflow UI (default 5000)")
+    up.add_argument("--trainer-dir", type=Path, action="append", default=[], dest="trainer_dirs", metavar="DIR",
+                    help="a trainer directory written for the original platform (train.py + capabilities.json); "
+                         "repeatable")
 
     datasets = commands.add_parser("datasets", help="manage datasets")
     dataset_commands = datasets.add_subparsers(dest="dataset_command", required=True)
@@ -94,6 +97,17 @@ def _ignore_signals() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+def trainer_dirs_env(directories: list[Path]) -> dict[str, str]:
+    """`VISIONYARD_RUNNER_TRAINER_DIRS` for the runners: the `--trainer-dir`s after any already set."""
+    if not directories:
+        return {}
+    for directory in directories:
+        if not (directory / "train.py").is_file() or not (directory / "capabilities.json").is_file():
+            raise SystemExit(f"--trainer-dir {directory}: needs train.py and capabilities.json")
+    existing = [part for part in os.environ.get("VISIONYARD_RUNNER_TRAINER_DIRS", "").split(os.pathsep) if part]
+    return {"VISIONYARD_RUNNER_TRAINER_DIRS": os.pathsep.join([*existing, *(str(d.resolve()) for d in directories)])}
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     """Run the embedded stack until Ctrl-C / SIGTERM."""
     storage_env = {
@@ -106,6 +120,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         data_dir=args.data_dir, api_port=args.api_port, nats_port=args.nats_port, runners=args.runners,
         storage_backend=args.storage_backend, storage_env=storage_env,
         mlflow_ui_port=args.mlflow_port if args.mlflow_ui else None, echo=print,
+        extra_env=trainer_dirs_env(args.trainer_dirs),
     )
     signal.signal(signal.SIGTERM, _raise_interrupt)
     try:

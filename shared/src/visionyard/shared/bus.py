@@ -45,7 +45,7 @@ from nats.nuid import NUID
 from pydantic import BaseModel
 
 from visionyard.shared import streams, subjects
-from visionyard.shared.config import TopologySettings
+from visionyard.shared.config import TopologySettings, server_urls
 from visionyard.shared.messages import Message
 
 log = logging.getLogger("visionyard.bus")
@@ -142,12 +142,15 @@ class Bus:
 
     @classmethod
     async def connect(cls, url: str, *, service: str, **options: Any) -> Bus:
-        """Connect and keep reconnecting for ever: an outage costs latency, never the process."""
+        """Connect and keep reconnecting for ever: an outage costs latency, never the process.
+
+        `url` may list a cluster's servers separated by commas (as the compose file and manifests do).
+        """
         async def on_error(error: Exception) -> None:
             log.warning("nats error: %s", error, extra={"service": service})
 
         nc = await nats.connect(
-            url,
+            server_urls(url),
             name=service,
             max_reconnect_attempts=-1,
             reconnect_time_wait=0.5,

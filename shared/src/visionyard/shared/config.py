@@ -4,20 +4,64 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
+from pydantic import model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# Hosts a plaintext NATS connection may reach without leaving the machine.
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
+
+
+def server_urls(nats_url: str) -> list[str]:
+    """The servers of a NATS URL that may list a cluster's nodes separated by commas."""
+    return [part.strip() for part in nats_url.split(",") if part.strip()]
+
+
+def unsafe_nats_urls(nats_url: str, *, allow_plaintext: bool) -> list[str]:
+    """Why each server of `nats_url` is unsafe for production (empty: it is safe).
+
+    A server must be reached with credentials (`nats://user:password@host` or `nats://token@host`), and
+    with TLS (`tls://`) unless it is on loopback or the operator vouches for a private network.
+    """
+    problems: list[str] = []
+    for server in server_urls(nats_url) or [nats_url]:
+        parts = urlsplit(server if "://" in server else f"nats://{server}")
+        shown = f"{parts.scheme}://{parts.hostname or ''}{f':{parts.port}' if parts.port else ''}"
+        if not parts.username:
+            problems.append(f"{shown} has no credentials (nats://user:password@host)")
+        if parts.scheme != "tls" and parts.hostname not in LOOPBACK_HOSTS and not allow_plaintext:
+            problems.append(f"{shown} is plaintext beyond loopback (use tls://, or set NATS_ALLOW_PLAINTEXT=true "
+                            "for a private network)")
+    return problems
 
 
 class ServiceSettings(BaseSettings):
     """Broker location and run mode; `embedded` allows the unsafe single-user defaults."""
 
-    model_config = SettingsConfigDict(env_prefix="VISIONYARD_", extra="ignore")
+    # hide_input_in_errors: a refusal at start-up must not print the settings' secrets (NATS passwords,
+    # S3 keys, database URLs) into the logs; the message names the variable instead.
+    model_config = SettingsConfigDict(env_prefix="VISIONYARD_", extra="ignore", hide_input_in_errors=True)
 
     mode: Literal["embedded", "production"] = "embedded"
     nats_url: str = "nats://127.0.0.1:4222"
     data_dir: Path = Path(".data")
     stream_replicas: int = 1
     log_level: str = "INFO"
+    # Production refuses a plaintext nats:// server beyond loopback unless this says the network between
+    # the service and NATS is private (a cluster-internal network, a compose network).
+    nats_allow_plaintext: bool = False
+
+    @model_validator(mode="after")
+    def _refuse_unsafe_nats(self) -> ServiceSettings:
+        # Every service, not only the API: anyone reaching an open NATS can forge commands and events.
+        if self.mode == "production":
+            problems = unsafe_nats_urls(self.nats_url, allow_plaintext=self.nats_allow_plaintext)
+            if problems:
+                prefix = self.model_config.get("env_prefix", "VISIONYARD_")
+                raise ValueError(f"production mode refuses {prefix}NATS_URL: " + "; ".join(problems)
+                                 + f" (see {prefix}NATS_ALLOW_PLAINTEXT)")
+        return self
 
 
 class TopologySettings(BaseSettings):

@@ -15,6 +15,7 @@ from typing import Generic, TypeVar
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm.exc import StaleDataError
 
 from visionyard.api import jobstate
 from visionyard.api.db.models import Checkpoint, TrainingJob, utcnow
@@ -53,6 +54,9 @@ from visionyard.api.ship_projector import apply_ship_event
 log = logging.getLogger("visionyard.api.projector")
 
 METRIC_COLUMNS = ("loss", "accuracy", "learning_rate")
+# Times a batch is applied when a concurrent writer keeps winning the race on its job rows; then it is
+# nak'ed like any transient failure.
+STALE_BATCH_ATTEMPTS = 5
 
 Token = TypeVar("Token")
 
@@ -89,6 +93,21 @@ class Projector:
 
     def apply_batch(self, events: Sequence[tuple[Token, Message]]) -> list[Rejected[Token]]:
         """Apply events in order in one transaction; returns those that are poison (not applied)."""
+        for attempt in range(1, STALE_BATCH_ATTEMPTS + 1):
+            try:
+                return self._apply_batch_once(events)
+            except StaleDataError:
+                # Another writer (a callback or state-change endpoint, another replica's projector)
+                # committed a job row this batch had read: the transaction rolled back whole, so the
+                # batch is applied again on fresh rows (idempotent). Only PostgreSQL gets here; SQLite
+                # writers are serialized by BEGIN IMMEDIATE. A nak instead would redeliver the batch
+                # after later events of the same job (a progress point arriving after `completed`).
+                if attempt == STALE_BATCH_ATTEMPTS:
+                    raise
+                log.info("job rows changed under a projection batch; applying it again (attempt %d)", attempt + 1)
+        raise AssertionError("unreachable")
+
+    def _apply_batch_once(self, events: Sequence[tuple[Token, Message]]) -> list[Rejected[Token]]:
         # Poison is rare: apply the batch without savepoints (a savepoint per event, and the flush
         # each one forces, cost more than the events themselves — profiled) and only when an event
         # turns out to be poison, roll back and apply the batch again isolating each event.

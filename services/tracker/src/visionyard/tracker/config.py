@@ -29,6 +29,15 @@ class TrackerSettings(ServiceSettings):
 
     @model_validator(mode="after")
     def _derive_defaults(self) -> TrackerSettings:
+        # A local SQLite or file store holds one writer and lives on one disk: in production that is
+        # one tracker replica whose metrics die with its volume. Production names a tracking server
+        # (http[s]://) or a server database (postgresql://, mysql://).
+        if self.mode == "production" and (self.tracking_uri is None or _is_local_store(self.tracking_uri)):
+            raise ValueError(
+                "production mode refuses a local MLflow store "
+                f"({self.tracking_uri or 'the default SQLite file under the data dir'}): set "
+                "VISIONYARD_TRACKER_TRACKING_URI to an MLflow tracking server (http(s)://...) or a server database"
+            )
         # The local defaults hang off the data dir; with a tracking server (http[s]://) the
         # server owns the artifact root unless one is given explicitly.
         if self.tracking_uri is None:
@@ -45,3 +54,12 @@ class TrackerSettings(ServiceSettings):
         """The resolved MLflow tracking URI."""
         assert self.tracking_uri is not None
         return self.tracking_uri
+
+
+def _is_local_store(uri: str) -> bool:
+    """Whether an MLflow tracking URI is a store on this machine's disk (SQLite, a file store, a path)."""
+    if "://" not in uri:
+        # "sqlite:relative.db" or a bare path (a file store); only "databricks"/"uc" name a remote workspace.
+        return uri.split(":", 1)[0].lower() not in ("databricks", "databricks-uc", "uc")
+    scheme = uri.split("://", 1)[0].lower()
+    return scheme in ("file", "sqlite") or scheme.startswith("sqlite+")

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import sys
 from pathlib import Path
+from typing import Annotated, Any
 
-from pydantic import Field, model_validator
-from pydantic_settings import SettingsConfigDict
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import NoDecode, SettingsConfigDict
 
 from visionyard.shared import streams
 from visionyard.shared.config import ServiceSettings
@@ -34,6 +36,11 @@ class RunnerSettings(ServiceSettings):
     runner_id: str = Field(default_factory=_default_runner_id)
     work_dir: Path | None = None
     trainer_python: str = Field(default_factory=lambda: sys.executable)
+    # Named trainer environments: `ultralytics=/path/to/venv,timm=/path/to/python` (or a JSON object);
+    # a manifest's `environment` picks one. A venv directory means its bin/python.
+    trainer_envs: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
+    # Original-platform trainer directories (`train.py` + `capabilities.json`), separated by `:` or `,`.
+    trainer_dirs: Annotated[list[Path], NoDecode] = Field(default_factory=list)
     cancel_grace_seconds: float = Field(default=10.0, ge=0)
     heartbeat_seconds: float = Field(default=5.0, gt=0)
     trainer_base_env: dict[str, str] = Field(default_factory=_trainer_base_env)
@@ -47,6 +54,29 @@ class RunnerSettings(ServiceSettings):
     # and always the last one at exit); a job may set `advanced_config.checkpoint_interval_seconds`.
     # 0 stages every checkpoint a trainer declares. See runner/cadence.py.
     checkpoint_interval_seconds: float = Field(default=10.0, ge=0)
+
+    @field_validator("trainer_envs", mode="before")
+    @classmethod
+    def _parse_envs(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        text = value.strip()
+        if text.startswith("{"):
+            return json.loads(text)
+        pairs: dict[str, str] = {}
+        for item in filter(None, (part.strip() for part in text.split(","))):
+            name, sep, path = item.partition("=")
+            if not sep or not name.strip() or not path.strip():
+                raise ValueError(f"trainer_envs: {item!r} is not name=path")
+            pairs[name.strip()] = path.strip()
+        return pairs
+
+    @field_validator("trainer_dirs", mode="before")
+    @classmethod
+    def _parse_dirs(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        return [part.strip() for part in value.replace(",", os.pathsep).split(os.pathsep) if part.strip()]
 
     @model_validator(mode="after")
     def _derive(self) -> RunnerSettings:

@@ -21,16 +21,19 @@ from visionyard.runner.handlers import TrainCommandConsumer
 from visionyard.runner.ship_handlers import ShipCommandHandler
 from visionyard.runner.shipping import ShippingRuns
 from visionyard.runner.service import HeldJobs, RunnerOptions, TrainingAttempts
+from visionyard.runner.trainers import build_catalog, discover_manifests
 from visionyard.shared import streams
 from visionyard.shared.bus import Bus
 from visionyard.shared.lifecycle import run_until_signalled
 from visionyard.shared.logs import configure_logging
-from visionyard.shared.manifest import TrainerManifest, installed_manifests
+from visionyard.shared.manifest import TrainerManifest
 
 log = logging.getLogger("visionyard.runner")
 
 
-def build_attempts(bus: Bus, settings: RunnerSettings, manifests: list[TrainerManifest]) -> TrainingAttempts:
+def build_attempts(
+    bus: Bus, settings: RunnerSettings, manifests: list[TrainerManifest], *, interpreters: dict[str, str] | None = None
+) -> TrainingAttempts:
     """Wire the use case to its NATS and subprocess adapters."""
     work_dir = settings.runner_work_dir
     return TrainingAttempts(
@@ -42,6 +45,7 @@ def build_attempts(bus: Bus, settings: RunnerSettings, manifests: list[TrainerMa
             cancel_grace_seconds=settings.cancel_grace_seconds,
             stall_seconds=settings.stall_seconds,
             checkpoint_interval_seconds=settings.checkpoint_interval_seconds,
+            interpreters=dict(interpreters or {}),
         ),
         manifests=manifests,
         stager=BusStager(bus, cache_dir=work_dir / "cache"),
@@ -83,9 +87,13 @@ async def serve(
         consumer_spec = streams.with_ack_wait(streams.RUNNER, await bus.consumer_ack_wait(streams.RUNNER))
         if settings.heartbeat_seconds >= consumer_spec.ack_wait:
             raise ValueError(f"heartbeat_seconds must be < the runner ack wait ({consumer_spec.ack_wait}s)")
-        trainers = installed_manifests() if manifests is None else manifests
+        catalog = build_catalog(
+            discover_manifests(settings.trainer_dirs) if manifests is None else manifests,
+            trainer_envs=settings.trainer_envs, default_python=settings.trainer_python,
+        )
+        trainers = catalog.manifests
         await publish_capabilities(bus, trainers)
-        attempts = build_attempts(bus, settings, trainers)
+        attempts = build_attempts(bus, settings, trainers, interpreters=catalog.interpreters)
         log.info(
             "runner ready",
             extra={"runner_id": settings.runner_id, "slots": settings.slots, "trainers": [m.name for m in trainers]},

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from visionyard.runner.cadence import CheckpointCadence, CheckpointReported
+from visionyard.runner.original import USER_ERROR_TYPES, original_command
 from visionyard.shared.bus import PermanentError
 from visionyard.shared.commands import DatasetRef, StartTraining
 from visionyard.shared.events import (
@@ -92,6 +93,7 @@ class AttemptEvents:
         self._reported = 0
         self.declared_checkpoints: list[str] = []
         self.result: dict[str, Any] | None = None
+        self.failure: dict[str, Any] | None = None
         self.last_progress: ProgressReported | None = None
         self.stderr_tail: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
 
@@ -166,6 +168,10 @@ class AttemptEvents:
             if kind == "result":
                 self.result = record
                 return None
+            if kind == "failure":
+                # The original SDK's report_failed: the job fails by it, whatever the exit code says.
+                self.failure = record
+                return None
             raise ValueError(f"unknown record type {kind!r}")
         except (ValueError, KeyError, TypeError) as error:
             # A malformed line is the trainer's bug, not a reason to lose the job: show it as a warning.
@@ -220,6 +226,8 @@ class AttemptEvents:
             return self.failed(FailureReason.STALLED, "the trainer reported nothing for too long and was stopped",
                                exit_code=outcome.returncode)
         code = outcome.returncode
+        if self.failure is not None:
+            return self._reported_failure(code, tail)
         if code == 0:
             return self._completed()
         if code == EXIT_USER_ERROR:
@@ -230,6 +238,18 @@ class AttemptEvents:
             _describe_exit(code, outcome.stderr_tail or tuple(self.stderr_tail)),
             exit_code=code,
             traceback=tail or None,
+        )
+
+    def _reported_failure(self, code: int | None, tail: str) -> JobFailed:
+        failure = self.failure or {}
+        error_type = str(failure.get("error_type") or "UnknownError")
+        reason = FailureReason.USER_ERROR if error_type in USER_ERROR_TYPES else FailureReason.TRAINER_CRASH
+        traceback = failure.get("traceback")
+        return self.failed(
+            reason,
+            f"[{error_type}] {failure.get('message') or 'the trainer reported a failure'}",
+            exit_code=code,
+            traceback=str(traceback) if traceback else (tail or None),
         )
 
     def _completed(self) -> JobCompleted:
@@ -460,6 +480,12 @@ class RunnerOptions:
     stall_seconds: float = 0.0
     # At most one checkpoint of each kind staged per this many seconds, the newest (cadence.py); 0: all.
     checkpoint_interval_seconds: float = 0.0
+    # Manifest name → the interpreter of its environment (runner/trainers.py); others use trainer_python.
+    interpreters: dict[str, str] = field(default_factory=dict)
+
+    def python_for(self, manifest: TrainerManifest) -> str:
+        """The interpreter that runs `manifest`'s trainer, export and predict modules."""
+        return self.interpreters.get(manifest.name, self.trainer_python)
 
 
 class TrainingAttempts:
@@ -596,11 +622,18 @@ class TrainingAttempts:
         )
         job_file = job_dir / "job.json"
         job_file.write_text(job.model_dump_json(indent=2))
-        spec = LaunchSpec(
-            argv=[self.options.trainer_python, "-m", manifest.module],
-            cwd=job_dir,
-            env={**self.options.base_env, "VISIONYARD_JOB_FILE": str(job_file), "PYTHONUNBUFFERED": "1"},
-        )
+        if manifest.entrypoint is not None and manifest.directory is not None:
+            argv, cwd, env = original_command(
+                manifest, cmd, python=self.options.python_for(manifest), job_file=job_file, job_dir=job_dir,
+                base_env=self.options.base_env,
+            )
+            spec = LaunchSpec(argv=argv, cwd=cwd, env=env)
+        else:
+            spec = LaunchSpec(
+                argv=[self.options.python_for(manifest), "-m", str(manifest.module)],
+                cwd=job_dir,
+                env={**self.options.base_env, "VISIONYARD_JOB_FILE": str(job_file), "PYTHONUNBUFFERED": "1"},
+            )
         handle = await self.launcher.launch(spec)
         logger.info("trainer started", extra={"pid": handle.pid})
         sink.emit(events.started(

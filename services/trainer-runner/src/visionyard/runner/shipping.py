@@ -171,7 +171,8 @@ class ShippingRuns:
                 model_name=cmd.model_name, task_type=cmd.task_type,
                 export_config=cmd.export_config.model_dump(), validation_config=cmd.validation_config.model_dump(),
             )
-            await self._spawn(str(manifest.export_module), job.model_dump_json(), job_dir=job_dir, stamp=stamp,
+            await self._spawn(str(manifest.export_module), job.model_dump_json(), python=self.options.python_for(manifest),
+                              job_dir=job_dir, stamp=stamp,
                               started=ExportStarted, progress=ExportProgress, timeout=cmd.timeout_seconds,
                               control=control)
             if not job.package_path.is_file():
@@ -205,7 +206,8 @@ class ShippingRuns:
                 output_dir=job_dir / "output", images=images, dataset_dir=dataset_dir, split=cmd.split,
                 top_k=cmd.top_k, confidence_threshold=cmd.confidence_threshold,
             )
-            await self._spawn(str(manifest.predict_module), job.model_dump_json(), job_dir=job_dir, stamp=stamp,
+            await self._spawn(str(manifest.predict_module), job.model_dump_json(), python=self.options.python_for(manifest),
+                              job_dir=job_dir, stamp=stamp,
                               started=InferenceStarted, progress=InferenceProgress, timeout=cmd.timeout_seconds,
                               control=control)
             if not job.results_path.is_file():
@@ -269,7 +271,7 @@ class ShippingRuns:
         return staged.path
 
     async def _spawn(
-        self, module: str, job_json: str, *, job_dir: Path, stamp: ShipStamp, started: type[ShipEvent],
+        self, module: str, job_json: str, *, python: str, job_dir: Path, stamp: ShipStamp, started: type[ShipEvent],
         progress: type[ShipEvent], timeout: float | None, control: RunControl,
     ) -> None:
         logger = bind(log, job_id=stamp.job_id, attempt=stamp.attempt)
@@ -279,7 +281,7 @@ class ShippingRuns:
         job_file = job_dir / "job.json"
         job_file.write_text(job_json)
         spec = LaunchSpec(
-            argv=[self.options.trainer_python, "-m", module], cwd=job_dir,
+            argv=[python, "-m", module], cwd=job_dir,
             env={**self.options.base_env, "VISIONYARD_JOB_FILE": str(job_file), "PYTHONUNBUFFERED": "1"},
         )
         handle = await self.launcher.launch(spec)

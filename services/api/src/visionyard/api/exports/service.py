@@ -108,7 +108,7 @@ def manifest_for(manifests: list[TrainerManifest], *, framework: str, model_name
             continue
         if model_name is not None and model_name not in manifest.model_names():
             continue
-        if any(task_matches(task_type, offered) for offered in manifest.task_types):
+        if any(task_matches(task_type, offered) for offered in manifest.task_type_names()):
             return manifest
     return None
 

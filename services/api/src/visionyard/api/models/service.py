@@ -1,11 +1,15 @@
-"""Use cases over trainer capability manifests: model lists, config schemas, job validation."""
+"""Use cases over trainer capability manifests: the model catalogue, config schemas, job validation.
+
+Everything here is derived from the manifests the runners publish (`shared.manifest`); nothing about
+a model is known to the API otherwise.
+"""
 
 from __future__ import annotations
 
 from typing import Any, Protocol
 
 from visionyard.api.errors import InvalidInput, NotFound
-from visionyard.shared.manifest import TrainerManifest
+from visionyard.shared.manifest import ModelInfo, TrainerManifest, config_fields
 
 # The frontend and the trainers name some task types differently; both spellings are accepted.
 TASK_ALIASES: dict[str, str] = {
@@ -13,6 +17,10 @@ TASK_ALIASES: dict[str, str] = {
     "image_classification": "classification",
     "detection": "object_detection",
     "object_detection": "detection",
+    "segmentation": "instance_segmentation",
+    "instance_segmentation": "segmentation",
+    "pose": "pose_estimation",
+    "pose_estimation": "pose",
 }
 MAP_TASKS = ("detection", "object_detection", "segmentation", "instance_segmentation", "pose", "pose_estimation")
 
@@ -38,6 +46,11 @@ def canonical_task(requested: str, offered: list[str]) -> str | None:
     return None
 
 
+def model_tasks(manifest: TrainerManifest, model: ModelInfo) -> list[str]:
+    """The task types a model is trained for (its own list, else its trainer's)."""
+    return list(model.task_types) or manifest.task_type_names()
+
+
 def resolve_trainer(
     manifests: list[TrainerManifest], *, framework: str, model_name: str, task_type: str
 ) -> tuple[TrainerManifest, str]:
@@ -46,30 +59,59 @@ def resolve_trainer(
     candidates = [m for m in manifests if m.framework == framework]
     if not candidates:
         raise InvalidInput("config.framework", f"unknown framework {framework!r}; valid choices: {_choices(frameworks)}")
-    models = sorted({name for m in candidates for name in m.model_names()})
+    models = sorted({model.model_name for m in candidates for model in m.models if model.supported})
     with_model = [m for m in candidates if model_name in m.model_names()]
     if not with_model:
         raise InvalidInput(
             "config.model_name", f"unknown model {model_name!r} for framework {framework!r}; valid choices: {_choices(models)}"
         )
     tasks: list[str] = []
+    unsupported = False
     for manifest in with_model:
-        for model in manifest.models:
-            if model.model_name != model_name:
-                continue
-            offered = model.task_types or manifest.task_types
-            tasks.extend(offered)
-            task = canonical_task(task_type, offered)
-            if task is not None:
-                return manifest, task
+        model = manifest.model(model_name)
+        assert model is not None
+        if not model.supported:
+            unsupported = True
+            continue
+        offered = model_tasks(manifest, model)
+        tasks.extend(offered)
+        task = canonical_task(task_type, offered)
+        if task is not None:
+            return manifest, task
+    if unsupported and not tasks:
+        raise InvalidInput(
+            "config.model_name",
+            f"model {model_name!r} of framework {framework!r} is declared unsupported by its trainer; "
+            f"valid choices: {_choices(models)}",
+        )
     raise InvalidInput(
         "config.task_type",
         f"model {model_name!r} does not support task type {task_type!r}; valid choices: {_choices(sorted(set(tasks)))}",
     )
 
 
-def default_primary_metric(task_type: str) -> tuple[str, str]:
-    """The metric a job optimizes when none is given (API.md)."""
+def check_dataset_format(manifest: TrainerManifest, *, requested: str | None, actual: str | None) -> None:
+    """Refuse a dataset format the trainer does not declare; InvalidInput naming the field."""
+    declared = manifest.dataset_format_names()
+    if requested is not None and requested not in declared:
+        raise InvalidInput(
+            "config.dataset_format",
+            f"the {manifest.framework} trainer does not read {requested!r} datasets; valid choices: {_choices(declared)}",
+        )
+    if actual is not None and actual not in declared:
+        raise InvalidInput(
+            "config.dataset_id",
+            f"the dataset is in {actual!r} format, which the {manifest.framework} trainer does not read; "
+            f"it reads: {_choices(declared)}",
+        )
+
+
+def default_primary_metric(task_type: str, manifest: TrainerManifest | None = None) -> tuple[str, str]:
+    """The metric a job optimizes when none is given: the trainer's own choice, else API.md's default."""
+    if manifest is not None:
+        for task, metric in manifest.primary_metric.items():
+            if task_matches(task_type, task):
+                return metric, "min" if "loss" in metric else "max"
     if task_matches(task_type, "classification") or task_matches(task_type, "image_classification"):
         return "accuracy", "max"
     if task_type in MAP_TASKS:
@@ -77,53 +119,147 @@ def default_primary_metric(task_type: str) -> tuple[str, str]:
     return "loss", "min"
 
 
-def list_models(manifests: list[TrainerManifest], *, framework: str | None, task_type: str | None) -> list[dict[str, Any]]:
-    """The models every trainer offers, optionally filtered."""
+def model_entry(manifest: TrainerManifest, model: ModelInfo) -> dict[str, Any]:
+    """One `/models/list` item: the model as its manifest declares it, plus framework and trainer facts."""
+    entry = model.model_dump(mode="json")
+    entry.update(
+        framework=manifest.framework,
+        task_types=model_tasks(manifest, model),
+        tags=list(model.tags),
+        trainer=manifest.name,
+        framework_display_name=manifest.display_name,
+        dataset_formats=manifest.dataset_format_names(),
+        export_formats=model.export_formats if model.export_formats is not None else list(manifest.export_formats),
+        supports_resume=manifest.supports_resume,
+    )
+    entry.setdefault("status", "supported" if model.supported else "unsupported")
+    return entry
+
+
+def list_models(
+    manifests: list[TrainerManifest], *, framework: str | None, task_type: str | None, supported_only: bool = False
+) -> list[dict[str, Any]]:
+    """The models every trainer offers, optionally filtered (a model offered by two runners is listed once)."""
     result: list[dict[str, Any]] = []
+    seen: set[tuple[str, str]] = set()
     for manifest in manifests:
         if framework and manifest.framework != framework:
             continue
         for model in manifest.models:
-            offered = model.task_types or manifest.task_types
-            if task_type and canonical_task(task_type, offered) is None:
+            if supported_only and not model.supported:
                 continue
-            result.append(
-                {
-                    "model_name": model.model_name,
-                    "display_name": model.display_name,
-                    "framework": manifest.framework,
-                    "trainer": manifest.name,
-                    "task_types": offered,
-                    "description": model.description,
-                    "parameters": model.parameters,
-                    "dataset_formats": manifest.dataset_formats,
-                    "supports_resume": manifest.supports_resume,
-                }
-            )
+            if task_type and canonical_task(task_type, model_tasks(manifest, model)) is None:
+                continue
+            key = (manifest.framework, model.model_name)
+            if key in seen:
+                continue
+            seen.add(key)
+            result.append(model_entry(manifest, model))
     return result
 
 
+def framework_capabilities(manifests: list[TrainerManifest], framework: str) -> dict[str, Any]:
+    """The framework's manifest in the original `capabilities.json` shape; NotFound naming the choices."""
+    for manifest in manifests:
+        if manifest.framework == framework:
+            return manifest.capabilities()
+    raise NotFound(f"framework: no trainer for framework {framework!r}; valid frameworks: {_frameworks(manifests)}")
+
+
+def find_model(manifests: list[TrainerManifest], *, framework: str, model_name: str) -> tuple[TrainerManifest, ModelInfo]:
+    """The manifest and entry of one model; NotFound naming what exists."""
+    candidates = [m for m in manifests if m.framework == framework]
+    if not candidates:
+        raise NotFound(f"framework: no trainer for framework {framework!r}; valid frameworks: {_frameworks(manifests)}")
+    for manifest in candidates:
+        model = manifest.model(model_name)
+        if model is not None:
+            return manifest, model
+    names = sorted({model.model_name for m in candidates for model in m.models})
+    raise NotFound(f"model_name: no model {model_name!r} in framework {framework!r}; valid choices: {_choices(names)}")
+
+
+def model_details(manifests: list[TrainerManifest], *, framework: str, model_name: str) -> dict[str, Any]:
+    """`/models/get`: the model's manifest entry with its framework."""
+    manifest, model = find_model(manifests, framework=framework, model_name=model_name)
+    return model_entry(manifest, model)
+
+
+def model_guide(manifests: list[TrainerManifest], *, framework: str, model_name: str) -> dict[str, Any]:
+    """`/models/{framework}/{model}/guide`: the guide drawer's content, from the manifest entry.
+
+    A manifest may carry a `guide` object per model (use_cases, pros, cons, when_to_use, ...); what it
+    does not say is empty, never invented.
+    """
+    manifest, model = find_model(manifests, framework=framework, model_name=model_name)
+    extra = model.model_extra or {}
+    guide = extra.get("guide") if isinstance(extra.get("guide"), dict) else {}
+    parameters = model.parameters or {}
+    summary = {
+        "framework": manifest.framework,
+        "model_name": model.model_name,
+        "display_name": model.display_name,
+        "description": model.description,
+        "params": f"{parameters['min']}M" if "min" in parameters else "",
+        "input_size": extra.get("input_size"),
+        "task_types": model_tasks(manifest, model),
+        "tags": list(model.tags),
+        "supported": model.supported,
+    }
+    default_config = extra.get("default_config")
+    return {
+        "model": summary,
+        "benchmark": guide.get("benchmark", extra.get("benchmark")) or {},
+        "use_cases": list(guide.get("use_cases", [])),
+        "pros": list(guide.get("pros", [])),
+        "cons": list(guide.get("cons", [])),
+        "when_to_use": guide.get("when_to_use") or model.description,
+        "when_not_to_use": guide.get("when_not_to_use"),
+        "alternatives": list(guide.get("alternatives", [])),
+        "recommended_settings": guide.get("recommended_settings")
+        or (default_config if isinstance(default_config, dict) else {}),
+        "real_world_examples": list(guide.get("real_world_examples", [])),
+        "special_features": guide.get("special_features", extra.get("special_features")),
+    }
+
+
 def config_schema(manifests: list[TrainerManifest], *, framework: str, task_type: str | None) -> dict[str, Any]:
-    """The UI configuration schema of the trainer for `framework` (and task type)."""
+    """The UI configuration schema of the trainer for `framework` (and task type), as fields and presets."""
     for manifest in manifests:
         if manifest.framework != framework:
             continue
-        task = canonical_task(task_type, manifest.task_types) if task_type else None
+        offered = manifest.task_type_names()
+        task = canonical_task(task_type, offered) if task_type else None
         if task_type and task is None:
             continue
-        metric, mode = default_primary_metric(task or (manifest.task_types[0] if manifest.task_types else ""))
+        fields, presets = config_fields(manifest.config_schema)
+        metric, mode = default_primary_metric(task or (offered[0] if offered else ""), manifest)
         return {
             "framework": manifest.framework,
             "task_type": task or task_type,
             "trainer": manifest.name,
+            "description": manifest.description,
             "version": manifest.version,
-            "schema": manifest.config_schema,
+            "fields": [field.model_dump(mode="json") for field in fields],
+            "presets": presets,
             "primary_metric": metric,
             "primary_metric_mode": mode,
+            "metric_candidates": _metric_candidates(manifest, task),
         }
-    frameworks = sorted({m.framework for m in manifests})
     raise NotFound(f"framework: no trainer for framework {framework!r}"
-                   f"{' and task type ' + repr(task_type) if task_type else ''}; valid frameworks: {_choices(frameworks)}")
+                   f"{' and task type ' + repr(task_type) if task_type else ''}; valid frameworks: {_frameworks(manifests)}")
+
+
+def _metric_candidates(manifest: TrainerManifest, task: str | None) -> list[Any]:
+    by_task = (manifest.model_extra or {}).get("metric_candidates_by_task")
+    if not isinstance(by_task, dict) or task is None:
+        return []
+    candidates = by_task.get(task)
+    return list(candidates) if isinstance(candidates, list) else []
+
+
+def _frameworks(manifests: list[TrainerManifest]) -> str:
+    return _choices(sorted({m.framework for m in manifests}))
 
 
 def _choices(values: list[str]) -> str:

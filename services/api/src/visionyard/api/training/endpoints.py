@@ -13,7 +13,6 @@ from starlette.concurrency import run_in_threadpool
 
 from visionyard.api.auth import CurrentPrincipal, Role
 from visionyard.api.jobstate import JobStatus
-from visionyard.api.models.service import config_schema
 from visionyard.api.training import schemas
 from visionyard.api.training.service import TrainingService
 
@@ -179,10 +178,3 @@ async def log_callback(job_id: int, body: schemas.LogCallback, service: Service,
     """HTTP log ingress."""
     await _authorized(service, principal, job_id, Role.MEMBER)
     return await run_in_threadpool(service.report_log, str(job_id), body)
-
-
-@router.get("/config-schema")
-async def get_config_schema(request: Request, framework: str, task_type: str | None = None) -> dict[str, Any]:
-    """The trainer's UI configuration schema."""
-    manifests = await request.app.state.capabilities.manifests()
-    return config_schema(manifests, framework=framework, task_type=task_type)

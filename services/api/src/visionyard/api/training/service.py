@@ -6,6 +6,7 @@ command is published if and only if the change was committed.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
@@ -24,7 +25,12 @@ from visionyard.api.db.repositories import DatasetRepository, JobRepository, Out
 from visionyard.api.db.session import UnitOfWork
 from visionyard.api.errors import Conflict, Forbidden, NotFound
 from visionyard.api.jobstate import JobAction, JobStatus
-from visionyard.api.models.service import CapabilitySource, default_primary_metric, resolve_trainer
+from visionyard.api.models.service import (
+    CapabilitySource,
+    check_dataset_format,
+    default_primary_metric,
+    resolve_trainer,
+)
 from visionyard.api.training import attempts, schemas
 from visionyard.shared import streams
 from visionyard.shared.commands import CheckpointRef, TrainingConfig
@@ -68,11 +74,19 @@ class TrainingService:
     async def validate_trainer(self, config: TrainingConfig) -> tuple[str, str, str]:
         """The job's (task type as the trainer spells it, primary metric, mode); InvalidInput naming the field."""
         manifests = await self._capabilities.manifests()
-        _, task = resolve_trainer(
+        manifest, task = resolve_trainer(
             manifests, framework=config.framework, model_name=config.model_name, task_type=config.task_type
         )
-        metric, mode = default_primary_metric(config.task_type)
+        actual_format = await asyncio.to_thread(self._dataset_format, config.dataset_id)
+        check_dataset_format(manifest, requested=config.dataset_format, actual=actual_format)
+        metric, mode = default_primary_metric(config.task_type, manifest)
         return task, config.primary_metric or metric, config.primary_metric_mode or mode
+
+    def _dataset_format(self, dataset_id: str) -> str | None:
+        # None when the dataset is missing or not ready: create_job refuses those, naming the field.
+        with self._uow.read() as session:
+            dataset = DatasetRepository(session).get(dataset_id)
+            return dataset.format if dataset is not None and dataset.content_hash is not None else None
 
     def create_job(
         self, request: schemas.CreateJobRequest, *, principal: Principal, task_type: str, primary_metric: str,

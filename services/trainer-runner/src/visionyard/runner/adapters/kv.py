@@ -12,7 +12,7 @@ from nats.js.errors import KeyNotFoundError
 from visionyard.runner.service import HeldJobs
 from visionyard.shared import streams
 from visionyard.shared.bus import Bus
-from visionyard.shared.manifest import TrainerManifest
+from visionyard.shared.manifest import TrainerManifest, kv_safe_name
 
 log = logging.getLogger("visionyard.runner.kv")
 
@@ -31,7 +31,7 @@ async def publish_capabilities(bus: Bus, manifests: list[TrainerManifest]) -> No
     """Put every installed trainer's manifest into `trainer_capabilities` under its name."""
     kv = await bus.kv(streams.KV_CAPABILITIES)
     for manifest in manifests:
-        await kv.put(manifest.name, manifest.model_dump_json().encode())
+        await kv.put(kv_safe_name(manifest.name), manifest.model_dump_json().encode())
 
 
 class KvCancellationLedger:

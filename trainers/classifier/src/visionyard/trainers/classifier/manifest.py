@@ -1,4 +1,8 @@
-"""Capability manifest of the built-in PyTorch image classifier (must not import torch)."""
+"""Capability manifest of the built-in PyTorch image classifier (must not import torch).
+
+It has the original platform's `capabilities.json` shape; `module`, `export_module`, `predict_module`
+and `supports_resume` are the runner's fields beside it.
+"""
 
 from __future__ import annotations
 
@@ -7,47 +11,63 @@ from visionyard.shared.manifest import ModelInfo, TrainerManifest
 MANIFEST = TrainerManifest(
     name="pytorch-classifier",
     framework="pytorch",
+    display_name="PyTorch image classifier",
+    description="Small convolutional classifiers trained from scratch on ImageFolder datasets (CPU friendly).",
     version="0.1.0",
     module="visionyard.trainers.classifier",
-    task_types=["image_classification"],
+    task_types=[{
+        "name": "image_classification", "display_name": "Image Classification",
+        "description": "Classify images into predefined categories", "supported": True,
+    }],
     models=[
         ModelInfo(
             model_name="simple_cnn",
             display_name="Simple CNN",
             task_types=["image_classification"],
             description="Three conv blocks with batch norm; fast on small images.",
+            supported=True,
+            tags=["cnn", "small", "cpu"],
+            export_formats=["onnx", "torchscript"],
+            pretrained=False,
         ),
         ModelInfo(
             model_name="tiny_resnet",
             display_name="Tiny ResNet",
             task_types=["image_classification"],
             description="A small residual network (three basic blocks).",
+            supported=True,
+            tags=["resnet", "small", "cpu"],
+            export_formats=["onnx", "torchscript"],
+            pretrained=False,
         ),
     ],
-    dataset_formats=["imagefolder"],
+    dataset_formats=[{
+        "name": "imagefolder", "display_name": "ImageFolder",
+        "description": "One folder per class (optionally under train/ and val/)", "supported": True,
+    }],
     primary_metric={"image_classification": "accuracy"},
     config_schema={
-        "type": "object",
-        "properties": {
-            "image_size": {
-                "type": "integer", "default": 32, "minimum": 8, "maximum": 512,
-                "title": "Image size", "description": "Images are resized to a square of this side.",
-            },
-            "optimizer": {"type": "string", "enum": ["adam", "sgd"], "default": "adam", "title": "Optimizer"},
-            "weight_decay": {"type": "number", "default": 0.0, "minimum": 0.0, "title": "Weight decay"},
-            "val_split": {
-                "type": "number", "default": 0.2, "minimum": 0.0, "maximum": 0.9,
-                "title": "Validation split", "description": "Used only when the dataset has no val folder.",
-            },
-            "seed": {"type": "integer", "default": 42, "title": "Random seed"},
-            "lr_schedule": {
-                "type": "string", "enum": ["cosine", "constant"], "default": "cosine",
-                "title": "Learning-rate schedule", "description": "Cosine decays to 0 over the epochs.",
-            },
-            "augment": {
-                "type": "boolean", "default": False, "title": "Augment",
-                "description": "Random shifts of a few pixels while training.",
-            },
+        "fields": [
+            {"name": "image_size", "type": "int", "default": 32, "min": 8, "max": 512, "step": 8, "primary": True,
+             "group": "basic", "label": "Image size", "description": "Images are resized to a square of this side."},
+            {"name": "optimizer", "type": "select", "default": "adam", "options": ["adam", "sgd"],
+             "group": "optimizer", "label": "Optimizer", "description": "Optimizer algorithm"},
+            {"name": "weight_decay", "type": "float", "default": 0.0, "min": 0.0, "max": 0.1, "step": 0.0001,
+             "group": "optimizer", "label": "Weight decay", "description": "L2 regularization", "advanced": True},
+            {"name": "lr_schedule", "type": "select", "default": "cosine", "options": ["cosine", "constant"],
+             "group": "scheduler", "label": "Learning-rate schedule", "description": "Cosine decays to 0 over the epochs."},
+            {"name": "augment", "type": "bool", "default": False, "group": "augmentation", "label": "Augment",
+             "description": "Random shifts of a few pixels while training."},
+            {"name": "val_split", "type": "float", "default": 0.2, "min": 0.0, "max": 0.9, "step": 0.05,
+             "group": "validation", "label": "Validation split",
+             "description": "Used only when the dataset has no val folder and no configured split."},
+            {"name": "seed", "type": "int", "default": 42, "min": 0, "group": "general", "label": "Random seed",
+             "description": "Seed of the split, the initialisation and the shuffling.", "advanced": True},
+        ],
+        "presets": {
+            "easy": {"optimizer": "adam", "lr_schedule": "cosine", "augment": False},
+            "medium": {"optimizer": "adam", "lr_schedule": "cosine", "augment": True, "weight_decay": 0.0001},
+            "advanced": {"optimizer": "sgd", "lr_schedule": "cosine", "augment": True, "weight_decay": 0.0005},
         },
     },
     supports_resume=True,
