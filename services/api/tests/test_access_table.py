@@ -421,7 +421,7 @@ def _ws_url(world: World, **query: Any) -> str:
 
 
 async def _next(socket: ClientConnection) -> dict[str, Any]:
-    message = json.loads(await asyncio.wait_for(socket.recv(), timeout=10))
+    message = json.loads(await asyncio.wait_for(socket.recv(), timeout=30))
     assert isinstance(message, dict)
     return message
 
