@@ -246,8 +246,10 @@ async def test_shutdown_naks_the_command_so_the_next_delivery_resumes_as_a_new_a
     content_hash, settings = runner
     stop, task, stage_requests = RUNNING[content_hash]
     await bus.publish(start_command("job-move", content_hash, advanced={"behaviour": "forever"}))
-    seen = job_events(bus, "job-move", until={"started"})
-    first = [event async for event in seen][-1]
+    # Stop once the trainer reports (not merely once it was spawned): a loaded machine may take seconds to
+    # import it, and the check below reads the job's events up to its first progress.
+    seen = [event async for event in job_events(bus, "job-move", until={"progress"})]
+    first = seen[0]
     assert isinstance(first, JobStarted) and first.attempt == 1
     stop.set()
     await asyncio.wait_for(task, timeout=30)
