@@ -634,6 +634,42 @@ async def test_test_inference_upload_create_poll_and_results(ui: World, tmp_path
     assert {r["image_name"] for r in listed} == {item["unique_filename"] for item in upload["uploaded_files"]}
 
 
+async def test_the_original_e2e_inference_scripts_calls(ui: World, tmp_path: Path) -> None:
+    """platform/backend/tests/e2e/test_inference_e2e.py of the original platform: the job id is an integer
+    (argparse type=int), the checkpoint is the job's `best_checkpoint_path`, the images go as the upload's
+    `s3_prefix` string, and it formats the timings with `:.1f` (a null there is a TypeError)."""
+    job_id = ui.ids["job"]
+    await serve_keep_upload(ui.bus, [])
+    job = (await ui.call(NOAUTH, "GET", f"{API}/training/jobs/{job_id}")).json()
+    checkpoint = shape(job, {"model_name": "str", "best_checkpoint_path": "str"}, "job")["best_checkpoint_path"]
+    uploaded = await ui.call(NOAUTH, "POST", f"{API}/test_inference/inference/upload-images",
+                             params={"training_job_id": job_id}, files=[("files", ("a.jpg", PNG, "image/jpeg"))])
+    assert uploaded.status_code == 200, uploaded.text
+    upload = shape(uploaded.json(), {"inference_session_id": "str", "s3_prefix": "str", "total_files": "int",
+                                     "uploaded_files": "list"}, "upload-images")
+    created = await ui.call(NOAUTH, "POST", f"{API}/test_inference/inference/jobs", json={
+        "training_job_id": job_id, "checkpoint_path": checkpoint, "inference_type": "batch",
+        "input_data": {"image_paths_s3": upload["s3_prefix"], "confidence_threshold": 0.25, "iou_threshold": 0.45}})
+    assert created.status_code in (200, 201), created.text
+    inference = shape(created.json(), {"id": "int", "status": "str"}, "POST inference/jobs")
+    rows = [{"image_name": upload["uploaded_files"][0]["unique_filename"], "predicted_label": "2",
+             "predicted_label_id": 2, "confidence": 0.7, "top5_predictions": [], "inference_time_ms": 4.0}]
+    name, sha256 = await stage_results(ui.bus, tmp_path, rows, name=f"results/{inference['id']}/1/results.json")
+    stamp = {"job_id": str(inference["id"]), "attempt": 1, "training_job_id": str(job_id)}
+    await ui.bus.publish(InferenceStarted(**stamp, seq=1, runner_id="r1"))
+    await ui.bus.publish(InferenceCompleted(**stamp, seq=2, results={}, results_object=name, results_sha256=sha256))
+
+    async def completed() -> dict[str, Any] | None:
+        body = (await ui.call(NOAUTH, "GET", f"{API}/test_inference/inference/jobs/detail/{inference['id']}")).json()
+        return body if body["status"] == "completed" else None
+
+    shape(await until(completed), {"total_images": "int", "total_inference_time_ms": "num",
+                                   "avg_inference_time_ms": "num"}, "detail, completed")
+    results = (await ui.call(NOAUTH, "GET", f"{API}/test_inference/inference/jobs/{inference['id']}/results")).json()
+    assert shape(results, {"total_count": "int", "results": "list"}, "results")["total_count"] == 1
+    shape(results["results"][0], {"image_name": "str", "inference_time_ms": "num"}, "results[0]")
+
+
 @pytest.mark.xfail(strict=True, reason="not implemented: the single-image path of the test-inference panel "
                                        "(upload-image?session_id=, inference/quick, DELETE inference/session/{sid})")
 async def test_single_image_inference_path(ui: World) -> None:
