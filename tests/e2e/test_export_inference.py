@@ -73,7 +73,8 @@ def test_onnx_export_validates_downloads_and_its_example_classifies_heldout_digi
     assert {f["format"] for f in capabilities["supported_formats"] if f["supported"]} == {"onnx", "torchscript"}
     # The training job's live feed announces the export's status changes.
     seen: list[dict[str, Any]] = []
-    ws_url = stack.api_url.replace("http://", "ws://") + f"/api/v1/ws/training?job_id={job['id']}"
+    # last_seq=0: the job's whole feed, so nothing the export announces can slip in before the subscription.
+    ws_url = stack.api_url.replace("http://", "ws://") + f"/api/v1/ws/training?job_id={job['id']}&last_seq=0"
 
     def listen() -> None:
         with connect(ws_url, open_timeout=10) as socket:
@@ -124,8 +125,8 @@ def test_onnx_export_validates_downloads_and_its_example_classifies_heldout_digi
                                                    "set_as_default": True}).json()
     assert second["version"] == 2 and second["is_default"] is True
     listing = api.get(f"/api/v1/export/training/{job['id']}/exports").json()
-    assert [e["version"] for e in listing["exports"]] == [2, 1]
-    assert [e["is_default"] for e in listing["exports"]] == [True, False]
+    assert [e["version"] for e in listing["export_jobs"]] == [2, 1]
+    assert [e["is_default"] for e in listing["export_jobs"]] == [True, False]
 
 
 def test_inference_on_heldout_digits_matches_validation_accuracy(world: dict[str, Any]) -> None:
@@ -167,8 +168,10 @@ def test_bad_requests_get_clear_errors_and_change_nothing(world: dict[str, Any])
     api: httpx.Client = world["api"]
     job, pending = world["job"], world["pending_job"]
     before = api.get(f"/api/v1/export/training/{job['id']}/exports").json()["total"]
-    unknown = api.post("/api/v1/export/jobs", json={"training_job_id": "nope", "export_format": "onnx"})
+    unknown = api.post("/api/v1/export/jobs", json={"training_job_id": 999999, "export_format": "onnx"})
     assert unknown.status_code == 404 and "training_job_id" in unknown.json()["detail"]
+    not_an_id = api.post("/api/v1/export/jobs", json={"training_job_id": "nope", "export_format": "onnx"})
+    assert not_an_id.status_code == 422 and "training_job_id" in not_an_id.json()["detail"]
     not_done = api.post("/api/v1/export/jobs", json={"training_job_id": pending["id"], "export_format": "onnx"})
     assert not_done.status_code == 409 and "pending" in not_done.json()["detail"]
     bad_format = api.post("/api/v1/export/jobs", json={"training_job_id": job["id"], "export_format": "tflite"})

@@ -111,7 +111,7 @@ def _model_names(listing: Any) -> set[str]:
     return {name for name in ("simple_cnn", "tiny_resnet") if f'"{name}"' in text}
 
 
-def _ws_url(stack: EmbeddedStack, job_id: str, last_seq: int | None = None) -> str:
+def _ws_url(stack: EmbeddedStack, job_id: int, last_seq: int | None = None) -> str:
     url = stack.api_url.replace("http://", "ws://") + f"/api/v1/ws/training?job_id={job_id}"
     return url + (f"&last_seq={last_seq}" if last_seq is not None else "")
 
@@ -136,10 +136,13 @@ def test_digits_job_trains_tracks_and_stores_checkpoints(stack: EmbeddedStack, a
     job_id = job["id"]
     started = api.post(f"/api/v1/training/jobs/{job_id}/start")
     assert started.status_code == 200 and started.json()["status"] == "queued", started.text
-    assert api.post(f"/api/v1/training/jobs/{job_id}/start").status_code == 409
+    # Starting a job already on its way answers it as is (the original frontend does after restart).
+    again = api.post(f"/api/v1/training/jobs/{job_id}/start")
+    assert again.status_code == 200 and again.json()["status"] in ("queued", "running"), again.text
+    assert again.json()["attempt"] == 1
 
-    # Live feed: read part of it, drop the connection, resume with last_seq.
-    first = _collect_until_terminal(_ws_url(stack, job_id), stop_after=4)
+    # Live feed from the start (last_seq=0): read part of it, drop the connection, resume with last_seq.
+    first = _collect_until_terminal(_ws_url(stack, job_id, 0), stop_after=4)
     last_seq = max(m["seq"] for m in first if "seq" in m)
     rest = first if first[-1]["type"] == "training_complete" else _collect_until_terminal(_ws_url(stack, job_id, last_seq))
     feed = [m for m in first if "seq" in m] + ([m for m in rest if "seq" in m] if rest is not first else [])
@@ -150,6 +153,9 @@ def test_digits_job_trains_tracks_and_stores_checkpoints(stack: EmbeddedStack, a
     changes = [m["new_status"] for m in feed if m["type"] == "training_status_change"]
     assert changes[:2] == ["queued", "running"] and changes[-1] == "completed"
     assert feed[-1]["type"] == "training_complete"
+    assert {m["job_id"] for m in feed} == {job_id}  # the integer id in every message
+    # The terminal message is sent only once the job's row shows it.
+    assert api.get(f"/api/v1/training/jobs/{job_id}").json()["status"] == "completed"
 
     final = _poll(lambda: api.get(f"/api/v1/training/jobs/{job_id}").json(), lambda j: j["status"] in TERMINAL)
     assert final["status"] == "completed", final
@@ -182,6 +188,7 @@ def test_digits_job_trains_tracks_and_stores_checkpoints(stack: EmbeddedStack, a
 
     logs = api.get(f"/api/v1/training/jobs/{job_id}/logs", params={"limit": 500}).json()
     assert logs, "the trainer's output should be in the job's logs"
+    assert all(isinstance(line["content"], str) and line["log_type"] for line in logs)  # as the frontend reads them
 
 
 def test_cancel_stops_a_running_job_and_its_processes(stack: EmbeddedStack, api: httpx.Client, dataset_id: str) -> None:
@@ -201,7 +208,7 @@ def test_cancel_stops_a_running_job_and_its_processes(stack: EmbeddedStack, api:
     assert api.post(f"/api/v1/training/jobs/{job_id}/cancel").status_code == 409
 
 
-def _trainer_pids(job_id: str) -> list[int]:
+def _trainer_pids(job_id: int) -> list[int]:
     pids = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -211,6 +218,7 @@ def _trainer_pids(job_id: str) -> list[int]:
             cwd = os.readlink(entry / "cwd")
         except OSError:
             continue
-        if "visionyard.trainers" in cmdline and job_id in cwd:
+        # The runner trains in <work_dir>/jobs/<job id>/<attempt>: match the whole id, not a digit of a path.
+        if "visionyard.trainers" in cmdline and f"/jobs/{job_id}/" in cwd:
             pids.append(int(entry.name))
     return pids

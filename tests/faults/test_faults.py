@@ -110,7 +110,8 @@ def job_processes(job_id: str) -> list[tuple[int, int]]:
             stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if "visionyard.trainers" in cmdline and job_id in cwd and stat[0] != "Z":
+        # The runner trains in <work_dir>/jobs/<job id>/<attempt>: match the whole id, not a digit of a path.
+        if "visionyard.trainers" in cmdline and f"/jobs/{job_id}/" in cwd and stat[0] != "Z":
             found.append((int(entry.name), int(stat[1])))
     return found
 

@@ -142,8 +142,9 @@ async def ready_dataset(world: World, role: str, *, name: str, project_id: int |
 
 
 async def completed_job(world: World, role: str, *, dataset_id: str, project_id: int | None, name: str) -> int:
-    """A training job driven to `completed` by a runner's events: two epochs, logs, a validation
-    result, and a stored `best` checkpoint of epoch 2."""
+    """A training job driven to `completed` by a runner's events, in the classifier trainer's order: each
+    epoch reports progress, then its `last` checkpoint (and `best` when it improved) is stored; logs and a
+    validation result of epoch 1 on the way."""
     body: dict[str, Any] = {"experiment_name": name, "config": {
         "framework": "pytorch", "model_name": "simple_cnn", "task_type": "classification",
         "dataset_id": dataset_id, "epochs": 2}}
@@ -155,26 +156,39 @@ async def completed_job(world: World, role: str, *, dataset_id: str, project_id:
     started = await world.call(role, "POST", f"{API}/training/jobs/{job_id}/start")
     assert started.status_code == 200, started.text
     key = str(job_id)
-    uri = f"file:///store/checkpoints/{key}/best.pt"
-    for event in (
-        JobStarted(job_id=key, attempt=1, seq=1, runner_id="r1"),
-        ProgressReported(job_id=key, attempt=1, seq=2, epoch=1, total_epochs=2,
+    seq = iter(range(1, 100))
+
+    def stored(kind: str, epoch: int) -> list[Any]:
+        number = next(seq)
+        return [
+            CheckpointStaged(job_id=key, attempt=1, seq=number, checkpoint_kind=kind, epoch=epoch, size_bytes=12,
+                             object_name=f"ckpt/{key}/1/{number}-{kind}.pt", sha256=f"{number:064d}"),
+            # Storage keeps one object per kind: checkpoints/<job>/<kind>.pt.
+            ArtifactStored(job_id=key, attempt=1, seq=number, checkpoint_kind=kind, epoch=epoch, size_bytes=12,
+                           uri=f"file:///store/checkpoints/{key}/{kind}.pt", sha256=f"{number:064d}"),
+        ]
+
+    events: list[Any] = [
+        JobStarted(job_id=key, attempt=1, seq=next(seq), runner_id="r1"),
+        ProgressReported(job_id=key, attempt=1, seq=next(seq), epoch=1, total_epochs=2,
                          metrics={"loss": 0.9, "accuracy": 0.5, "learning_rate": 0.01}),
-        LogEmitted(job_id=key, attempt=1, seq=3, message="epoch 1 done", event_type="stdout"),
-        LogEmitted(job_id=key, attempt=1, seq=4, message="validation of epoch 1", event_type="validation_result",
+        *stored("last", 1),
+        *stored("best", 1),
+        LogEmitted(job_id=key, attempt=1, seq=next(seq), message="epoch 1 done", event_type="stdout"),
+        LogEmitted(job_id=key, attempt=1, seq=next(seq), message="validation of epoch 1",
+                   event_type="validation_result",
                    data={"epoch": 1, "class_names": ["0", "1", "2"],
                          "confusion_matrix": [[5, 0, 0], [1, 4, 0], [0, 0, 5]],
                          "per_class_metrics": [{"class_name": str(i), "precision": 0.9, "recall": 0.9,
                                                 "f1": 0.9} for i in range(3)]}),
-        ProgressReported(job_id=key, attempt=1, seq=5, epoch=2, total_epochs=2,
+        ProgressReported(job_id=key, attempt=1, seq=next(seq), epoch=2, total_epochs=2,
                          metrics={"loss": 0.4, "accuracy": 0.9, "learning_rate": 0.01}),
-        CheckpointStaged(job_id=key, attempt=1, seq=6, checkpoint_kind="best", object_name=f"ckpt/{key}/best.pt",
-                         sha256="b" * 64, size_bytes=12, epoch=2),
-        JobCompleted(job_id=key, attempt=1, seq=7, total_epochs_completed=2, final_metrics={"accuracy": 0.9},
-                     best_metrics={"accuracy": 0.9}, best_epoch=2, declared_checkpoints=["best"]),
-        ArtifactStored(job_id=key, attempt=1, seq=6, checkpoint_kind="best", uri=uri, sha256="b" * 64,
-                       size_bytes=12, epoch=2),
-    ):
+        *stored("last", 2),
+        *stored("best", 2),
+        JobCompleted(job_id=key, attempt=1, seq=next(seq), total_epochs_completed=2, final_metrics={"accuracy": 0.9},
+                     best_metrics={"accuracy": 0.9}, best_epoch=2, declared_checkpoints=["best", "last"]),
+    ]
+    for event in events:
         await world.bus.publish(event)
 
     async def completed() -> bool:

@@ -270,8 +270,8 @@ async def test_a_terminal_message_waits_for_the_projection_gate(bus: Bus) -> Non
     async def collect(message: dict) -> None:
         received.append(message)
 
-    async def gate(job_id: str) -> None:
-        assert job_id == "gated"
+    async def gate(job_id: str, attempt: int) -> None:
+        assert (job_id, attempt) == ("gated", 1)
         gate_called.set()
         await projected.wait()
 

@@ -81,7 +81,8 @@ def wire_id(job_id: str) -> int | str:
 
 # Messages that end an attempt: sent only once the job's row (what GET /training/jobs/{id} answers) shows it.
 TERMINAL_TYPES = frozenset({"training_complete", "training_error"})
-Gate = Callable[[str], Awaitable[None]]
+# Called with the job id and the attempt a terminal message ends; returns once the job's row shows it.
+Gate = Callable[[str, int], Awaitable[None]]
 
 
 def translate(event: JobEvent, *, seq: int, view: JobView) -> list[WsMessage]:
@@ -227,7 +228,7 @@ class JobEventReader:
             return
         messages = translate(event, seq=seq, view=self._view)
         if self._gate is not None and any(message["type"] in TERMINAL_TYPES for message in messages):
-            await self._gate(self.job_id)
+            await self._gate(self.job_id, event.attempt)
         await self.on_messages(seq, messages)
 
     async def on_messages(self, seq: int, messages: list[WsMessage]) -> None:

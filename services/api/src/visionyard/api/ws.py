@@ -72,17 +72,19 @@ def _hub(app: Any) -> FeedHub:
 def _projection_gate(app: Any) -> Any:
     """Wait until the job's row shows a terminal status (the projector may be a moment behind the stream)."""
 
-    def status_of(job_id: str) -> str | None:
+    def state_of(job_id: str) -> tuple[str, int] | None:
         with app.state.session_factory() as session:
             job = session.get(TrainingJob, job_id)
-            return job.status if job is not None else None
+            return (job.status, job.attempt) if job is not None else None
 
-    async def gate(job_id: str) -> None:
+    async def gate(job_id: str, attempt: int) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + PROJECTION_WAIT_SECONDS
         while loop.time() < deadline:
-            status = await run_in_threadpool(status_of, job_id)
-            if status is None or status in TERMINAL_STATUSES:
+            state = await run_in_threadpool(state_of, job_id)
+            # A later attempt began (restart, resume, retry): this end of an earlier one is history, and
+            # the row will not show it again; waiting would hold the new attempt's messages back.
+            if state is None or state[0] in TERMINAL_STATUSES or state[1] > attempt:
                 return
             await asyncio.sleep(PROJECTION_POLL_SECONDS)
 

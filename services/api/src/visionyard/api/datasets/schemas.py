@@ -26,6 +26,7 @@ class DatasetResponse(BaseModel):
     project_id: int
     name: str
     description: str | None
+    source: str = "upload"
     format: str | None
     labeled: bool
     num_items: int

@@ -18,6 +18,9 @@ from visionyard.api.datasets import schemas
 from visionyard.api.errors import Forbidden, InvalidInput, NotFound
 from visionyard.shared.commands import IngestDataset
 
+# Where a dataset's files came from, in the original platform's terms: every Visionyard dataset is uploaded.
+DATASET_SOURCE = "upload"
+
 # A zip archive starts with a local file header, or (when empty) with the end-of-directory record.
 ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
 
@@ -33,8 +36,11 @@ class ObjectStaging(Protocol):
 def to_response(dataset: Dataset) -> schemas.DatasetResponse:
     """The wire form of a dataset."""
     return schemas.DatasetResponse(
-        id=dataset.id, project_id=dataset.project_id, name=dataset.name, description=dataset.description,
-        # Never null: the original frontend upper-cases it unguarded. "unknown" until an upload is ingested.
+        id=dataset.id, project_id=dataset.project_id, name=dataset.name,
+        # Never null, and `source` always there: the original frontend's dataset search lower-cases
+        # description, format and source unguarded (DatasetPanel.tsx:118-123), and its table upper-cases
+        # format. Format is "unknown" until an upload is ingested.
+        description=dataset.description or "", source=DATASET_SOURCE,
         format=dataset.format or "unknown", labeled=dataset.labeled, num_items=dataset.num_images, num_images=dataset.num_images,
         num_classes=dataset.num_classes, class_names=list(dataset.class_names or []),
         class_counts=dict(dataset.class_counts or {}), splits=dict(dataset.splits or {}),

@@ -74,8 +74,19 @@ class ProjectService:
         """Edit a project (owners)."""
         with self._uow.transaction() as session:
             project, role = _project(session, principal, project_id, Role.OWNER)
-            for name, value in request.model_dump(exclude_unset=True).items():
-                setattr(project, name, value.strip() if name == "name" and value else value)
+            changes = request.model_dump(exclude_unset=True)
+            if "name" in changes:
+                if changes["name"] is None or not changes["name"].strip():
+                    raise InvalidInput("name", "must not be blank")
+                changes["name"] = changes["name"].strip()
+                # The same rule as create: an owner's project names are unique (the page reads this 400).
+                taken = session.scalar(select(Project.id).where(Project.owner_id == project.owner_id,
+                                                                Project.name == changes["name"],
+                                                                Project.id != project.id))
+                if taken is not None:
+                    raise BadRequest(f"name: a project named {changes['name']!r} already exists")
+            for name, value in changes.items():
+                setattr(project, name, value)
             session.flush()
             return _response(session, project, role)
 
