@@ -177,3 +177,32 @@ async def test_a_job_is_refused_for_what_its_trainer_does_not_declare(client: ht
     accepted = await client.post(JOBS, json=body(yolo_data, task_type="object_detection"))
     assert accepted.status_code == 201, accepted.text
     assert accepted.json()["task_type"] == "detection" and accepted.json()["primary_metric"] == "mAP50"
+
+
+async def test_device_requests_are_validated_and_a_gpu_job_is_queued_on_its_own_subject(
+    client: httpx.AsyncClient, bus: Bus
+) -> None:
+    await _publish(bus, ORIGINAL)
+    dataset_id = await _ready(client, bus, fmt="yolo")
+
+    def body(**advanced: Any) -> dict[str, Any]:
+        return {"config": {"framework": "ultralytics", "model_name": "yolo11n", "task_type": "detection",
+                           "dataset_id": dataset_id, "epochs": 1, "advanced_config": advanced}}
+
+    for advanced, field in (({"device": "tpu"}, "config.advanced_config.device"),
+                            ({"device": "gpu", "gpu_count": 0}, "config.advanced_config.gpu_count")):
+        refused = await client.post(JOBS, json=body(**advanced))
+        assert refused.status_code == 422 and refused.json()["detail"].startswith(field), refused.text
+    gpu_job = (await client.post(JOBS, json=body(device="gpu", gpu_count=2))).json()
+    cpu_job = (await client.post(JOBS, json=body())).json()
+    for job in (gpu_job, cpu_job):
+        assert (await client.post(f"{JOBS}/{job['id']}/start")).status_code == 200
+
+    async def queued() -> dict[str, int] | None:
+        info = await bus.js.stream_info(streams.COMMANDS.name, subjects_filter="cmd.train.>")
+        subjects = info.state.subjects or {}
+        return subjects if subjects.get("cmd.train.gpu.2") == 1 else None
+
+    await until(queued)
+    everything = await bus.js.stream_info(streams.COMMANDS.name, subjects_filter="cmd.train")
+    assert (everything.state.subjects or {}).get("cmd.train") == 1  # the CPU job on the CPU subject

@@ -230,7 +230,8 @@ async def test_a_finished_trainer_yields_started_then_its_events_then_completed(
     assert kinds == ["JobStarted", "ProgressReported", "LogEmitted", "JobCompleted"]
     spec = launcher.specs[0]
     assert spec.argv == ["/py", "-m", "some.trainer"]
-    assert set(spec.env) == {"PATH", "VISIONYARD_JOB_FILE", "PYTHONUNBUFFERED"}
+    assert set(spec.env) == {"PATH", "VISIONYARD_JOB_FILE", "PYTHONUNBUFFERED", "CUDA_VISIBLE_DEVICES"}
+    assert spec.env["CUDA_VISIBLE_DEVICES"] == ""  # a CPU job sees no GPU
     assert trainer.stopped  # the group is always swept
 
 

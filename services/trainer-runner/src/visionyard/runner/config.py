@@ -39,6 +39,10 @@ class RunnerSettings(ServiceSettings):
     # Named trainer environments: `ultralytics=/path/to/venv,timm=/path/to/python` (or a JSON object);
     # a manifest's `environment` picks one. A venv directory means its bin/python.
     trainer_envs: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
+    # GPUs this runner schedules: `auto` (nvidia-smi), `none`, or indices `0,1` (runner/devices.py).
+    gpus: str = "auto"
+    # Pretend GPUs (tests, demos on machines without one): scheduled like real ones; overrides `gpus`.
+    fake_gpus: int = Field(default=0, ge=0, le=64)
     # Original-platform trainer directories (`train.py` + `capabilities.json`), separated by `:` or `,`.
     trainer_dirs: Annotated[list[Path], NoDecode] = Field(default_factory=list)
     cancel_grace_seconds: float = Field(default=10.0, ge=0)
