@@ -206,3 +206,22 @@ async def test_device_requests_are_validated_and_a_gpu_job_is_queued_on_its_own_
     await until(queued)
     everything = await bus.js.stream_info(streams.COMMANDS.name, subjects_filter="cmd.train")
     assert (everything.state.subjects or {}).get("cmd.train") == 1  # the CPU job on the CPU subject
+
+
+async def test_advanced_config_is_checked_against_the_declared_fields(client: httpx.AsyncClient, bus: Bus) -> None:
+    await _publish(bus, ORIGINAL)
+    good = (await client.post("/api/v1/training/config/validate", params={"framework": "ultralytics"},
+                              json={"optimizer": "AdamW", "warmup_iters": 100, "pretrained": False})).json()
+    assert good == {"valid": True, "errors": [], "warnings": [], "suggestions": []}
+    bad = (await client.post("/api/v1/training/config/validate", params={"framework": "ultralytics"},
+                             json={"optimizer": "Lion", "warmup_iters": 9000, "pretrained": "yes", "mystery": 1,
+                                   "device": "tpu"})).json()
+    assert bad["valid"] is False
+    assert any(e.startswith("optimizer: 'Lion' is not one of SGD, AdamW") for e in bad["errors"])
+    assert any(e.startswith("warmup_iters: 9000 is above the maximum 5000") for e in bad["errors"])
+    assert any(e.startswith("pretrained:") for e in bad["errors"])
+    assert any(e.startswith("advanced_config.device:") for e in bad["errors"])
+    assert any(w.startswith("mystery: not a declared option") for w in bad["warnings"])
+    # Without a framework (as the original frontend calls it) every trainer's fields count.
+    pytorch = (await client.post("/api/v1/training/config/validate", json={"epochs": 3})).json()
+    assert pytorch["valid"] is True
