@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import shutil
 from collections import deque
 from collections.abc import AsyncIterator, Iterable
@@ -200,7 +201,7 @@ class AttemptEvents:
             self.stderr_tail.append(line)
         return LogEmitted(
             **self._next(),
-            level="ERROR" if stream == "stderr" else "INFO",
+            level=output_level(stream, line),
             event_type=stream,
             message=line,
         )
@@ -267,6 +268,20 @@ class AttemptEvents:
             best_epoch=result.get("best_epoch"),
             declared_checkpoints=list(self.declared_checkpoints),
         )
+
+
+# A logging-style level near the start of a line: `2026-12-02 06:29:55,107 - __main__ - INFO - ...`,
+# `INFO:root:...`, `[WARNING] ...`. Python's logging writes every level to stderr by default.
+_LINE_LEVEL = re.compile(r"(?:^|[\s\[|:-])(DEBUG|INFO|WARNING|WARN|ERROR|CRITICAL)(?=[\]\s|:-]|$)")
+
+
+def output_level(stream: str, line: str) -> str:
+    """The level of a captured output line: the level it names itself, else INFO (stdout) or ERROR (stderr)."""
+    named = _LINE_LEVEL.search(line[:80])
+    if named:
+        level = named.group(1)
+        return "WARNING" if level == "WARN" else level
+    return "ERROR" if stream == "stderr" else "INFO"
 
 
 def _last_meaningful(lines: Iterable[str]) -> str:
