@@ -13,7 +13,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
 from visionyard.shared import streams
-from visionyard.shared.config import ServiceSettings
+from visionyard.shared.config import MetricsSettings, ServiceSettings
 
 # The only variables a trainer inherits; credentials and the broker URL never reach it.
 TRAINER_ENV_KEYS = ("PATH", "HOME", "LANG", "PYTHONPATH")
@@ -27,7 +27,7 @@ def _trainer_base_env() -> dict[str, str]:
     return {key: os.environ[key] for key in TRAINER_ENV_KEYS if key in os.environ}
 
 
-class RunnerSettings(ServiceSettings):
+class RunnerSettings(ServiceSettings, MetricsSettings):
     """How many jobs to hold, where to work, how to run trainers."""
 
     model_config = SettingsConfigDict(env_prefix="VISIONYARD_RUNNER_", extra="ignore")

@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from visionyard.runner.devices import GpuPool, advertise, withdraw
 from visionyard.runner.ship_handlers import SHIP_SUBJECTS, ShipCommandHandler
 from visionyard.runner.service import AttemptOutcome, StopReason, TrainingAttempts
-from visionyard.shared import streams
+from visionyard.shared import metrics, streams
 from visionyard.shared.bus import AckAction, Bus, PermanentError, decide_ack
 from visionyard.shared.commands import StartTraining
 from visionyard.shared.devices import MAX_GPUS_PER_JOB
@@ -62,6 +62,9 @@ class TrainCommandConsumer:
             for count, spec in self._gpu_specs().items()
         }
         await self._advertise()
+        tracked = [self._spec, *self._gpu_specs().values()]
+        for spec in tracked:
+            metrics.CONSUMERS.track(self._bus, spec)
         try:
             while not stop.is_set():
                 if not await self._acquire_slot(stop):
@@ -94,6 +97,8 @@ class TrainCommandConsumer:
                     self._tasks.add(task)
                     task.add_done_callback(self._job_done)
         finally:
+            for spec in tracked:
+                metrics.CONSUMERS.untrack(self._bus, spec)
             self._attempts.held.stop_all(StopReason.SHUTDOWN)
             if self._tasks:
                 await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -154,10 +159,15 @@ class TrainCommandConsumer:
         return False
 
     async def hold(self, msg: Msg, *, gpus: list[str] | None = None) -> None:
-        """Run one delivered command to its end and settle it; the GPUs it held go back to the pool."""
+        """Run one delivered command to its end and settle it; the GPUs it held go back to the pool.
+
+        Timed as the consumer's handler call: a command is held while its job runs.
+        """
+        started = time.perf_counter()
         try:
             await self._hold(msg, gpus=gpus)
         finally:
+            metrics.HANDLER_SECONDS.labels(self._spec.durable).observe(time.perf_counter() - started)
             if gpus:
                 self._gpu_pool.give_back(gpus)
                 await self._advertise()
@@ -210,6 +220,8 @@ class TrainCommandConsumer:
 
     async def _settle(self, msg: Msg, error: BaseException | None, *, delivered: int) -> None:
         decision = decide_ack(error, delivered=delivered, spec=self._spec)
+        if error is not None:
+            metrics.HANDLER_FAILURES.labels(self._spec.durable, decision.action.value).inc()
         try:
             if decision.dead_letter:
                 await self._bus.dead_letter(msg, consumer=self._spec.durable, reason=str(error))

@@ -28,6 +28,7 @@ from visionyard.shared.bus import Bus
 from visionyard.shared.devices import MAX_GPUS_PER_JOB
 from visionyard.shared.lifecycle import run_until_signalled
 from visionyard.shared.logs import configure_logging
+from visionyard.shared.metrics import serve_metrics
 from visionyard.shared.manifest import TrainerManifest
 
 log = logging.getLogger("visionyard.runner")
@@ -88,6 +89,7 @@ async def serve(
     own_bus = bus is None
     if bus is None:
         bus = await Bus.connect(settings.nats_url, service="trainer-runner")
+    metrics_server = serve_metrics(host=settings.metrics_host, port=settings.metrics_port)
     try:
         await bus.ensure_topology(replicas=settings.stream_replicas)
         # The runner owns its consumer's ack wait: how fast a dead runner's job moves to another.
@@ -127,6 +129,8 @@ async def serve(
     finally:
         if own_bus:
             await bus.close()
+        if metrics_server is not None:
+            metrics_server.stop()
 
 
 def run() -> None:
