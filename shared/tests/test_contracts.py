@@ -42,3 +42,12 @@ def test_asyncapi_document_lists_every_event() -> None:
     assert "cmd.train" in addresses and "cmd.export" in addresses and "cmd.infer" in addresses
     assert "evt.export.{export_id}.completed" in addresses and "evt.infer.{infer_id}.cancelled" in addresses
     assert "reason" in document["components"]["schemas"][JobFailed.__name__]["properties"]
+
+
+def test_asyncapi_documents_the_gpu_training_subjects() -> None:
+    from visionyard.shared.asyncapi import asyncapi_document
+    from visionyard.shared.devices import device_request
+
+    channel = asyncapi_document()["channels"]["cmd_train_gpu"]
+    assert channel["address"] == "cmd.train.gpu.{gpu_count}"
+    assert device_request({"device": "gpu", "gpu_count": 3}).subject == channel["address"].replace("{gpu_count}", "3")

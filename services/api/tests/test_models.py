@@ -177,3 +177,65 @@ async def test_a_job_is_refused_for_what_its_trainer_does_not_declare(client: ht
     accepted = await client.post(JOBS, json=body(yolo_data, task_type="object_detection"))
     assert accepted.status_code == 201, accepted.text
     assert accepted.json()["task_type"] == "detection" and accepted.json()["primary_metric"] == "mAP50"
+
+
+async def test_device_requests_are_validated_and_a_gpu_job_is_queued_on_its_own_subject(
+    client: httpx.AsyncClient, bus: Bus
+) -> None:
+    await _publish(bus, ORIGINAL)
+    dataset_id = await _ready(client, bus, fmt="yolo")
+
+    def body(**advanced: Any) -> dict[str, Any]:
+        return {"config": {"framework": "ultralytics", "model_name": "yolo11n", "task_type": "detection",
+                           "dataset_id": dataset_id, "epochs": 1, "advanced_config": advanced}}
+
+    for advanced, field in (({"device": "tpu"}, "config.advanced_config.device"),
+                            ({"device": "gpu", "gpu_count": 0}, "config.advanced_config.gpu_count")):
+        refused = await client.post(JOBS, json=body(**advanced))
+        assert refused.status_code == 422 and refused.json()["detail"].startswith(field), refused.text
+    gpu_job = (await client.post(JOBS, json=body(device="gpu", gpu_count=2))).json()
+    cpu_job = (await client.post(JOBS, json=body())).json()
+    for job in (gpu_job, cpu_job):
+        assert (await client.post(f"{JOBS}/{job['id']}/start")).status_code == 200
+
+    async def queued() -> dict[str, int] | None:
+        info = await bus.js.stream_info(streams.COMMANDS.name, subjects_filter="cmd.train.>")
+        subjects = info.state.subjects or {}
+        return subjects if subjects.get("cmd.train.gpu.2") == 1 else None
+
+    await until(queued)
+    everything = await bus.js.stream_info(streams.COMMANDS.name, subjects_filter="cmd.train")
+    assert (everything.state.subjects or {}).get("cmd.train") == 1  # the CPU job on the CPU subject
+
+
+async def test_advanced_config_is_checked_against_the_declared_fields(client: httpx.AsyncClient, bus: Bus) -> None:
+    await _publish(bus, ORIGINAL)
+    good = (await client.post("/api/v1/training/config/validate", params={"framework": "ultralytics"},
+                              json={"optimizer": "AdamW", "warmup_iters": 100, "pretrained": False})).json()
+    assert good == {"valid": True, "errors": [], "warnings": [], "suggestions": []}
+    bad = (await client.post("/api/v1/training/config/validate", params={"framework": "ultralytics"},
+                             json={"optimizer": "Lion", "warmup_iters": 9000, "pretrained": "yes", "mystery": 1,
+                                   "device": "tpu"})).json()
+    assert bad["valid"] is False
+    assert any(e.startswith("optimizer: 'Lion' is not one of SGD, AdamW") for e in bad["errors"])
+    assert any(e.startswith("warmup_iters: 9000 is above the maximum 5000") for e in bad["errors"])
+    assert any(e.startswith("pretrained:") for e in bad["errors"])
+    assert any(e.startswith("advanced_config.device:") for e in bad["errors"])
+    assert any(w.startswith("mystery: not a declared option") for w in bad["warnings"])
+    # Without a framework (as the original frontend calls it) every trainer's fields count.
+    pytorch = (await client.post("/api/v1/training/config/validate", json={"epochs": 3})).json()
+    assert pytorch["valid"] is True
+
+
+async def test_the_catalogue_needs_no_credential_even_when_keys_are_required(bus: Bus, settings: Any) -> None:
+    from visionyard.api.main import create_app
+
+    await _publish(bus, ORIGINAL)
+    app = create_app(settings.model_copy(update={"api_keys": ["s3cret"]}), bus=bus)
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api") as http:
+            assert (await http.get(JOBS)).status_code == 401  # user data stays behind the key
+            listed = await http.get("/api/v1/models/list")
+            assert listed.status_code == 200 and any(m["model_name"] == "yolo11n" for m in listed.json())
+            schema = await http.get("/api/v1/training/config-schema", params={"framework": "ultralytics"})
+            assert schema.status_code == 200

@@ -139,3 +139,20 @@ def test_local_backend_refuses_keys_and_uris_outside_its_root(tmp_path: Path) ->
     with pytest.raises(ValueError):
         store.parse_uri((tmp_path / "elsewhere" / "x").as_uri())
     assert not (tmp_path / "escape").exists()
+
+
+def test_every_s3_call_is_timed_by_operation_and_outcome(s3_endpoint: str) -> None:
+    from prometheus_client import REGISTRY
+
+    def calls(operation: str, outcome: str) -> float:
+        labels = {"operation": operation, "outcome": outcome}
+        return REGISTRY.get_sample_value("visionyard_storage_s3_seconds_count", labels) or 0.0
+
+    backend = s3_backend(s3_endpoint)
+    bucket = f"test-{uuid.uuid4().hex[:12]}"
+    backend.ensure_buckets([bucket])
+    puts, misses = calls("PutObject", "ok"), calls("HeadObject", "error")
+    backend.write_bytes(bucket, "timed/object", b"payload")
+    assert not backend.exists(bucket, "timed/missing")  # a 404 is an answer, counted as an error outcome
+    assert calls("PutObject", "ok") == puts + 1
+    assert calls("HeadObject", "error") == misses + 1

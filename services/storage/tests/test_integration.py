@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import urllib.request
 import zlib
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -309,6 +310,21 @@ async def test_large_checkpoint_streams_into_s3_and_a_corrupt_one_is_aborted(
     assert s3.client.list_multipart_uploads(Bucket="it-internal-big").get("Uploads", []) == []  # aborted
 
 
+async def _until_subscribed(server: NatsServer, subject: str) -> None:
+    """Wait until the server has a subscription on `subject` (its monitoring endpoint says so)."""
+
+    def subscribed() -> bool:
+        url = f"http://127.0.0.1:{server.monitor_port}/subsz?subs=1&test={subject}"
+        with urllib.request.urlopen(url, timeout=5) as reply:
+            return bool(json.loads(reply.read()).get("total"))
+
+    for _ in range(400):
+        if await asyncio.to_thread(subscribed):
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"nobody subscribed to {subject}")
+
+
 async def test_an_announced_checkpoint_is_copied_into_s3_while_it_is_staged(
     bus: Bus, nats_server: NatsServer, s3_endpoint: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -320,7 +336,7 @@ async def test_an_announced_checkpoint_is_copied_into_s3_while_it_is_staged(
     stop, task = await start_storage(settings)
     caplog.set_level(logging.INFO, logger="visionyard.storage")
     try:
-        await asyncio.sleep(0.5)  # subscribed to hints
+        await _until_subscribed(nats_server, subjects.STORAGE_CHECKPOINT_INCOMING)  # a hint before it is lost
         source = tmp_path / "job8.pt"
         source.write_bytes(os.urandom(20 * 1024 * 1024 + 3))
         name, object_id = "ckpt/job8/1/1-best.pt", bus.new_object_id()

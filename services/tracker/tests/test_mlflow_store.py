@@ -124,3 +124,18 @@ async def test_the_only_writer_creates_a_job_run_with_one_search_and_finds_it_ag
             [MlflowClient(tracking_uri=uri).get_experiment_by_name("exp").experiment_id])] == [run_id]
     finally:
         store.close()
+
+
+async def test_every_mlflow_call_is_timed_by_operation(store: MlflowRunStore) -> None:
+    from prometheus_client import REGISTRY
+
+    def calls(operation: str) -> float:
+        return REGISTRY.get_sample_value("visionyard_tracker_mlflow_seconds_count", {"operation": operation}) or 0.0
+
+    before = {operation: calls(operation) for operation in ("create_run", "write", "metric_history")}
+    run_id = await create(store, "timed-job")
+    await store.write([*log_batches(run_id, metrics=[MetricPoint("loss", 0.5, 1, 1000)], params={}, tags={})])
+    await store.metric_history(run_id, "loss")
+    assert {operation: calls(operation) - count for operation, count in before.items()} == {
+        "create_run": 1, "write": 1, "metric_history": 1,
+    }

@@ -230,7 +230,8 @@ async def test_a_finished_trainer_yields_started_then_its_events_then_completed(
     assert kinds == ["JobStarted", "ProgressReported", "LogEmitted", "JobCompleted"]
     spec = launcher.specs[0]
     assert spec.argv == ["/py", "-m", "some.trainer"]
-    assert set(spec.env) == {"PATH", "VISIONYARD_JOB_FILE", "PYTHONUNBUFFERED"}
+    assert set(spec.env) == {"PATH", "VISIONYARD_JOB_FILE", "PYTHONUNBUFFERED", "CUDA_VISIBLE_DEVICES"}
+    assert spec.env["CUDA_VISIBLE_DEVICES"] == ""  # a CPU job sees no GPU
     assert trainer.stopped  # the group is always swept
 
 
@@ -362,3 +363,13 @@ async def test_a_closed_cadence_stages_nothing_it_still_held(tmp_path: Path) -> 
     cadence.close()
     await asyncio.sleep(0.1)  # well past the interval: a live timer would have passed `second` on
     assert staged == [first]
+
+
+def test_captured_lines_keep_the_level_they_name_and_stderr_defaults_to_error() -> None:
+    events = AttemptEvents(job_id="j", attempt=1)
+    info = events.from_output("stderr", "2026-12-02 06:29:55,107 - __main__ - INFO - Advanced config parameters: []")
+    warning = events.from_output("stderr", "[WARNING] slow disk")
+    plain = events.from_output("stderr", "Traceback (most recent call last):")
+    out = events.from_output("stdout", "epoch 1 done")
+    assert [e.level for e in (info, warning, plain, out)] == ["INFO", "WARNING", "ERROR", "INFO"]
+    assert list(events.stderr_tail)[-1] == "Traceback (most recent call last):"  # every stderr line is kept for failures

@@ -161,3 +161,14 @@ async def test_training_spawns_the_trainer_with_its_environments_interpreter(tmp
     assert isinstance(sink.items[-1], JobCompleted)
     assert (tmp_path / "used").read_text().split() == ["ultra"]  # the environment's interpreter started it
     assert any(isinstance(i, LogEmitted) and i.message.startswith("interpreter ") for i in sink.items)
+
+
+def test_the_services_never_import_torch_even_when_reading_every_installed_manifest() -> None:
+    import subprocess
+
+    code = ("import sys, visionyard.runner.main, visionyard.api.main, visionyard.tracker.main, visionyard.storage.main\n"
+            "from visionyard.runner.trainers import discover_manifests\n"
+            "assert discover_manifests([]), 'no trainer installed'\n"
+            "print(sorted(m for m in ('torch', 'torchvision', 'ultralytics', 'timm') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -55,6 +55,10 @@ def asyncapi_document() -> dict[str, Any]:
     for subject, model in _COMMANDS.items():
         name = add_message(model, (model.__doc__ or "").strip())
         channels[subject.replace(".", "_")] = _channel(subject, name, f"Command stream {streams.COMMANDS.name}")
+    channels["cmd_train_gpu"] = _channel(
+        subjects.CMD_TRAIN_GPU_PREFIX + ".{gpu_count}", commands.StartTraining.__name__,
+        f"Command stream {streams.COMMANDS.name}; a training job that needs `gpu_count` GPUs (shared/devices.py)",
+    )
     for kind, model in events.JOB_EVENT_TYPES.items():
         name = add_message(model, (model.__doc__ or "").strip())
         channels[f"job_{kind}"] = _channel(

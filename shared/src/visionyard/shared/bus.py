@@ -17,6 +17,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -44,7 +45,7 @@ from nats.js.object_store import (
 from nats.nuid import NUID
 from pydantic import BaseModel
 
-from visionyard.shared import streams, subjects
+from visionyard.shared import metrics, streams, subjects
 from visionyard.shared.config import TopologySettings, server_urls
 from visionyard.shared.messages import Message
 
@@ -535,9 +536,14 @@ class Bus:
     ) -> None:
         """Pull from a durable consumer until `stop` is set, one handler call per message."""
 
+        latency = metrics.HANDLER_SECONDS.labels(spec.durable)
+
         async def each(messages: list[Msg]) -> None:
             for msg in messages:
-                await self._settle(msg, spec, await _outcome(handler(msg)))
+                started = time.perf_counter()
+                outcome = await _outcome(handler(msg))
+                latency.observe(time.perf_counter() - started)
+                await self._settle(msg, spec, outcome)
 
         await self._pull_loop(spec, each, stop=stop, batch=batch)
 
@@ -561,8 +567,12 @@ class Bus:
         instead of one per event. Messages stay unacknowledged meanwhile (`linger` ≪ ack wait).
         """
 
+        latency = metrics.HANDLER_SECONDS.labels(spec.durable)
+
         async def whole(messages: list[Msg]) -> None:
+            started = time.perf_counter()
             error = await _outcome(handler(messages))
+            latency.observe(time.perf_counter() - started)
             for msg in messages:
                 if not msg.is_acked:
                     await self._settle(msg, spec, error)
@@ -586,6 +596,7 @@ class Bus:
             expires=self.pull_expires,
         )
         await pull.start(stop)
+        metrics.CONSUMERS.track(self, spec)
         try:
             while not stop.is_set():
                 messages = await pull.take(linger=linger)
@@ -599,6 +610,7 @@ class Bus:
                 finally:
                     pull.release(len(messages))
         finally:
+            metrics.CONSUMERS.untrack(self, spec)
             await pull.close()
 
     async def _settle(self, msg: Msg, spec: streams.ConsumerSpec, error: BaseException | None) -> None:
@@ -607,6 +619,7 @@ class Bus:
         delivered = msg.metadata.num_delivered if error is not None and msg.metadata else 1
         decision = decide_ack(error, delivered=delivered, spec=spec)
         if error is not None:
+            metrics.HANDLER_FAILURES.labels(spec.durable, decision.action.value).inc()
             log.warning(
                 "handler failed: %s -> %s",
                 error,

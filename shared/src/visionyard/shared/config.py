@@ -64,6 +64,14 @@ class ServiceSettings(BaseSettings):
         return self
 
 
+class MetricsSettings(BaseSettings):
+    """Where a service serves Prometheus `/metrics` (the API serves it on its own HTTP port instead)."""
+
+    # Off by default: `up` may run several runners on one machine; deployments set a port.
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
+
+
 class TopologySettings(BaseSettings):
     """Stream-topology tuning every service applies when it declares the topology.
 

@@ -107,6 +107,18 @@ RUNNER = ConsumerSpec(
     max_deliver=5,
     max_ack_pending=10_000,
 )
+
+
+def runner_gpu(count: int) -> ConsumerSpec:
+    """The consumer of GPU training commands needing `count` GPUs (`cmd.train.gpu.<count>`).
+
+    One per count, so a runner pulls only what it can start now: with `k` free GPUs it fetches from
+    the consumers of counts `<= k`, and a job needing more stays unclaimed in the stream (not
+    redelivered, so waiting costs it no delivery and no attempt). Runners declare the ones they serve.
+    """
+    return replace(RUNNER, durable=f"runner-gpu-{count}", filter_subjects=(subjects.train_gpu(count),))
+
+
 # Storage keeps staged export packages and inference results.
 STORAGE_SHIPPED = ConsumerSpec(
     stream=EVENTS.name,
@@ -141,7 +153,9 @@ KV_CAPABILITIES = "trainer_capabilities"
 # KV: the API records here (via its outbox) the attempt at which a job reached a terminal status, so
 # a runner that receives a redelivered command of a finished job acks it instead of "recovering" it.
 KV_JOB_TERMINAL = "job_terminal"
-KV_BUCKETS: tuple[str, ...] = (KV_CANCELLATIONS, KV_CAPABILITIES, KV_JOB_TERMINAL)
+# KV: each runner advertises its devices (cpu slots, GPUs, which GPUs are free) under its runner id.
+KV_RUNNER_DEVICES = "runner_devices"
+KV_BUCKETS: tuple[str, ...] = (KV_CANCELLATIONS, KV_CAPABILITIES, KV_JOB_TERMINAL, KV_RUNNER_DEVICES)
 
 # Object store: files cross service boundaries here, never inside events.
 OBJECT_STAGING = "staging"

@@ -8,11 +8,20 @@ from __future__ import annotations
 
 # Commands (stream COMMANDS, work-queue retention)
 CMD_TRAIN = "cmd.train"
+# GPU training commands, by how many GPUs the job needs (devices.py): `cmd.train.gpu.<count>`.
+CMD_TRAIN_GPU_PREFIX = "cmd.train.gpu"
 CMD_INFER = "cmd.infer"
 CMD_EXPORT = "cmd.export"
 CMD_DATASET_INGEST = "cmd.dataset.ingest"
 # Storage deletes a deleted dataset's stored versions, except those finished jobs pinned.
 CMD_DATASET_DELETE = "cmd.dataset.delete"
+
+
+
+def train_gpu(count: int) -> str:
+    """Subject of a training command that needs `count` GPUs."""
+    return f"{CMD_TRAIN_GPU_PREFIX}.{count}"
+
 
 # Events (stream EVENTS, limits retention)
 EVT_ALL = "evt.>"

@@ -30,6 +30,7 @@ from visionyard.api.adapters.dataset_storage import BusDatasetStorage
 from visionyard.api.datasets.service import DatasetService
 from visionyard.api.datasets.versions import DatasetVersionService
 from visionyard.api.db.migrate import upgrade_to_head
+from visionyard.api.db.repositories import JobRepository
 from visionyard.api.db.session import UnitOfWork, make_engine, make_session_factory
 from visionyard.api.errors import (
     BadRequest,
@@ -236,12 +237,23 @@ def _install_operational_routes(app: FastAPI) -> None:
         if projector is not None:
             metrics.projector_lag.set(projector.lag)
             metrics.projector_applied.set(projector.applied)
-        return Response(content=metrics.exposition(), media_type="text/plain; version=0.0.4")
+        with contextlib.suppress(Exception):
+            metrics.set_jobs(await asyncio.to_thread(_count_jobs, request.app.state.session_factory))
+        live = getattr(request.app.state, "live_stats", None)
+        if live is not None:
+            metrics.websocket_clients.set(live.connections)
+            metrics.dropped_slow_clients = live.dropped_slow_clients
+        return Response(content=await asyncio.to_thread(metrics.exposition), media_type="text/plain; version=0.0.4")
 
     @app.get("/asyncapi.json", tags=["operations"])
     async def asyncapi() -> dict[str, Any]:
         """The AsyncAPI document of every command and event, generated from the shared contracts."""
         return asyncapi_document()
+
+
+def _count_jobs(session_factory: Any) -> dict[str, int]:
+    with session_factory() as session:
+        return JobRepository(session).count_by_status()
 
 
 def _ping_database(session_factory: Any) -> None:

@@ -8,12 +8,12 @@ from typing import Literal
 from pydantic import SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from visionyard.shared.config import ServiceSettings
+from visionyard.shared.config import MetricsSettings, ServiceSettings
 
 GIB = 1024**3
 
 
-class StorageSettings(ServiceSettings):
+class StorageSettings(ServiceSettings, MetricsSettings):
     """Where stored files live (a local directory or S3) and the limits an uploaded archive must meet."""
 
     model_config = SettingsConfigDict(env_prefix="VISIONYARD_STORAGE_", extra="ignore")

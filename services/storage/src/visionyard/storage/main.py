@@ -10,6 +10,7 @@ from visionyard.shared import streams, subjects
 from visionyard.shared.bus import Bus
 from visionyard.shared.lifecycle import run_until_signalled
 from visionyard.shared.logs import configure_logging
+from visionyard.shared.metrics import serve_metrics
 from visionyard.storage.adapters.local import LocalDirectoryBackend
 from visionyard.storage.adapters.s3 import S3Backend
 from visionyard.storage.adapters.staging import BusStagingArea
@@ -57,6 +58,7 @@ def build_service(settings: StorageSettings, *, bus: Bus, backend: ObjectBackend
 async def serve(settings: StorageSettings, *, stop: asyncio.Event, backend: ObjectBackend | None = None) -> None:
     """Run the consumers and request handlers until `stop` is set, then drain the connection."""
     bus = await Bus.connect(settings.nats_url, service="storage")
+    metrics_server = serve_metrics(host=settings.metrics_host, port=settings.metrics_port)
     try:
         await bus.ensure_topology(replicas=settings.stream_replicas)
         backend = backend or build_backend(settings)
@@ -88,6 +90,8 @@ async def serve(settings: StorageSettings, *, stop: asyncio.Event, backend: Obje
         await handlers.service.incoming.close()
     finally:
         await bus.close()
+        if metrics_server is not None:
+            metrics_server.stop()
         log.info("storage service stopped")
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from visionyard.shared.config import ServiceSettings
+from visionyard.shared.config import MetricsSettings, ServiceSettings
 
 
-class TrackerSettings(ServiceSettings):
+class TrackerSettings(ServiceSettings, MetricsSettings):
     """Where MLflow lives and how events are batched into it.
 
     `tracking_uri` defaults to a SQLite store under the data dir. SQLite allows ONE writer

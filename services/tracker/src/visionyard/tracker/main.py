@@ -14,6 +14,7 @@ from visionyard.shared import streams, subjects
 from visionyard.shared.bus import Bus
 from visionyard.shared.lifecycle import freeze_startup_heap, run_until_signalled
 from visionyard.shared.logs import configure_logging
+from visionyard.shared.metrics import serve_metrics
 from visionyard.tracker.config import TrackerSettings
 from visionyard.tracker.handlers import TrackerHandlers
 from visionyard.tracker.ports import RunStore
@@ -50,6 +51,7 @@ async def serve(
         freeze_startup_heap()
     bus = await Bus.connect(settings.nats_url, service=SERVICE)
     responders: list[Any] = []
+    metrics_server = serve_metrics(host=settings.metrics_host, port=settings.metrics_port)
     try:
         await bus.ensure_topology(replicas=settings.stream_replicas)
         tracker = Tracker(
@@ -73,6 +75,8 @@ async def serve(
         await bus.close()
         if owned_store is not None:
             owned_store.close()
+        if metrics_server is not None:
+            metrics_server.stop()
         log.info("tracker stopped")
 
 

@@ -13,7 +13,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
 from visionyard.shared import streams
-from visionyard.shared.config import ServiceSettings
+from visionyard.shared.config import MetricsSettings, ServiceSettings
 
 # The only variables a trainer inherits; credentials and the broker URL never reach it.
 TRAINER_ENV_KEYS = ("PATH", "HOME", "LANG", "PYTHONPATH")
@@ -27,7 +27,7 @@ def _trainer_base_env() -> dict[str, str]:
     return {key: os.environ[key] for key in TRAINER_ENV_KEYS if key in os.environ}
 
 
-class RunnerSettings(ServiceSettings):
+class RunnerSettings(ServiceSettings, MetricsSettings):
     """How many jobs to hold, where to work, how to run trainers."""
 
     model_config = SettingsConfigDict(env_prefix="VISIONYARD_RUNNER_", extra="ignore")
@@ -39,6 +39,10 @@ class RunnerSettings(ServiceSettings):
     # Named trainer environments: `ultralytics=/path/to/venv,timm=/path/to/python` (or a JSON object);
     # a manifest's `environment` picks one. A venv directory means its bin/python.
     trainer_envs: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
+    # GPUs this runner schedules: `auto` (nvidia-smi), `none`, or indices `0,1` (runner/devices.py).
+    gpus: str = "auto"
+    # Pretend GPUs (tests, demos on machines without one): scheduled like real ones; overrides `gpus`.
+    fake_gpus: int = Field(default=0, ge=0, le=64)
     # Original-platform trainer directories (`train.py` + `capabilities.json`), separated by `:` or `,`.
     trainer_dirs: Annotated[list[Path], NoDecode] = Field(default_factory=list)
     cancel_grace_seconds: float = Field(default=10.0, ge=0)

@@ -11,16 +11,19 @@ import asyncio
 import contextlib
 import logging
 import time
+from typing import Any
 
 from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeoutError
 from pydantic import ValidationError
 
+from visionyard.runner.devices import GpuPool, advertise, withdraw
 from visionyard.runner.ship_handlers import SHIP_SUBJECTS, ShipCommandHandler
 from visionyard.runner.service import AttemptOutcome, StopReason, TrainingAttempts
-from visionyard.shared import streams
+from visionyard.shared import metrics, streams
 from visionyard.shared.bus import AckAction, Bus, PermanentError, decide_ack
 from visionyard.shared.commands import StartTraining
+from visionyard.shared.devices import MAX_GPUS_PER_JOB
 
 log = logging.getLogger("visionyard.runner.handlers")
 
@@ -37,9 +40,14 @@ class TrainCommandConsumer:
         heartbeat_seconds: float,
         spec: streams.ConsumerSpec = streams.RUNNER,
         shipping: ShipCommandHandler | None = None,
+        gpu_pool: GpuPool | None = None,
+        runner_id: str = "",
     ) -> None:
         self._bus = bus
         self._shipping = shipping
+        self._gpu_pool = gpu_pool or GpuPool(gpus=[])
+        self._runner_id = runner_id
+        self._slot_count = slots
         self._attempts = attempts
         self._slots = asyncio.Semaphore(slots)
         self._heartbeat = heartbeat_seconds
@@ -49,12 +57,28 @@ class TrainCommandConsumer:
     async def run(self, stop: asyncio.Event) -> None:
         """Claim and run commands until `stop`; then stop held trainers and hand their commands back."""
         subscription = await self._bus.js.pull_subscribe_bind(durable=self._spec.durable, stream=self._spec.stream)
+        gpu_subscriptions = {
+            count: await self._bus.js.pull_subscribe_bind(durable=spec.durable, stream=spec.stream)
+            for count, spec in self._gpu_specs().items()
+        }
+        await self._advertise()
+        tracked = [self._spec, *self._gpu_specs().values()]
+        for spec in tracked:
+            metrics.CONSUMERS.track(self._bus, spec)
         try:
             while not stop.is_set():
                 if not await self._acquire_slot(stop):
                     break
+                claimed = await self._claim_gpu_command(gpu_subscriptions)
+                if claimed is not None:
+                    msg, gpus = claimed
+                    task = asyncio.create_task(self.hold(msg, gpus=gpus))
+                    self._tasks.add(task)
+                    task.add_done_callback(self._job_done)
+                    continue
                 try:
-                    messages = await subscription.fetch(1, timeout=1.0)
+                    # With GPU consumers to poll too, a CPU fetch must not keep them waiting long.
+                    messages = await subscription.fetch(1, timeout=0.5 if gpu_subscriptions else 1.0)
                 except (NatsTimeoutError, asyncio.TimeoutError):
                     self._slots.release()
                     continue
@@ -73,11 +97,49 @@ class TrainCommandConsumer:
                     self._tasks.add(task)
                     task.add_done_callback(self._job_done)
         finally:
+            for spec in tracked:
+                metrics.CONSUMERS.untrack(self._bus, spec)
             self._attempts.held.stop_all(StopReason.SHUTDOWN)
             if self._tasks:
                 await asyncio.gather(*self._tasks, return_exceptions=True)
             with contextlib.suppress(Exception):
                 await subscription.unsubscribe()
+            for gpu_subscription in gpu_subscriptions.values():
+                with contextlib.suppress(Exception):
+                    await gpu_subscription.unsubscribe()
+            await withdraw(self._bus, runner_id=self._runner_id)
+
+    def _gpu_specs(self) -> dict[int, streams.ConsumerSpec]:
+        """The GPU consumers this runner serves: one per job size it can ever hold (devices.py)."""
+        most = min(self._gpu_pool.total, MAX_GPUS_PER_JOB)
+        return {count: streams.with_ack_wait(streams.runner_gpu(count), self._spec.ack_wait)
+                for count in range(1, most + 1)}
+
+    async def _claim_gpu_command(self, subscriptions: dict[int, Any]) -> tuple[Msg, list[str]] | None:
+        """A GPU command this runner can start now, with the GPUs it takes; the biggest job that fits first."""
+        for count in sorted(subscriptions, reverse=True):
+            if count > self._gpu_pool.free:
+                continue  # left in the stream, unclaimed, for a runner with that many free GPUs
+            try:
+                messages = await subscriptions[count].fetch(1, timeout=0.1)
+            except (NatsTimeoutError, asyncio.TimeoutError):
+                continue
+            except Exception as error:  # broker away: the CPU fetch below reports it
+                log.debug("gpu fetch failed: %s", error)
+                return None
+            if not messages:
+                continue
+            gpus = self._gpu_pool.take(count)
+            if gpus is None:  # cannot happen while only this loop takes GPUs; hand it back at once
+                with contextlib.suppress(Exception):
+                    await messages[0].nak()
+                continue
+            await self._advertise()
+            return messages[0], gpus
+        return None
+
+    async def _advertise(self) -> None:
+        await advertise(self._bus, self._gpu_pool, runner_id=self._runner_id, slots=self._slot_count)
 
     def _job_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
@@ -96,8 +158,21 @@ class TrainCommandConsumer:
             acquire.cancel()
         return False
 
-    async def hold(self, msg: Msg) -> None:
-        """Run one delivered command to its end and settle it."""
+    async def hold(self, msg: Msg, *, gpus: list[str] | None = None) -> None:
+        """Run one delivered command to its end and settle it; the GPUs it held go back to the pool.
+
+        Timed as the consumer's handler call: a command is held while its job runs.
+        """
+        started = time.perf_counter()
+        try:
+            await self._hold(msg, gpus=gpus)
+        finally:
+            metrics.HANDLER_SECONDS.labels(self._spec.durable).observe(time.perf_counter() - started)
+            if gpus:
+                self._gpu_pool.give_back(gpus)
+                await self._advertise()
+
+    async def _hold(self, msg: Msg, *, gpus: list[str] | None) -> None:
         delivered = msg.metadata.num_delivered if msg.metadata else 1
         if msg.subject in SHIP_SUBJECTS and self._shipping is not None:
             # Export and inference share the consumer and its slots; their own handler runs them.
@@ -113,7 +188,7 @@ class TrainCommandConsumer:
         outcome = AttemptOutcome.REQUEUE
         try:
             outcome = await self._attempts.run(
-                cmd, delivered=delivered, final_delivery=delivered >= self._spec.max_deliver
+                cmd, delivered=delivered, final_delivery=delivered >= self._spec.max_deliver, gpus=gpus
             )
         except Exception as failure:
             error = failure
@@ -145,6 +220,8 @@ class TrainCommandConsumer:
 
     async def _settle(self, msg: Msg, error: BaseException | None, *, delivered: int) -> None:
         decision = decide_ack(error, delivered=delivered, spec=self._spec)
+        if error is not None:
+            metrics.HANDLER_FAILURES.labels(self._spec.durable, decision.action.value).inc()
         try:
             if decision.dead_letter:
                 await self._bus.dead_letter(msg, consumer=self._spec.durable, reason=str(error))

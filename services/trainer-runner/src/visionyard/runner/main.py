@@ -17,6 +17,7 @@ from visionyard.runner.adapters.process import SubprocessLauncher
 from visionyard.runner.adapters.publisher import JetStreamEventPublisher
 from visionyard.runner.adapters.staging import BusStager
 from visionyard.runner.config import RunnerSettings
+from visionyard.runner.devices import GpuPool, detect_gpus
 from visionyard.runner.handlers import TrainCommandConsumer
 from visionyard.runner.ship_handlers import ShipCommandHandler
 from visionyard.runner.shipping import ShippingRuns
@@ -24,8 +25,10 @@ from visionyard.runner.service import HeldJobs, RunnerOptions, TrainingAttempts
 from visionyard.runner.trainers import build_catalog, discover_manifests
 from visionyard.shared import streams
 from visionyard.shared.bus import Bus
+from visionyard.shared.devices import MAX_GPUS_PER_JOB
 from visionyard.shared.lifecycle import run_until_signalled
 from visionyard.shared.logs import configure_logging
+from visionyard.shared.metrics import serve_metrics
 from visionyard.shared.manifest import TrainerManifest
 
 log = logging.getLogger("visionyard.runner")
@@ -57,6 +60,13 @@ def build_attempts(
     )
 
 
+def gpu_pool(settings: RunnerSettings) -> GpuPool:
+    """The runner's GPUs: fake ones when the settings declare them, else the detected/configured ones."""
+    if settings.fake_gpus:
+        return GpuPool(gpus=[str(index) for index in range(settings.fake_gpus)], fake=True)
+    return GpuPool(gpus=detect_gpus(settings.gpus))
+
+
 def build_shipping(
     bus: Bus, settings: RunnerSettings, manifests: list[TrainerManifest], attempts: TrainingAttempts
 ) -> ShipCommandHandler:
@@ -79,6 +89,7 @@ async def serve(
     own_bus = bus is None
     if bus is None:
         bus = await Bus.connect(settings.nats_url, service="trainer-runner")
+    metrics_server = serve_metrics(host=settings.metrics_host, port=settings.metrics_port)
     try:
         await bus.ensure_topology(replicas=settings.stream_replicas)
         # The runner owns its consumer's ack wait: how fast a dead runner's job moves to another.
@@ -94,15 +105,20 @@ async def serve(
         trainers = catalog.manifests
         await publish_capabilities(bus, trainers)
         attempts = build_attempts(bus, settings, trainers, interpreters=catalog.interpreters)
+        pool = gpu_pool(settings)
         log.info(
             "runner ready",
-            extra={"runner_id": settings.runner_id, "slots": settings.slots, "trainers": [m.name for m in trainers]},
+            extra={"runner_id": settings.runner_id, "slots": settings.slots, "trainers": [m.name for m in trainers],
+                   "gpus": pool.gpus},
         )
         watcher = asyncio.create_task(watch_cancellations(bus, attempts.held, stop=stop))
+        for count in range(1, min(pool.total, MAX_GPUS_PER_JOB) + 1):
+            await bus.declare_consumer(streams.with_ack_wait(streams.runner_gpu(count), consumer_spec.ack_wait))
         consumer = TrainCommandConsumer(
             bus, attempts, slots=settings.slots, heartbeat_seconds=settings.heartbeat_seconds,
             spec=consumer_spec,
             shipping=build_shipping(bus, settings, trainers, attempts),
+            gpu_pool=pool, runner_id=settings.runner_id,
         )
         try:
             await consumer.run(stop)
@@ -113,6 +129,8 @@ async def serve(
     finally:
         if own_bus:
             await bus.close()
+        if metrics_server is not None:
+            metrics_server.stop()
 
 
 def run() -> None:

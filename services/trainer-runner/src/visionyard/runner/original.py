@@ -70,7 +70,7 @@ def original_command(
         "PYTHONPATH": os.pathsep.join([str(COMPAT_SDK_DIR), *([inherited] if inherited else [])]),
         "PYTHONUNBUFFERED": "1",
         "VISIONYARD_JOB_FILE": str(job_file),
-        "JOB_ID": cmd.job_id,
+        "JOB_ID": str(cmd.job_id),
         "CALLBACK_URL": CALLBACK_PLACEHOLDER,
         "MODEL_NAME": config.model_name,
         "FRAMEWORK": config.framework,

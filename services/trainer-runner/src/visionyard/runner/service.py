@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import shutil
 from collections import deque
 from collections.abc import AsyncIterator, Iterable
@@ -21,6 +22,7 @@ from visionyard.runner.cadence import CheckpointCadence, CheckpointReported
 from visionyard.runner.original import USER_ERROR_TYPES, original_command
 from visionyard.shared.bus import PermanentError
 from visionyard.shared.commands import DatasetRef, StartTraining
+from visionyard.shared.devices import DeviceRequest, assigned_device
 from visionyard.shared.events import (
     FailureReason,
     JobCancelled,
@@ -199,7 +201,7 @@ class AttemptEvents:
             self.stderr_tail.append(line)
         return LogEmitted(
             **self._next(),
-            level="ERROR" if stream == "stderr" else "INFO",
+            level=output_level(stream, line),
             event_type=stream,
             message=line,
         )
@@ -266,6 +268,20 @@ class AttemptEvents:
             best_epoch=result.get("best_epoch"),
             declared_checkpoints=list(self.declared_checkpoints),
         )
+
+
+# A logging-style level near the start of a line: `2026-12-02 06:29:55,107 - __main__ - INFO - ...`,
+# `INFO:root:...`, `[WARNING] ...`. Python's logging writes every level to stderr by default.
+_LINE_LEVEL = re.compile(r"(?:^|[\s\[|:-])(DEBUG|INFO|WARNING|WARN|ERROR|CRITICAL)(?=[\]\s|:-]|$)")
+
+
+def output_level(stream: str, line: str) -> str:
+    """The level of a captured output line: the level it names itself, else INFO (stdout) or ERROR (stderr)."""
+    named = _LINE_LEVEL.search(line[:80])
+    if named:
+        level = named.group(1)
+        return "WARNING" if level == "WARN" else level
+    return "ERROR" if stream == "stderr" else "INFO"
 
 
 def _last_meaningful(lines: Iterable[str]) -> str:
@@ -512,16 +528,19 @@ class TrainingAttempts:
         self.held = held or HeldJobs()
         self.terminal = terminal
 
-    async def run(self, cmd: StartTraining, *, delivered: int, final_delivery: bool) -> AttemptOutcome:
-        """Run one delivery of `cmd` to its end; a raised error means nak with backoff."""
+    async def run(
+        self, cmd: StartTraining, *, delivered: int, final_delivery: bool, gpus: list[str] | None = None
+    ) -> AttemptOutcome:
+        """Run one delivery of `cmd` to its end on `gpus` (none: cpu); a raised error means nak with backoff."""
         control = self.held.hold(cmd)
         try:
-            return await self._run_held(cmd, control=control, delivered=delivered, final_delivery=final_delivery)
+            return await self._run_held(cmd, control=control, delivered=delivered, final_delivery=final_delivery,
+                                        gpus=list(gpus or []))
         finally:
             self.held.release(control)
 
     async def _run_held(
-        self, cmd: StartTraining, *, control: RunControl, delivered: int, final_delivery: bool
+        self, cmd: StartTraining, *, control: RunControl, delivered: int, final_delivery: bool, gpus: list[str]
     ) -> AttemptOutcome:
         attempt = effective_attempt(cmd, delivered=delivered)
         logger = bind(log, job_id=cmd.job_id, attempt=attempt, delivery=delivered)
@@ -574,7 +593,7 @@ class TrainingAttempts:
                 return await self._finish_stopped(sink, events, control.reason)
             outcome = await self._train(
                 cmd, manifest=manifest, control=control, events=events, sink=sink, job_dir=job_dir,
-                dataset_dir=dataset_dir, resume=resume, logger=logger,
+                dataset_dir=dataset_dir, resume=resume, logger=logger, gpus=gpus,
             )
             if outcome is AttemptOutcome.FINISHED:
                 shutil.rmtree(job_dir, ignore_errors=True)
@@ -607,12 +626,16 @@ class TrainingAttempts:
         dataset_dir: Path,
         resume: StagedCheckpoint | None,
         logger: logging.LoggerAdapter[logging.Logger],
+        gpus: list[str],
     ) -> AttemptOutcome:
         job_dir.mkdir(parents=True, exist_ok=True)
+        device = assigned_device(DeviceRequest(kind="gpu", gpus=len(gpus)) if gpus else DeviceRequest())
+        # The trainer is told the device to use (`cpu`, or indices within its CUDA_VISIBLE_DEVICES).
+        config = cmd.config.model_copy(update={"advanced_config": {**(cmd.config.advanced_config or {}), "device": device}})
         job = TrainerJob(
             job_id=cmd.job_id,
             attempt=events.attempt,
-            config=cmd.config,
+            config=config,
             dataset_dir=dataset_dir,
             output_dir=job_dir / "output",
             outbox_dir=job_dir / "outbox",
@@ -625,15 +648,13 @@ class TrainingAttempts:
         if manifest.entrypoint is not None and manifest.directory is not None:
             argv, cwd, env = original_command(
                 manifest, cmd, python=self.options.python_for(manifest), job_file=job_file, job_dir=job_dir,
-                base_env=self.options.base_env,
+                base_env=self.options.base_env, device=device,
             )
-            spec = LaunchSpec(argv=argv, cwd=cwd, env=env)
         else:
-            spec = LaunchSpec(
-                argv=[self.options.python_for(manifest), "-m", str(manifest.module)],
-                cwd=job_dir,
-                env={**self.options.base_env, "VISIONYARD_JOB_FILE": str(job_file), "PYTHONUNBUFFERED": "1"},
-            )
+            argv, cwd = [self.options.python_for(manifest), "-m", str(manifest.module)], job_dir
+            env = {**self.options.base_env, "VISIONYARD_JOB_FILE": str(job_file), "PYTHONUNBUFFERED": "1"}
+        # Each job sees only the GPUs it holds; a CPU job sees none.
+        spec = LaunchSpec(argv=argv, cwd=cwd, env={**env, "CUDA_VISIBLE_DEVICES": ",".join(gpus)})
         handle = await self.launcher.launch(spec)
         logger.info("trainer started", extra={"pid": handle.pid})
         sink.emit(events.started(

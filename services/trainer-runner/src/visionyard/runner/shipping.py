@@ -282,7 +282,9 @@ class ShippingRuns:
         job_file.write_text(job_json)
         spec = LaunchSpec(
             argv=[python, "-m", module], cwd=job_dir,
-            env={**self.options.base_env, "VISIONYARD_JOB_FILE": str(job_file), "PYTHONUNBUFFERED": "1"},
+            # Exports and inference run on the CPU: they hold a slot, never a GPU.
+            env={**self.options.base_env, "VISIONYARD_JOB_FILE": str(job_file), "PYTHONUNBUFFERED": "1",
+                 "CUDA_VISIBLE_DEVICES": ""},
         )
         handle = await self.launcher.launch(spec)
         tail: deque[str] = deque(maxlen=20)

@@ -41,6 +41,11 @@ class JobRepository:
             query = query.with_for_update()
         return self.session.scalars(query).first()
 
+    def count_by_status(self) -> dict[str, int]:
+        """How many training jobs are in each status (the `/metrics` jobs-by-state gauge)."""
+        rows = self.session.execute(select(TrainingJob.status, func.count()).group_by(TrainingJob.status))
+        return {status: count for status, count in rows}
+
     def list(
         self, *, projects: set[str] | None, status: str | None, limit: int, offset: int
     ) -> tuple[Sequence[TrainingJob], int]:

@@ -136,7 +136,7 @@ class ExportService:
             raise InvalidInput("framework", "give training_job_id, or framework and task_type")
         manifest = manifest_for(await self._capabilities.manifests(), framework=framework, model_name=model_name,
                                 task_type=task_type)
-        offered = list(manifest.export_formats) if manifest else []
+        offered = list(manifest.export_formats) if manifest and manifest.export_module else []
         formats = [
             schemas.FormatCapability(
                 format=name, supported=name in offered, native_support=name in offered,
@@ -158,7 +158,7 @@ class ExportService:
             framework, model_name, task_type = job.framework, job.model_name, job.task_type
         manifest = manifest_for(await self._capabilities.manifests(), framework=framework, model_name=model_name,
                                 task_type=task_type)
-        offered = list(manifest.export_formats) if manifest else []
+        offered = list(manifest.export_formats) if manifest and manifest.export_module else []
         if request.export_format not in offered:
             raise InvalidInput(
                 "export_format",

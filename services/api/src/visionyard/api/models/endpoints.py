@@ -5,15 +5,15 @@ Shapes follow the original platform's frontend: `/models/list` is a bare JSON ar
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Body, Request
 
 from visionyard.api.models import service
 from visionyard.shared.manifest import TrainerManifest
 
-# No credential needed: the catalogue and the config schemas are the installed trainers' manifests (no
-# user data), and the original frontend's model selector fetches them without a token (ModelSelector.tsx:67).
+# No credential needed: the catalogue, the UI schemas and option checks come from the installed trainers'
+# manifests (no user data), and the original frontend's training wizard calls them without a token.
 catalog = APIRouter(prefix="/api/v1/models", tags=["models"])
 schemas = APIRouter(prefix="/api/v1/training", tags=["training"])
 
@@ -61,6 +61,14 @@ async def model_by_path(request: Request, framework: str, model_name: str) -> di
 async def get_config_schema(request: Request, framework: str, task_type: str | None = None) -> dict[str, Any]:
     """The trainer's UI configuration schema: `{framework, task_type, fields[...], presets{...}}`."""
     return service.config_schema(await _manifests(request), framework=framework, task_type=task_type)
+
+
+@schemas.post("/config/validate")
+async def validate_config(
+    request: Request, config: Annotated[dict[str, Any], Body()], framework: str | None = None
+) -> dict[str, Any]:
+    """Advanced options checked against the trainers' declared fields: `{valid, errors, warnings, suggestions}`."""
+    return service.validate_advanced_config(await _manifests(request), config, framework=framework)
 
 
 router = APIRouter()

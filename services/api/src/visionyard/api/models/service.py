@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from visionyard.api.errors import InvalidInput, NotFound
+from visionyard.shared.devices import DEVICE_KEY, GPU_COUNT_KEY, InvalidDeviceRequest, device_request
 from visionyard.shared.manifest import ModelInfo, TrainerManifest, config_fields
 
 # The frontend and the trainers name some task types differently; both spellings are accepted.
@@ -248,6 +249,59 @@ def config_schema(manifests: list[TrainerManifest], *, framework: str, task_type
         }
     raise NotFound(f"framework: no trainer for framework {framework!r}"
                    f"{' and task type ' + repr(task_type) if task_type else ''}; valid frameworks: {_frameworks(manifests)}")
+
+
+def validate_advanced_config(
+    manifests: list[TrainerManifest], config: dict[str, Any], *, framework: str | None
+) -> dict[str, Any]:
+    """Check advanced options against the trainer's declared fields: `{valid, errors, warnings, suggestions}`.
+
+    Values outside a field's min/max or options, or of the wrong type, are errors; keys no trainer
+    declares are warnings (a trainer may still read them). Without `framework` every trainer's fields count.
+    """
+    fields: dict[str, Any] = {}
+    for manifest in manifests:
+        if framework and manifest.framework != framework:
+            continue
+        for field in config_fields(manifest.config_schema)[0]:
+            fields.setdefault(field.name, field)
+    errors: list[str] = []
+    warnings: list[str] = []
+    try:
+        device_request(config)
+    except InvalidDeviceRequest as error:
+        errors.append(str(error))
+    for key, value in config.items():
+        field = fields.get(key)
+        if key in (DEVICE_KEY, GPU_COUNT_KEY):
+            continue
+        if field is None:
+            warnings.append(f"{key}: not a declared option of {framework or 'any installed trainer'}")
+            continue
+        problem = _field_problem(field, value)
+        if problem:
+            errors.append(f"{key}: {problem}")
+    return {"valid": not errors, "errors": errors, "warnings": errors + warnings, "suggestions": []}
+
+
+def _field_problem(field: Any, value: Any) -> str | None:
+    if field.type == "bool":
+        return None if isinstance(value, bool) else f"{value!r} is not true or false"
+    if field.type in ("int", "float"):
+        if isinstance(value, bool) or not isinstance(value, int | float) or (field.type == "int" and not float(value).is_integer()):
+            return f"{value!r} is not a{'n integer' if field.type == 'int' else ' number'}"
+        if field.min is not None and value < field.min:
+            return f"{value} is below the minimum {field.min}"
+        if field.max is not None and value > field.max:
+            return f"{value} is above the maximum {field.max}"
+        return None
+    if field.type == "select" and field.options is not None and value not in field.options:
+        return f"{value!r} is not one of {', '.join(map(str, field.options))}"
+    if field.type == "multiselect" and field.options is not None:
+        chosen = value if isinstance(value, list) else [value]
+        unknown = [item for item in chosen if item not in field.options]
+        return f"{unknown!r} not in {', '.join(map(str, field.options))}" if unknown else None
+    return None
 
 
 def _metric_candidates(manifest: TrainerManifest, task: str | None) -> list[Any]:

@@ -13,6 +13,7 @@ from visionyard.api.db.repositories import JobRepository, OutboxRepository
 from visionyard.api.errors import Conflict, InvalidInput
 from visionyard.shared import streams
 from visionyard.shared.commands import CheckpointRef, DatasetRef, StartTraining, TrainingConfig
+from visionyard.shared.devices import device_request
 from visionyard.shared.events import JobQueued
 
 
@@ -77,7 +78,9 @@ def queue_attempt(outbox: OutboxRepository, job: TrainingJob, *, resume_from: Ch
                 split=split_for_version(outbox.session, dataset_id=job.dataset_id, content_hash=job.dataset_snapshot_id),
             ),
             resume_from=resume_from,
-        )
+        ),
+        # A GPU job waits on its own subject until a runner with that many free GPUs pulls it.
+        subject=device_request(job.advanced_config).subject,
     )
     outbox.add(JobQueued(job_id=job.id, attempt=job.attempt, status=job.status))
 

@@ -23,7 +23,7 @@ from visionyard.api.db.numbers import next_job_id
 from visionyard.api.db.models import TrainingJob, utcnow
 from visionyard.api.db.repositories import DatasetRepository, JobRepository, OutboxRepository
 from visionyard.api.db.session import UnitOfWork
-from visionyard.api.errors import Conflict, Forbidden, NotFound
+from visionyard.api.errors import Conflict, Forbidden, InvalidInput, NotFound
 from visionyard.api.jobstate import JobAction, JobStatus
 from visionyard.api.models.service import (
     CapabilitySource,
@@ -34,6 +34,7 @@ from visionyard.api.models.service import (
 from visionyard.api.training import attempts, schemas
 from visionyard.shared import streams
 from visionyard.shared.commands import CheckpointRef, TrainingConfig
+from visionyard.shared.devices import InvalidDeviceRequest, device_request
 from visionyard.shared.events import (
     FailureReason,
     JobCancelled,
@@ -77,6 +78,10 @@ class TrainingService:
         manifest, task = resolve_trainer(
             manifests, framework=config.framework, model_name=config.model_name, task_type=config.task_type
         )
+        try:
+            device_request(config.advanced_config)
+        except InvalidDeviceRequest as error:
+            raise InvalidInput(f"config.{error.field}", error.reason) from None
         actual_format = await asyncio.to_thread(self._dataset_format, config.dataset_id)
         check_dataset_format(manifest, requested=config.dataset_format, actual=actual_format)
         metric, mode = default_primary_metric(config.task_type, manifest)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import collections
 import hashlib
+import time
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -19,6 +20,9 @@ import boto3
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import ClientError
+from prometheus_client import Histogram
+
+from visionyard.shared.metrics import LATENCY_BUCKETS
 
 _MIB = 1024 * 1024
 _NOT_FOUND = {"404", "NoSuchKey", "NotFound"}
@@ -57,6 +61,7 @@ class S3Backend:
                 max_pool_connections=2 * _PARTS_IN_FLIGHT + 4,
             ),
         )
+        _time_s3_calls(self.client)
         # 16 MiB parts sent 8 at a time: a 200 MB checkpoint goes up as 13 parallel parts instead of 4.
         self.transfer = TransferConfig(
             multipart_threshold=PART_SIZE, multipart_chunksize=PART_SIZE, max_concurrency=_PARTS_IN_FLIGHT
@@ -285,3 +290,34 @@ def _checksum(data: bytes) -> str:
 
 def _code(error: ClientError) -> str:
     return str(error.response.get("Error", {}).get("Code", ""))
+
+
+S3_SECONDS = Histogram(
+    "visionyard_storage_s3_seconds", "Time of storage's S3 API calls (retries included), by operation and outcome",
+    ["operation", "outcome"], buckets=LATENCY_BUCKETS,
+)
+
+
+def _time_s3_calls(client: Any) -> None:
+    """Time every S3 API call of `client` through botocore's own call events (no wrapper per call site)."""
+
+    def started(model: Any, context: dict[str, Any], **_: Any) -> None:
+        context["visionyard_call"] = (model.name, time.perf_counter())
+
+    def answered(http_response: Any, context: dict[str, Any], **_: Any) -> None:
+        # An error status (a 404 on a HEAD) is an answer too; only a call that got none raises below.
+        _observe(context, "ok" if http_response.status_code < 300 else "error")
+
+    def failed(context: dict[str, Any], **_: Any) -> None:
+        _observe(context, "no_answer")
+
+    client.meta.events.register("before-call.s3", started)
+    client.meta.events.register("after-call.s3", answered)
+    client.meta.events.register("after-call-error.s3", failed)
+
+
+def _observe(context: dict[str, Any], outcome: str) -> None:
+    call = context.pop("visionyard_call", None)
+    if call is not None:
+        operation, began = call
+        S3_SECONDS.labels(operation, outcome).observe(time.perf_counter() - began)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -28,11 +29,19 @@ from mlflow.entities import Metric, Param, Run, RunStatus as MlflowRunStatus, Ru
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, RESOURCE_DOES_NOT_EXIST, ErrorCode
 from mlflow.tracking import MlflowClient
+from prometheus_client import Histogram
+
+from visionyard.shared.metrics import LATENCY_BUCKETS
 
 from visionyard.tracker.ports import LogBatch, MetricPoint, RunSnapshot, RunStatus, RunWrite
 from visionyard.tracker.service import TAG_JOB_ID, is_valid_job_id
 
 T = TypeVar("T")
+
+MLFLOW_SECONDS = Histogram(
+    "visionyard_tracker_mlflow_seconds", "Time of the tracker's MLflow calls, by store operation",
+    ["operation"], buckets=LATENCY_BUCKETS,
+)
 
 
 class MlflowRunStore:
@@ -56,14 +65,23 @@ class MlflowRunStore:
         def open_store() -> None:
             self._known_experiment_ids()  # opens the client, then lists the experiments once
 
-        await self._call(open_store)
+        await self._call(open_store, operation="open")
 
     def close(self) -> None:
         """Stop the worker thread (after in-flight calls finish)."""
         self._executor.shutdown(wait=True)
 
-    async def _call(self, fn: Callable[[], T]) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+    async def _call(self, fn: Callable[[], T], *, operation: str) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._timed, fn, operation)
+
+    @staticmethod
+    def _timed(fn: Callable[[], T], operation: str) -> T:
+        # Timed on the worker thread, so the time a call queued behind another is not counted as MLflow's.
+        started = time.perf_counter()
+        try:
+            return fn()
+        finally:
+            MLFLOW_SECONDS.labels(operation).observe(time.perf_counter() - started)
 
     def _mlflow(self) -> MlflowClient:
         # Created lazily on the worker thread: opening the store may fail (server down, disk
@@ -80,7 +98,7 @@ class MlflowRunStore:
 
     async def find_run(self, job_id: str) -> RunSnapshot | None:
         """The job's canonical run, or None."""
-        return await self._call(lambda: self._find(job_id))
+        return await self._call(lambda: self._find(job_id), operation="find_run")
 
     async def get_run(self, run_id: str) -> RunSnapshot | None:
         """A run by id, or None when missing or deleted."""
@@ -94,7 +112,7 @@ class MlflowRunStore:
                 raise
             return None if run.info.lifecycle_stage == "deleted" else _snapshot(run)
 
-        return await self._call(get)
+        return await self._call(get, operation="get_run")
 
     async def create_run(
         self, *, job_id: str, experiment_name: str, start_time: int, tags: Mapping[str, str]
@@ -120,7 +138,7 @@ class MlflowRunStore:
                 client.delete_run(run.info.run_id)
             return canonical
 
-        return await self._call(create)
+        return await self._call(create, operation="create_run")
 
     async def write(self, writes: Sequence[RunWrite]) -> None:
         """Apply the writes in order on the worker thread: one hop for a whole batch of events."""
@@ -145,7 +163,7 @@ class MlflowRunStore:
                 else:
                     client.set_terminated(write.run_id, status=str(write.status), end_time=write.end_time)
 
-        await self._call(apply)
+        await self._call(apply, operation="write")
 
     async def metric_history(self, run_id: str, key: str) -> list[MetricPoint]:
         """Every point of one metric, ordered by step then timestamp."""
@@ -157,7 +175,7 @@ class MlflowRunStore:
             ]
             return sorted(points, key=lambda p: (p.step, p.timestamp))
 
-        return await self._call(history)
+        return await self._call(history, operation="metric_history")
 
     # -- on the worker thread ---------------------------------------------------------------------
 
