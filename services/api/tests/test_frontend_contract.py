@@ -83,8 +83,9 @@ def _kind_ok(value: Any, kind: str) -> bool:
 def shape(value: Any, fields: dict[str, str], where: str) -> dict[str, Any]:
     """Assert `value` is an object whose `fields` have the kinds given ("int", "str?", "time", ...)."""
     assert isinstance(value, dict), f"{where}: wanted an object, got {type(value).__name__}: {value!r:.200}"
+    # "?" kinds may be null or absent: the page reads them with optional chaining.
     problems = [f"{name}={value.get(name, '<missing>')!r} (wanted {kind})" for name, kind in fields.items()
-                if name not in value or not _kind_ok(value[name], kind)]
+                if (name not in value and not kind.endswith("?")) or (name in value and not _kind_ok(value[name], kind))]
     assert not problems, f"{where}: " + "; ".join(problems)
     return value
 
@@ -306,8 +307,6 @@ async def test_the_gallery_reads_image_urls(ui: World) -> None:
 # -- the training wizard (TrainingConfigPanel.tsx, ModelSelector.tsx, DynamicConfigPanel.tsx) -----
 
 
-@pytest.mark.xfail(strict=True, reason="not implemented yet: /models/list answers {models, total}; ModelSelector.tsx:67 "
-                                       "does setModels(data), then [...models] throws (an object is not iterable)")
 async def test_model_catalogue_is_a_bare_array_the_cards_read(ui: World) -> None:
     answer = await ui.call(NOAUTH, "GET", f"{API}/models/list", params={"supported_only": "false"})
     assert answer.status_code == 200
@@ -321,9 +320,6 @@ async def test_model_catalogue_is_a_bare_array_the_cards_read(ui: World) -> None
     assert {m["model_name"] for m in models} == {"simple_cnn", "tiny_resnet"}
 
 
-@pytest.mark.xfail(strict=True, reason="not implemented yet: config-schema has no top-level `fields`/`presets` "
-                                       "(TrainingConfigPanel.tsx:121 and DynamicConfigPanel.tsx:57 read them: the "
-                                       "wizard shows no configuration fields)")
 async def test_config_schema_has_fields_and_presets(ui: World) -> None:
     for params in ({"framework": "pytorch"}, {"framework": "pytorch", "task_type": "image_classification"}):
         answer = await ui.call(NOAUTH, "GET", f"{API}/training/config-schema", params=params)
@@ -333,15 +329,12 @@ async def test_config_schema_has_fields_and_presets(ui: World) -> None:
         assert isinstance(schema.get("presets", {}), dict)
 
 
-@pytest.mark.xfail(strict=True, reason="not implemented: POST /training/config/validate (AdvancedConfigPanel.tsx:30)")
 async def test_advanced_config_validation(ui: World) -> None:
     answer = await ui.call(NOAUTH, "POST", f"{API}/training/config/validate",
                            json={"framework": "pytorch", "task_type": "image_classification", "config": {}})
     assert answer.status_code == 200
 
 
-@pytest.mark.xfail(strict=True, reason="not implemented: GET /models/get and /models/{fw}/{name}/guide "
-                                       "(the page falls back to the model id; the guide drawer shows an error)")
 async def test_model_display_name_and_guide(ui: World) -> None:
     one = await ui.call(NOAUTH, "GET", f"{API}/models/get", params={"framework": "pytorch", "model_name": "simple_cnn"})
     assert one.status_code == 200 and one.json()["display_name"] == "Simple CNN"
