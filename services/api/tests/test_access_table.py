@@ -141,15 +141,14 @@ TABLE: list[Case] = [
     Case("GET", f"{API}/training/jobs/{{job_id}}/checkpoints", READ),
     Case("GET", f"{API}/training/jobs/{{job_id}}/mlflow/metrics", READ),
     Case("GET", f"{API}/training/jobs/{{job_id}}/mlflow/summary", READ),
-    Case("POST", f"{API}/training/jobs/{{job_id}}/callback/progress", WRITE, objects=SPARE,
-         json=_const({"current_epoch": 1, "total_epochs": 2})),
-    Case("POST", f"{API}/training/jobs/{{job_id}}/callback/logs", WRITE, objects=SPARE,
-         json=_const({"message": "hello from the access table"})),
-    Case("POST", f"{API}/training/jobs/{{job_id}}/callback/completion", WRITE, objects=SPARE,
-         json=_const({"status": "failed", "error_message": "walked by the access table"})),
     # -- the trainers' catalogue (no user data) -------------------------------------------------------
     Case("GET", f"{API}/training/config-schema", PUBLIC, params={"framework": "pytorch"}),
     Case("GET", f"{API}/models/list", PUBLIC),
+    Case("GET", f"{API}/models/get", PUBLIC, params={"framework": "pytorch", "model_name": "simple_cnn"}),
+    Case("GET", f"{API}/models/capabilities/{{framework}}", PUBLIC),
+    Case("GET", f"{API}/models/{{framework}}/{{model_name}}", PUBLIC),
+    Case("GET", f"{API}/models/{{framework}}/{{model_name}}/guide", PUBLIC),
+    Case("POST", f"{API}/training/config/validate", PUBLIC, json=_const({"framework": "pytorch", "epochs": 3})),
     # -- datasets ------------------------------------------------------------------------------------
     Case("POST", f"{API}/datasets", WRITE,
          json=lambda world, role: {"name": f"by-{role}", "project_id": world.ids["project"]}),
@@ -275,6 +274,10 @@ def _object(world: World, name: str, role: str, case: Case) -> Any:
         return world.users[role]["api_key_id"]
     if name == "filename":
         return "0/a.png"
+    if name == "framework":
+        return "pytorch"
+    if name == "model_name":
+        return "simple_cnn"
     if name == "epoch":
         return 1
     raise AssertionError(f"{case.method} {case.path}: no object for path parameter {name!r}")

@@ -125,7 +125,8 @@ class TrainingJob(Base):
     attempt: Mapped[int] = mapped_column(Integer, default=1)
     # Highest runner seq applied for `attempt`: keeps an older progress event from moving epochs back.
     last_seq: Mapped[int] = mapped_column(Integer, default=0)
-    # Counter behind the seq of events the HTTP callback ingress writes.
+    # Unused since the HTTP callback ingress was removed (trainers report through the runner only); kept
+    # so that existing databases need no table rewrite.
     ingress_seq: Mapped[int] = mapped_column(Integer, default=0)
     # Set when the trainer finished but not every declared checkpoint is stored yet.
     completion: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)

@@ -153,28 +153,3 @@ async def mlflow_summary(job_id: int, service: Service, principal: CurrentPrinci
     """The MLflow run summary (answered by the tracker)."""
     job = await _authorized(service, principal, job_id, Role.VIEWER)
     return await service.mlflow_summary(job)
-
-
-@router.post("/jobs/{job_id}/callback/progress", response_model=schemas.CallbackResponse)
-async def progress_callback(
-    job_id: int, body: schemas.ProgressCallback, service: Service, principal: CurrentPrincipal
-) -> Any:
-    """HTTP progress ingress for trainers without the SDK pipe."""
-    await _authorized(service, principal, job_id, Role.MEMBER)
-    return await run_in_threadpool(service.report_progress, str(job_id), body)
-
-
-@router.post("/jobs/{job_id}/callback/completion", response_model=schemas.CallbackResponse)
-async def completion_callback(
-    job_id: int, body: schemas.CompletionCallback, service: Service, principal: CurrentPrincipal
-) -> Any:
-    """HTTP completion ingress."""
-    await _authorized(service, principal, job_id, Role.MEMBER)
-    return await run_in_threadpool(service.report_completion, str(job_id), body)
-
-
-@router.post("/jobs/{job_id}/callback/logs", response_model=schemas.CallbackResponse)
-async def log_callback(job_id: int, body: schemas.LogCallback, service: Service, principal: CurrentPrincipal) -> Any:
-    """HTTP log ingress."""
-    await _authorized(service, principal, job_id, Role.MEMBER)
-    return await run_in_threadpool(service.report_log, str(job_id), body)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -143,60 +143,3 @@ class CheckpointsResponse(BaseModel):
     """A job's stored checkpoints."""
 
     checkpoints: list[CheckpointResponse]
-
-
-class CallbackMetrics(BaseModel):
-    """Metrics in a progress callback."""
-
-    loss: float | None = None
-    accuracy: float | None = None
-    learning_rate: float | None = None
-    extra_metrics: dict[str, Any] = Field(default_factory=dict)
-
-
-class ProgressCallback(BaseModel):
-    """`POST /jobs/{id}/callback/progress` (the old trainer SDK's payload)."""
-
-    job_id: str | int | None = None
-    status: str = "running"
-    current_epoch: int = Field(ge=0)
-    total_epochs: int = Field(ge=1)
-    progress_percent: float | None = None
-    metrics: CallbackMetrics | None = None
-    checkpoint_path: str | None = None
-    best_checkpoint_path: str | None = None
-
-
-class CompletionCallback(BaseModel):
-    """`POST /jobs/{id}/callback/completion`."""
-
-    job_id: str | int | None = None
-    status: Literal["completed", "failed", "cancelled"]
-    total_epochs_completed: int = Field(default=0, ge=0)
-    final_metrics: dict[str, float] | None = None
-    best_metrics: dict[str, float] | None = None
-    best_epoch: int | None = None
-    best_checkpoint_path: str | None = None
-    last_checkpoint_path: str | None = None
-    error_message: str | None = None
-    traceback: str | None = None
-    exit_code: int | None = None
-
-
-class LogCallback(BaseModel):
-    """`POST /jobs/{id}/callback/logs`."""
-
-    job_id: str | int | None = None
-    event_type: str = Field(default="log", min_length=1, max_length=64)
-    message: str
-    level: str = "INFO"
-    data: dict[str, Any] | None = None
-    timestamp: datetime | None = None
-
-
-class CallbackResponse(BaseModel):
-    """Answer to a callback."""
-
-    success: bool
-    message: str
-    job_status: str

@@ -1,4 +1,4 @@
-"""Training job use cases: create, list, move through the state machine, read projections, ingest callbacks.
+"""Training job use cases: create, list, move through the state machine, read projections.
 
 Every state change and the messages announcing it are written in one transaction (the outbox), so a
 command is published if and only if the change was committed.
@@ -36,14 +36,8 @@ from visionyard.shared import streams
 from visionyard.shared.commands import CheckpointRef, TrainingConfig
 from visionyard.shared.devices import InvalidDeviceRequest, device_request
 from visionyard.shared.events import (
-    FailureReason,
     JobCancelled,
     JobCancelRequested,
-    JobCompleted,
-    JobEvent,
-    JobFailed,
-    LogEmitted,
-    ProgressReported,
 )
 
 T = TypeVar("T")
@@ -317,75 +311,6 @@ class TrainingService:
     async def mlflow_summary(self, job: schemas.TrainingJobResponse) -> dict[str, Any]:
         """The tracker's run summary, plus what only the API knows."""
         return {**await self._tracker.summary(str(job.id)), **_metric_context(job)}
-
-    # -- HTTP callback ingress -------------------------------------------------------------------
-
-    def report_progress(self, job_id: str, body: schemas.ProgressCallback) -> schemas.CallbackResponse:
-        """Translate a progress callback into a `progress` event of the current attempt."""
-        metrics: dict[str, float] = {}
-        if body.metrics is not None:
-            for key in ("loss", "accuracy", "learning_rate"):
-                value = getattr(body.metrics, key)
-                if value is not None:
-                    metrics[key] = float(value)
-            for key, value in body.metrics.extra_metrics.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    metrics[key] = float(value)
-        return self._ingest(
-            job_id,
-            "progress",
-            lambda job, seq: ProgressReported(
-                job_id=job.id, attempt=job.attempt, seq=seq, epoch=body.current_epoch,
-                total_epochs=body.total_epochs, metrics=metrics,
-            ),
-        )
-
-    def report_completion(self, job_id: str, body: schemas.CompletionCallback) -> schemas.CallbackResponse:
-        """Translate a completion callback into `completed`, `failed` or `cancelled`."""
-
-        def event(job: TrainingJob, seq: int) -> JobEvent:
-            if body.status == "completed":
-                return JobCompleted(
-                    job_id=job.id, attempt=job.attempt, seq=seq, total_epochs_completed=body.total_epochs_completed,
-                    final_metrics=body.final_metrics or {}, best_metrics=body.best_metrics or {},
-                    best_epoch=body.best_epoch,
-                )
-            if body.status == "cancelled":
-                return JobCancelled(job_id=job.id, attempt=job.attempt, seq=seq)
-            return JobFailed(
-                job_id=job.id, attempt=job.attempt, seq=seq,
-                reason=FailureReason.TRAINER_CRASH if body.exit_code not in (None, 0) else FailureReason.USER_ERROR,
-                error_message=body.error_message or "the trainer reported a failure",
-                exit_code=body.exit_code, traceback=body.traceback,
-            )
-
-        return self._ingest(job_id, "completion", event)
-
-    def report_log(self, job_id: str, body: schemas.LogCallback) -> schemas.CallbackResponse:
-        """Translate a log callback into a `log` event."""
-        return self._ingest(
-            job_id,
-            "log",
-            lambda job, seq: LogEmitted(
-                job_id=job.id, attempt=job.attempt, seq=seq, level=body.level.upper(), event_type=body.event_type,
-                message=body.message, data=body.data, **({"occurred_at": body.timestamp} if body.timestamp else {}),
-            ),
-        )
-
-    def _ingest(
-        self, job_id: str, what: str, make_event: Callable[[TrainingJob, int], JobEvent]
-    ) -> schemas.CallbackResponse:
-        def ingest(session: Session) -> schemas.CallbackResponse:
-            job = _job(session, job_id, for_update=True)
-            if job.status not in jobstate.ACTIVE:
-                raise Conflict(f"cannot accept {what} for job {job.id}: status is {job.status}")
-            # A DB counter gives callback events a seq the projector can de-duplicate by.
-            job.ingress_seq = max(job.ingress_seq, job.last_seq) + 1
-            OutboxRepository(session).add(make_event(job, job.ingress_seq))
-            session.flush()
-            return schemas.CallbackResponse(success=True, message=f"{what} accepted", job_status=job.status)
-
-        return self._write(ingest)
 
 
 def _missing(job_id: str) -> str:
