@@ -227,14 +227,14 @@ async def test_advanced_config_is_checked_against_the_declared_fields(client: ht
     assert pytorch["valid"] is True
 
 
-async def test_the_catalogue_needs_no_credential_even_when_keys_are_required(bus: Bus, settings: Any) -> None:
+async def test_the_catalogue_needs_no_credential_even_when_authentication_is_on(bus: Bus, settings: Any) -> None:
     from visionyard.api.main import create_app
 
     await _publish(bus, ORIGINAL)
-    app = create_app(settings.model_copy(update={"api_keys": ["s3cret"]}), bus=bus)
+    app = create_app(settings.model_copy(update={"anonymous_as_admin": False}), bus=bus)
     async with app.router.lifespan_context(app):
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api") as http:
-            assert (await http.get(JOBS)).status_code == 401  # user data stays behind the key
+            assert (await http.get(JOBS)).status_code == 401  # user data stays behind a credential
             listed = await http.get("/api/v1/models/list")
             assert listed.status_code == 200 and any(m["model_name"] == "yolo11n" for m in listed.json())
             schema = await http.get("/api/v1/training/config-schema", params={"framework": "ultralytics"})

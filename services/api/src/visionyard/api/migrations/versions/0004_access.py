@@ -1,7 +1,7 @@
 """users, API keys, projects and members; integer job ids
 
 Revision ID: 0004_access
-Revises: 0002_datasets, 0003_exports_inference
+Revises: 0003_exports_inference
 
 Existing rows are carried over: every distinct `project_id` string becomes a project ("default" becomes
 "Uncategorized"), owned by nobody until the first admin adopts it at start-up; every training, export and
@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = '0004_access'
-down_revision = ('0002_datasets', '0003_exports_inference')
+down_revision = '0003_exports_inference'  # on the jobs' branch (datasets' own stays a separate head)
 branch_labels = None
 depends_on = None
 
