@@ -144,7 +144,9 @@ async def watch_job(api_url: str, job_id: str, *, expected: int, received: Recei
                     measure_latency: bool = False, timeout: float = 600.0, batch_ms: int | None = None) -> Received:
     """Subscribe to `job_id` and count `training_progress` messages until `expected` arrived."""
     url = urlsplit(api_url)
-    path = f"/api/v1/ws/training?job_id={job_id}" + (f"&batch_ms={batch_ms}" if batch_ms is not None else "")
+    # last_seq=0: from the job's first event. Without it the API sends live messages only, counted from
+    # when it subscribes, which is after the handshake this client takes as "ready".
+    path = f"/api/v1/ws/training?job_id={job_id}&last_seq=0" + (f"&batch_ms={batch_ms}" if batch_ms is not None else "")
     key = base64.b64encode(os.urandom(16))
     request = (f"GET {path} HTTP/1.1\r\nHost: {url.netloc}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                f"Sec-WebSocket-Key: {key.decode()}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode()
