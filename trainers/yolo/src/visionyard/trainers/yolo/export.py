@@ -65,6 +65,11 @@ def compare(expected: list[Any], actual: list[Any], *, imgsz: int, num_classes: 
     if predictions_expected.shape != predictions_actual.shape:
         raise ExportError(f"exported output shape {predictions_actual.shape} differs from PyTorch's {predictions_expected.shape}")
     difference = np.abs(predictions_actual - predictions_expected)
+    if difference.ndim == 2:  # a -cls model: class probabilities only
+        scores_only = float(difference.max())
+        return {"validation_passed": bool(scores_only <= tolerance), "max_abs_diff": scores_only,
+                "max_abs_diff_boxes_px": None, "max_abs_diff_boxes_normalised": None,
+                "max_abs_diff_scores": scores_only, "max_abs_diff_mask_outputs": None, "tolerance": tolerance}
     box_px = float(difference[:, :4].max())
     scores = float(difference[:, 4 : 4 + num_classes].max())
     extra = float(difference[:, 4 + num_classes :].max()) if difference.shape[1] > 4 + num_classes else 0.0

@@ -25,6 +25,20 @@ PARAMETERS_M = {  # millions, Ultralytics' published figures for the detection m
 }
 
 
+TASK_INFO = {
+    "object_detection": ("Object Detection", "Locate objects with boxes and class labels"),
+    "instance_segmentation": ("Instance Segmentation", "Boxes plus a mask outline per object"),
+    "pose_estimation": ("Pose Estimation", "Boxes plus keypoints per object (datasets with keypoints)"),
+    "image_classification": ("Image Classification", "Classify images with Ultralytics' -cls models"),
+}
+FORMAT_INFO = {
+    "yolo": ("YOLO", "data.yaml with images/ and labels/ (boxes, polygons or keypoints)"),
+    "coco": ("COCO", "instances JSON files; converted to YOLO when the job starts"),
+    "dice": ("DICE", "the original platform's annotations_<task>.json; converted to YOLO when the job starts"),
+    "imagefolder": ("ImageFolder", "one folder per class, for the -cls models"),
+}
+
+
 def _models() -> list[ModelInfo]:
     models: list[ModelInfo] = []
     for family, family_name in FAMILIES.items():
@@ -35,8 +49,13 @@ def _models() -> list[ModelInfo]:
                     model_name=name,
                     display_name=f"{family_name}{size}{suffix}",
                     task_types=[task_type],
-                    description=f"{family_name} {size_name}, built from {name}.yaml; predicts {predicts}.",
-                    parameters=int(PARAMETERS_M[f"{family}{size}"] * 1_000_000),
+                    description=f"{family_name} {size_name}, built from {name}.yaml; predicts {predicts}. "
+                                "Pretrained weights only from the runner's local weights directory.",
+                    supported=True,
+                    parameters={"min": PARAMETERS_M[f"{family}{size}"]},
+                    export_formats=["onnx", "torchscript"],
+                    pretrained=False,
+                    tags=["yolo", family, task_type] + (["cpu"] if size == "n" else []),
                 ))
     return models
 
@@ -93,11 +112,17 @@ CONFIG_SCHEMA = {
 MANIFEST = TrainerManifest(
     name="ultralytics-yolo",
     framework=FRAMEWORK,
+    display_name="Ultralytics YOLO",
+    description="YOLO11 and YOLOv8 detection, segmentation, pose and classification on Ultralytics "
+                "(AGPL-3.0, installed only in the ultralytics trainer environment).",
     version="0.1.0",
     module="visionyard.trainers.yolo",
-    task_types=["object_detection", "instance_segmentation", "pose_estimation", "image_classification"],
+    environment=ENVIRONMENT,
+    task_types=[{"name": name, "display_name": title, "description": text, "supported": True}
+                for name, (title, text) in TASK_INFO.items()],
     models=_models(),
-    dataset_formats=["yolo", "coco", "dice", "imagefolder"],
+    dataset_formats=[{"name": name, "display_name": title, "description": text, "supported": True}
+                     for name, (title, text) in FORMAT_INFO.items()],
     primary_metric={
         "object_detection": "mAP50-95",
         "instance_segmentation": "mask_mAP50-95",

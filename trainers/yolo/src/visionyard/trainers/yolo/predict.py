@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from visionyard.shared.sdk import ENV_JOB_FILE, PredictInput, PredictJob, Reporter
-from visionyard.shared.yolo_dataset import IMAGE_SUFFIXES, DatasetLayoutError, prepare_yolo_dataset
+from visionyard.trainers.yolo.datasets import IMAGE_SUFFIXES, DatasetLayoutError, prepare_yolo_dataset
 from visionyard.trainers.yolo import offline
 
 EXIT_USER_ERROR = 2
@@ -99,15 +99,22 @@ def run_predict(job: PredictJob, reporter: Reporter) -> dict[str, Any]:
             continue
         elapsed_ms = (time.perf_counter() - started) * 1000.0
         boxes = boxes_of(result, names)
-        top = boxes[0] if boxes else None
+        if getattr(result, "probs", None) is not None:  # a -cls model: labels, no boxes
+            probabilities = result.probs.data.cpu().numpy()
+            order = probabilities.argsort()[::-1][: job.top_k]
+            ranked = [{"label": names[int(i)], "label_id": int(i), "confidence": round(float(probabilities[i]), 6)}
+                      for i in order]
+        else:
+            ranked = [{"label": b["label"], "label_id": b["class_id"], "confidence": b["confidence"]}
+                      for b in boxes[: job.top_k]]
+        top = ranked[0] if ranked else None
         rows.append({
             "image_name": item.name,
             "predicted_label": top["label"] if top else None,
-            "predicted_label_id": top["class_id"] if top else None,
+            "predicted_label_id": top["label_id"] if top else None,
             "confidence": top["confidence"] if top else None,
-            "top5_predictions": [{"label": b["label"], "label_id": b["class_id"], "confidence": b["confidence"]}
-                                 for b in boxes[: job.top_k]],
-            "predicted_boxes": boxes,
+            "top5_predictions": ranked,
+            "predicted_boxes": boxes if getattr(result, "probs", None) is None else None,
             "inference_time_ms": round(elapsed_ms, 3),
             "true_label": item.true_label,
             "image_size": list(result.orig_shape[::-1]),
@@ -118,7 +125,7 @@ def run_predict(job: PredictJob, reporter: Reporter) -> dict[str, Any]:
     summary: dict[str, Any] = {
         "total_images": len(rows),
         "failed_images": sum(1 for row in rows if row.get("error")),
-        "total_detections": sum(len(row["predicted_boxes"] or []) for row in rows),
+        "total_detections": sum(len(row.get("predicted_boxes") or []) for row in rows),
         "total_inference_time_ms": round(total_ms, 3),
         "avg_inference_time_ms": round(total_ms / len(rows), 3),
         "class_names": [names[i] for i in sorted(names)],

@@ -20,7 +20,7 @@ from types import FrameType
 from typing import Any
 
 from visionyard.shared.sdk import Reporter, TrainerJob, load_job
-from visionyard.shared.yolo_dataset import DatasetLayoutError, PreparedYolo, prepare_yolo_dataset
+from visionyard.trainers.yolo.datasets import DatasetLayoutError, PreparedYolo, prepare_imagefolder, prepare_yolo_dataset
 from visionyard.trainers.yolo import offline
 from visionyard.trainers.yolo.manifest import CONFIG_SCHEMA, MANIFEST, TASKS, ultralytics_task
 
@@ -28,7 +28,7 @@ EXIT_USER_ERROR = 2
 EXIT_TERMINATED = 143
 TASK_OF_TYPE = {task_type: task for task_type, task, _ in TASKS.values()}
 # Options the runner reads from advanced_config itself; they are not Ultralytics options.
-RUNNER_OPTIONS = frozenset({"checkpoint_interval_seconds", "timeout_seconds", "stall_seconds"})
+RUNNER_OPTIONS = frozenset({"checkpoint_interval_seconds", "timeout_seconds", "stall_seconds", "device", "gpu_count"})
 # Options of the schema that are not passed to Ultralytics' train() as they are.
 OWN_OPTIONS = frozenset({"optimizer", "lr0", "pretrained", "val_split", "conf", "iou"})
 _SUFFIX_PREFIX = {"B": "", "M": "mask_", "P": "pose_"}
@@ -86,6 +86,8 @@ def epoch_metrics(trainer: Any) -> dict[str, float]:
         metrics["loss"] = sum(train_losses)
     if val_losses:
         metrics["val_loss"] = sum(val_losses)
+    if "accuracy_top1" in metrics:
+        metrics["accuracy"] = metrics["accuracy_top1"]  # the platform's classification metric name
     if getattr(trainer, "fitness", None) is not None:
         metrics["fitness"] = float(trainer.fitness)
     return metrics
@@ -264,17 +266,29 @@ def prepare_data(job: TrainerJob, params: YoloParams, work: Path) -> PreparedYol
         raise UserError(str(error)) from error
 
 
+def prepare_classify_data(job: TrainerJob, params: YoloParams, work: Path) -> PreparedYolo:
+    """The staged ImageFolder version as `work/data/{train,val}/<class>/` (the job's pinned split honoured)."""
+    try:
+        return prepare_imagefolder(
+            job.dataset_dir, work / "data", split=job.split,
+            val_fraction=float(params.options.get("val_split", 0.2)), seed=int(params.options.get("seed", 0)),
+        )
+    except DatasetLayoutError as error:
+        raise UserError(str(error)) from error
+
+
 def train(job: TrainerJob, reporter: Reporter, stop: StopRequested) -> int:
     """Run the job to completion (0) or until stopped (143); raises `UserError` for bad input."""
     params = YoloParams.from_job(job)
-    if params.task == "classify":
-        from visionyard.trainers.yolo.classify import train_classifier
-
-        return train_classifier(job, reporter, stop, params)
     work = job.output_dir
     work.mkdir(parents=True, exist_ok=True)
     offline.configure(work / "ultralytics-config")
-    prepared = prepare_data(job, params, work)
+    if params.task == "classify":
+        prepared = prepare_classify_data(job, params, work)
+        data = str(prepared.root)
+    else:
+        prepared = prepare_data(job, params, work)
+        data = str(prepared.data_yaml)
     reporter.log(
         f"dataset ({prepared.source_format}, split from {prepared.split_source}): "
         + ", ".join(f"{split} {count}" for split, count in prepared.counts.items())
@@ -297,7 +311,7 @@ def train(job: TrainerJob, reporter: Reporter, stop: StopRequested) -> int:
         epochs.attach(model)
         reporter.log(f"resuming from the stored last checkpoint (epoch {job.resume_epoch})", event_type="resume",
                      data={"epoch": job.resume_epoch})
-        arguments: dict[str, Any] = {"resume": str(job.resume_checkpoint), "data": str(prepared.data_yaml),
+        arguments: dict[str, Any] = {"resume": str(job.resume_checkpoint), "data": data,
                                      "save_dir": str(save_dir), "workers": params.options.get("workers", 0)}
     else:
         if job.resume_checkpoint is not None:
@@ -306,7 +320,7 @@ def train(job: TrainerJob, reporter: Reporter, stop: StopRequested) -> int:
         weights = resolve_weights(params)
         model = YOLO(f"{params.model_name}.yaml", task=params.task)
         epochs.attach(model)
-        arguments = params.train_arguments(data=str(prepared.data_yaml), save_dir=save_dir, weights=weights)
+        arguments = params.train_arguments(data=data, save_dir=save_dir, weights=weights)
         reporter.log(
             f"training {params.model_name} ({params.task}) from {'local weights ' + str(weights) if weights else 'scratch'}"
             f" for {params.epochs} epochs; options: "

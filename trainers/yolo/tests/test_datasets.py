@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from visionyard.cli.datasets_shapes import build_shapes_dataset
-from visionyard.shared.yolo_dataset import DatasetLayoutError, prepare_yolo_dataset
+from visionyard.trainers.yolo.datasets import DatasetLayoutError, prepare_yolo_dataset
 
 
 def _staged(tmp_path: Path, layout: str, *, segment: bool = False, num_images: int = 20) -> Path:
@@ -100,3 +100,23 @@ def test_bad_inputs_name_the_problem(tmp_path: Path) -> None:
     (empty / "stuff" / "readme.md").write_text("hi")
     with pytest.raises(DatasetLayoutError, match="not a detection dataset"):
         prepare_yolo_dataset(empty, tmp_path / "z")
+
+
+def test_imagefolder_for_cls_models_uses_class_folders_and_the_job_split(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from visionyard.trainers.yolo.datasets import prepare_imagefolder
+
+    staged = tmp_path / "staged" / "wrapper"
+    for name in ("cat", "dog"):
+        (staged / name).mkdir(parents=True)
+        for index in range(5):
+            Image.new("RGB", (8, 8), (index * 40, 0, 0)).save(staged / name / f"{index}.png")
+    seeded = prepare_imagefolder(tmp_path / "staged", tmp_path / "a", val_fraction=0.4, seed=1)
+    assert seeded.class_names == ["cat", "dog"] and seeded.split_source == "seeded"
+    assert seeded.counts == {"train": 6, "val": 4}
+    assert {p.parent.name for p in (tmp_path / "a" / "val").rglob("*.png")} <= {"cat", "dog"}
+    pinned = prepare_imagefolder(tmp_path / "staged", tmp_path / "b", split={
+        "train": ["wrapper/cat/0.png", "wrapper/cat/1.png", "wrapper/dog/0.png"], "val": ["wrapper/dog/1.png"]})
+    assert pinned.split_source == "job" and pinned.counts == {"train": 3, "val": 1}
+    assert sorted(p.name for p in (tmp_path / "b" / "train" / "cat").iterdir()) == ["cat__0.png", "cat__1.png"]

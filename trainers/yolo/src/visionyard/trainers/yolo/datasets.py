@@ -1,4 +1,4 @@
-"""Turn a staged dataset version (YOLO, COCO or DICE layout) into the YOLO layout Ultralytics trains on.
+"""Turn a staged dataset version (YOLO, COCO, DICE or ImageFolder layout) into what Ultralytics trains on.
 
 The runner stages a version exactly as storage normalized it (the upload's own layout). A YOLO-family
 trainer calls `prepare_yolo_dataset` on it before training: images are linked (hard links, copies
@@ -397,4 +397,54 @@ def prepare_yolo_dataset(
         data_yaml=data_yaml, root=out_dir, source_format=layout, class_names=names,
         counts={name: len(members) for name, members in sorted(splits.items())}, split_source=source,
         kpt_shape=kpt_shape, skipped=skipped, files=files,
+    )
+
+
+# -- ImageFolder (Ultralytics' -cls models) -------------------------------------------------------------
+
+
+def prepare_imagefolder(
+    dataset_dir: Path,
+    out_dir: Path,
+    *,
+    split: dict[str, list[str]] | None = None,
+    val_fraction: float = 0.2,
+    seed: int = 42,
+) -> PreparedYolo:
+    """Write `out_dir/{train,val[,test]}/<class>/<image>` links from a staged ImageFolder version.
+
+    The class of an image is its folder; the split is the job's, else `train/` and `val/` folders, else
+    a seeded cut. `data_yaml` of the result is `out_dir` itself (Ultralytics classifies a directory).
+    """
+    dataset_dir = Path(dataset_dir)
+    root = find_root(dataset_dir)
+    root_prefix = root.relative_to(dataset_dir).as_posix() + "/" if root != dataset_dir else ""
+    items: list[_Item] = []
+    for image in sorted(root.rglob("*")):
+        if not image.is_file() or image.suffix.lower() not in IMAGE_SUFFIXES or image.name.startswith("."):
+            continue
+        parts = image.relative_to(root).parts
+        if len(parts) < 2:
+            raise DatasetLayoutError(f"{image.name}: not in a class folder (<class>/<image>)")
+        items.append(_Item(relative=image.relative_to(root).as_posix(), split=_split_of(parts) if len(parts) > 2 else None,
+                           lines=[parts[-2]]))
+    if not items:
+        raise DatasetLayoutError(f"{root}: no images in class folders")
+    splits, source = _assign(items, job_split=split, val_fraction=val_fraction, seed=seed, root_prefix=root_prefix)
+    if not splits.get("train") or not splits.get("val"):
+        raise DatasetLayoutError("the training and validation splits both need images")
+    class_names = sorted({item.lines[0] for item in splits["train"]})
+    if len(class_names) < 2:
+        raise DatasetLayoutError(f"need at least 2 classes in the training split, found {class_names}")
+    shutil.rmtree(out_dir, ignore_errors=True)
+    files: dict[str, dict[str, Path]] = {}
+    for split_name, members in splits.items():
+        for item in members:
+            target = out_dir / split_name / item.lines[0] / item.relative.replace("/", "__")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            _link(root / item.relative, target)
+            files.setdefault(split_name, {})[item.relative] = target
+    return PreparedYolo(
+        data_yaml=out_dir, root=out_dir, source_format="imagefolder", class_names=class_names,
+        counts={name: len(members) for name, members in sorted(splits.items())}, split_source=source, files=files,
     )
