@@ -69,7 +69,9 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     scratch = tmp_path_factory.mktemp("shapes")
     zips = {layout: build_shapes_dataset(scratch / layout, num_images=30, image_size=64, layout=layout, seed=11)
             for layout in ("yolo", "coco")}
-    with EmbeddedStack(data_dir=tmp_path_factory.mktemp("stack"), api_port=free_port(), runners=1) as stack, \
+    # On a machine busy with other work the API has taken more than the default minute to become ready.
+    with EmbeddedStack(data_dir=tmp_path_factory.mktemp("stack"), api_port=free_port(), runners=1,
+                       ready_timeout=180.0) as stack, \
             httpx.Client(base_url=stack.api_url, timeout=60) as api:
         datasets = {layout: _upload(api, summary.zip_path, f"shapes-{layout}") for layout, summary in zips.items()}
         _poll(lambda: api.get("/api/v1/models/list").json(),

@@ -45,7 +45,7 @@ SPECS: dict[str, EnvSpec] = {
     "ultralytics": EnvSpec(
         name="ultralytics",
         requirements="trainers/yolo/requirements-env.txt",
-        packages=("shared", "trainers/yolo"),
+        packages=("shared", "trainers/yolo", "trainers/classifier"),
     ),
 }
 
@@ -105,13 +105,14 @@ def ensure(name: str, *, root: Path | None = None, quiet: bool = True) -> Path:
               "-r", root / spec.requirements], quiet=quiet)
         (path / COMPLETE_MARKER).write_text(spec.requirements + "\n")
     recorded = path / CHECKOUT_MARKER
-    if not recorded.exists() or recorded.read_text().strip() != str(root):
+    wanted = f"{root}\n{' '.join(spec.packages)}"
+    if not recorded.exists() or recorded.read_text().strip() != wanted:
         editable: list[str | Path] = []
         for package in spec.packages:
             editable += ["-e", root / package]
         _run([python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-deps",
               *editable], quiet=quiet)
-        recorded.write_text(f"{root}\n")
+        recorded.write_text(wanted + "\n")
     return python
 
 
