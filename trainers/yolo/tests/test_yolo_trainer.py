@@ -222,3 +222,32 @@ def test_onnx_export_validates_against_pytorch_and_predict_returns_boxes(trainer
         assert set(box) >= {"class_id", "label", "confidence", "x1", "y1", "x2", "y2"}
         assert 0 <= box["x1"] <= box["x2"] <= 64 and 0 <= box["y1"] <= box["y2"] <= 64
         assert box["label"] in ("circle", "square", "triangle")
+
+
+def test_segmentation_trains_on_coco_polygons_and_predicts_masks(trainer_python: Path, tmp_path: Path) -> None:
+    summary = build_shapes_dataset(tmp_path / "build", num_images=20, image_size=64, layout="coco", segment=True, seed=2)
+    staged = tmp_path / "staged"
+    with zipfile.ZipFile(summary.zip_path) as bundle:
+        bundle.extractall(staged)
+    job = _job(tmp_path, staged, model_name="yolo11n-seg", task_type="instance_segmentation", epochs=1,
+               advanced_config={"imgsz": 64, "mosaic": 0.0})
+    job_file = tmp_path / "job.json"
+    job_file.write_text(job.model_dump_json())
+    process = _spawn(trainer_python, "visionyard.trainers.yolo", job_file)
+    out, _ = process.communicate(timeout=600)
+    assert process.returncode == 0, out[-3000:]
+    progress = [r for r in _records(out.splitlines()) if r["type"] == "progress"]
+    assert {"mask_mAP50", "mask_mAP50-95", "train_seg_loss", "mAP50"} <= set(progress[0]["metrics"])
+
+    best = job.output_dir / "runs" / "train" / "weights" / "best.pt"
+    images = sorted(summary.heldout_dir.glob("*.png"))[:2]
+    predict = PredictJob(inference_id="s", training_job_id="7", checkpoint=best, output_dir=tmp_path / "predict",
+                         images=[PredictInput(path=p, name=p.name) for p in images], confidence_threshold=0.001)
+    predict_file = tmp_path / "predict.json"
+    predict_file.write_text(predict.model_dump_json())
+    process = _spawn(trainer_python, "visionyard.trainers.yolo.predict", predict_file)
+    out, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, out
+    boxes = [box for row in json.loads(predict.results_path.read_text())["results"] for box in row["predicted_boxes"]]
+    assert boxes and all(len(box["polygon"]) >= 3 for box in boxes)
+    assert all(0 <= x <= 64 and 0 <= y <= 64 for box in boxes for x, y in box["polygon"])
