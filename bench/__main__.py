@@ -18,7 +18,7 @@ import threading
 import time
 from pathlib import Path
 
-from bench import artifacts, dispatch, event_pipeline, live_latency, scale, tracker, training_overhead
+from bench import artifacts, dispatch, event_pipeline, live_latency, scale, tracker, training_overhead, yolo_overhead
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 FIGURES = {
@@ -29,6 +29,7 @@ FIGURES = {
     "dispatch": dispatch,
     "artifacts": artifacts,
     "scale": scale,
+    "yolo_overhead": yolo_overhead,
 }
 
 

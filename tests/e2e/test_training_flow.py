@@ -23,15 +23,25 @@ from visionyard.shared.natsserver import free_port
 pytestmark = pytest.mark.e2e
 
 TERMINAL = {"completed", "failed", "cancelled"}
+TRACING_ENV = "VISIONYARD_TRACING_FILE_DIR"
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedStack]:
     data_dir = tmp_path_factory.mktemp("stack")
     embedded = EmbeddedStack(data_dir=data_dir, api_port=free_port(), runners=1)
-    with embedded:
-        started = embedded.pids()
-        yield embedded
+    # Every service records its spans to a JSON-lines file here (the services inherit the environment).
+    previous = os.environ.get(TRACING_ENV)
+    os.environ[TRACING_ENV] = str(data_dir / "traces")
+    try:
+        with embedded:
+            started = embedded.pids()
+            yield embedded
+    finally:
+        if previous is None:
+            os.environ.pop(TRACING_ENV, None)
+        else:
+            os.environ[TRACING_ENV] = previous
     survivors = [pid for pid in started if _alive(pid)]
     assert not survivors, f"processes {survivors} survived the stack's shutdown"
 
@@ -189,6 +199,36 @@ def test_digits_job_trains_tracks_and_stores_checkpoints(stack: EmbeddedStack, a
     logs = api.get(f"/api/v1/training/jobs/{job_id}/logs", params={"limit": 500}).json()
     assert logs, "the trainer's output should be in the job's logs"
     assert all(isinstance(line["content"], str) and line["log_type"] for line in logs)  # as the frontend reads them
+
+    _assert_one_trace_spans_the_services(stack, job_id)
+
+
+def _spans(stack: EmbeddedStack) -> list[dict[str, Any]]:
+    return [json.loads(line) for path in (stack.data_dir / "traces").glob("*.jsonl")
+            for line in path.read_text().splitlines() if line.strip()]
+
+
+def _assert_one_trace_spans_the_services(stack: EmbeddedStack, job_id: str) -> None:
+    """The start request's trace reaches the runner, storage, the tracker and the API's projector; logs name it."""
+    start_route = "POST /api/v1/training/jobs/{job_id}/start"
+    every = {"api", "trainer-runner", "storage", "tracker"}
+
+    def services_in_trace() -> tuple[str | None, set[str], set[str]]:
+        spans = _spans(stack)
+        starts = [s for s in spans if s["service"] == "api" and s["name"] == start_route]
+        if not starts:
+            return None, set(), set()
+        trace_id = starts[0]["trace_id"]
+        in_trace = [s for s in spans if s["trace_id"] == trace_id]
+        return trace_id, {s["service"] for s in in_trace}, {s["name"] for s in in_trace}
+
+    # Spans are exported in batches (every 0.5 s): wait for the last ones to land.
+    trace_id, services, names = _poll(services_in_trace, lambda found: found[1] >= every, timeout=30)
+    assert {"runner hold command", "consume tracker", "consume storage-artifacts", "consume api-projector"} <= names
+    runner_log = [json.loads(line) for line in (stack.logs_dir / "runner.log").read_text().splitlines()
+                  if line.startswith("{")]
+    assert any(r.get("job_id") == job_id and r.get("attempt") == 1 and r.get("trace_id") == trace_id
+               for r in runner_log), "the runner's JSON logs should carry the job, its attempt and its trace id"
 
 
 def test_cancel_stops_a_running_job_and_its_processes(stack: EmbeddedStack, api: httpx.Client, dataset_id: str) -> None:

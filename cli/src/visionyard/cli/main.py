@@ -72,7 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="start everything, train on scikit-learn digits, show the results")
     demo.add_argument("--data-dir", type=Path, default=None, help="default: a fresh temporary directory")
-    demo.add_argument("--epochs", type=int, default=5)
+    demo.add_argument("--task", choices=("classification", "detection"), default="classification",
+                      help="classification: a CNN on digits; detection: YOLO on synthetic shapes (needs make trainer-env)")
+    demo.add_argument("--epochs", type=int, default=None, help="default: 5 (classification), 25 (detection)")
     demo.add_argument("--keep", action="store_true", help="keep the temporary data directory")
     return parser
 
@@ -208,7 +210,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        return run_demo(data_dir=args.data_dir, epochs=args.epochs, keep=args.keep)
+        if args.task == "detection":
+            from visionyard.cli.detection_demo import DEFAULT_EPOCHS, run_detection_demo
+
+            return run_detection_demo(data_dir=args.data_dir, epochs=args.epochs or DEFAULT_EPOCHS, keep=args.keep)
+        return run_demo(data_dir=args.data_dir, epochs=args.epochs or 5, keep=args.keep)
     except KeyboardInterrupt:
         # run_demo's finally has already stopped the stack.
         print("demo interrupted", file=sys.stderr)

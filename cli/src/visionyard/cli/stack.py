@@ -202,6 +202,10 @@ class EmbeddedStack:
             if self.storage_backend == "local":
                 env[f"{prefix}ROOT"] = str(self.data_dir / "storage")
             env.update(self.storage_env)
+        elif name == "runner" and "VISIONYARD_RUNNER_TRAINER_ENVS" not in env:
+            from visionyard.cli.trainer_envs import runner_setting  # the envs `make trainer-env` built
+
+            env["VISIONYARD_RUNNER_TRAINER_ENVS"] = runner_setting()
         env.update(self.extra_env)
         return env
 

@@ -22,7 +22,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake
 BAR_WIDTH = 24
 CLOSE_POLICY_VIOLATION = 1008
 # Metrics worth a place on the progress line, in this order; the rest are left to MLflow.
-KEY_METRICS = ("loss", "accuracy", "train_loss", "train_accuracy", "learning_rate")
+KEY_METRICS = ("loss", "accuracy", "train_loss", "train_accuracy", "mAP50", "mAP50-95", "learning_rate")
 
 
 @dataclass

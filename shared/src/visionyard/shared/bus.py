@@ -43,9 +43,10 @@ from nats.js.object_store import (
     ObjectStore,
 )
 from nats.nuid import NUID
+from opentelemetry.trace import SpanKind
 from pydantic import BaseModel
 
-from visionyard.shared import metrics, streams, subjects
+from visionyard.shared import metrics, streams, subjects, tracing
 from visionyard.shared.config import TopologySettings, server_urls
 from visionyard.shared.messages import Message
 
@@ -254,6 +255,8 @@ class Bus:
     ) -> api.PubAck:
         """Publish bytes to JetStream with `Nats-Msg-Id`, awaiting the PubAck."""
         all_headers = {"Nats-Msg-Id": message_id, **(headers or {})}
+        if tracing.enabled() and tracing.TRACEPARENT not in all_headers:  # an outbox row keeps its request's
+            all_headers = tracing.inject(all_headers)
         return await self.js.publish(subject, data, headers=all_headers)
 
     async def publish_ordered(self, messages: Sequence[Message], *, timeout: float = 10.0) -> int:
@@ -264,11 +267,13 @@ class Bus:
         per window instead of one per message.
         """
         futures: list[asyncio.Future[api.PubAck]] = []
+        trace_headers = tracing.inject() if tracing.enabled() else {}
         try:
             for message in messages:
                 futures.append(
                     await self.js.publish_async(
-                        _subject_of(message), message.to_bytes(), headers={"Nats-Msg-Id": message.message_id}
+                        _subject_of(message), message.to_bytes(),
+                        headers={"Nats-Msg-Id": message.message_id, **trace_headers},
                     )
                 )
         except Exception as error:  # not even sent (disconnected): count what was
@@ -489,7 +494,8 @@ class Bus:
     async def request(self, subject: str, payload: BaseModel, *, timeout: float = 10.0) -> bytes:
         """Core request-reply; raises `TransientError` when nobody answers in time."""
         try:
-            reply = await self.nc.request(subject, payload.model_dump_json().encode(), timeout=timeout)
+            reply = await self.nc.request(subject, payload.model_dump_json().encode(), timeout=timeout,
+                                          headers=tracing.inject() if tracing.enabled() else None)
         except (NatsTimeoutError, nats.errors.NoRespondersError) as error:
             raise TransientError(f"no reply on {subject}: {type(error).__name__}") from error
         return reply.data
@@ -516,7 +522,8 @@ class Bus:
 
         async def on_request(msg: Msg) -> None:
             try:
-                answer = await handler(msg.data)
+                with tracing.span(f"serve {subject}", headers=msg.headers, kind=SpanKind.SERVER, subject=subject):
+                    answer = await handler(msg.data)
             except Exception as error:  # the caller gets the reason instead of a time-out
                 log.exception("request handler failed", extra={"subject": subject})
                 answer = _error_reply(error)
@@ -541,7 +548,9 @@ class Bus:
         async def each(messages: list[Msg]) -> None:
             for msg in messages:
                 started = time.perf_counter()
-                outcome = await _outcome(handler(msg))
+                with tracing.span(f"consume {spec.durable}", headers=msg.headers, kind=SpanKind.CONSUMER,
+                                  subject=msg.subject):
+                    outcome = await _outcome(handler(msg))
                 latency.observe(time.perf_counter() - started)
                 await self._settle(msg, spec, outcome)
 
@@ -571,7 +580,8 @@ class Bus:
 
         async def whole(messages: list[Msg]) -> None:
             started = time.perf_counter()
-            error = await _outcome(handler(messages))
+            with tracing.spans_per_trace(f"consume {spec.durable}", [msg.headers for msg in messages] if tracing.enabled() else []):
+                error = await _outcome(handler(messages))
             latency.observe(time.perf_counter() - started)
             for msg in messages:
                 if not msg.is_acked:

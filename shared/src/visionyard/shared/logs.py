@@ -1,13 +1,33 @@
-"""Structured JSON logging with bound context (job_id, attempt, seq, subject, delivery)."""
+"""Structured JSON logging with bound context (job_id, attempt, seq, subject, delivery) and the trace id.
+
+`job_context` binds a job and attempt to everything logged in its task (and the tasks it starts), so a
+line logged deep in an adapter still says which job it was about.
+"""
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
+from visionyard.shared import tracing
+
 _CONTEXT_KEYS = ("service", "job_id", "attempt", "seq", "subject", "delivery", "consumer", "dataset_id")
+_bound: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("visionyard_log_context", default={})
+
+
+@contextmanager
+def job_context(**context: Any) -> Iterator[None]:
+    """Add `context` (job_id, attempt) to every record logged in this context, unless a record names its own."""
+    token = _bound.set({**_bound.get(), **context})
+    try:
+        yield
+    finally:
+        _bound.reset(token)
 
 
 class JsonFormatter(logging.Formatter):
@@ -25,10 +45,16 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        bound = _bound.get()
         for key in _CONTEXT_KEYS:
             value = record.__dict__.get(key)
+            if value is None:
+                value = bound.get(key)
             if value is not None:
                 payload[key] = value
+        trace_id = tracing.trace_id()
+        if trace_id is not None:
+            payload["trace_id"] = trace_id
         if record.exc_info:
             payload["exc"] = self.formatException(record.exc_info)
         return json.dumps(payload, default=str)

@@ -65,6 +65,7 @@ from visionyard.shared.asyncapi import asyncapi_document
 from visionyard.shared.bus import Bus
 from visionyard.shared.lifecycle import freeze_startup_heap
 from visionyard.shared.logs import configure_logging
+from visionyard.shared.tracing import configure_tracing, shutdown_tracing
 
 log = logging.getLogger("visionyard.api")
 
@@ -272,8 +273,12 @@ def run() -> None:
         print(f"visionyard-api: refusing to start: {reasons}", file=sys.stderr)
         raise SystemExit(2) from None
     configure_logging("api", settings.log_level)
-    with asyncio.Runner(loop_factory=_loop_factory(settings.event_loop)) as runner:
-        runner.run(_serve(settings))
+    configure_tracing("api")
+    try:
+        with asyncio.Runner(loop_factory=_loop_factory(settings.event_loop)) as runner:
+            runner.run(_serve(settings))
+    finally:
+        shutdown_tracing()
 
 
 def _loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:

@@ -9,8 +9,11 @@ from collections.abc import Awaitable, Callable, Iterator
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
+from opentelemetry.trace import SpanKind
 from starlette.requests import Request
 from starlette.responses import Response
+
+from visionyard.shared import tracing
 
 
 class ApiMetrics:
@@ -56,15 +59,20 @@ class ApiMetrics:
         """Count and time every request by its route template (not its raw path: bounded labels)."""
         started = time.perf_counter()
         status = 500
-        try:
-            response = await call_next(request)
-            status = response.status_code
-            return response
-        finally:
-            route = request.scope.get("route")
-            template = getattr(route, "path", "unmatched")
-            self.requests.labels(request.method, template, str(status)).inc()
-            self.latency.labels(request.method, template).observe(time.perf_counter() - started)
+        # The request's span (when tracing is on) is the parent of the outbox rows it writes.
+        with tracing.span(f"{request.method} {request.url.path}", kind=SpanKind.SERVER) as span:
+            try:
+                response = await call_next(request)
+                status = response.status_code
+                return response
+            finally:
+                route = request.scope.get("route")
+                template = getattr(route, "path", "unmatched")
+                self.requests.labels(request.method, template, str(status)).inc()
+                self.latency.labels(request.method, template).observe(time.perf_counter() - started)
+                if span is not None:
+                    span.update_name(f"{request.method} {template}")
+                    span.set_attribute("http.response.status_code", status)
 
     def exposition(self) -> bytes:
         """The text exposition format: this instance's collectors, then the process-wide registry.

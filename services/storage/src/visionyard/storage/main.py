@@ -11,6 +11,7 @@ from visionyard.shared.bus import Bus
 from visionyard.shared.lifecycle import run_until_signalled
 from visionyard.shared.logs import configure_logging
 from visionyard.shared.metrics import serve_metrics
+from visionyard.shared.tracing import configure_tracing, shutdown_tracing
 from visionyard.storage.adapters.local import LocalDirectoryBackend
 from visionyard.storage.adapters.s3 import S3Backend
 from visionyard.storage.adapters.staging import BusStagingArea
@@ -99,7 +100,11 @@ def run() -> None:
     """Console script `visionyard-storage`: run until SIGTERM/SIGINT, then exit 0."""
     settings = StorageSettings()
     configure_logging("storage", settings.log_level)
-    run_until_signalled(lambda stop: serve(settings, stop=stop))
+    configure_tracing("storage")
+    try:
+        run_until_signalled(lambda stop: serve(settings, stop=stop))
+    finally:
+        shutdown_tracing()
     sys.exit(0)
 
 

@@ -15,6 +15,7 @@ from visionyard.shared.bus import Bus
 from visionyard.shared.lifecycle import freeze_startup_heap, run_until_signalled
 from visionyard.shared.logs import configure_logging
 from visionyard.shared.metrics import serve_metrics
+from visionyard.shared.tracing import configure_tracing, shutdown_tracing
 from visionyard.tracker.config import TrackerSettings
 from visionyard.tracker.handlers import TrackerHandlers
 from visionyard.tracker.ports import RunStore
@@ -90,7 +91,11 @@ def run() -> None:
     """Console script `visionyard-tracker`: run until SIGTERM/SIGINT, then exit 0."""
     settings = TrackerSettings()
     configure_logging(SERVICE, settings.log_level)
-    run_until_signalled(lambda stop: serve(settings, stop=stop, freeze_heap=True))
+    configure_tracing(SERVICE)
+    try:
+        run_until_signalled(lambda stop: serve(settings, stop=stop, freeze_heap=True))
+    finally:
+        shutdown_tracing()
 
 
 if __name__ == "__main__":

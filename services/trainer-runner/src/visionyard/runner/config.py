@@ -15,8 +15,9 @@ from pydantic_settings import NoDecode, SettingsConfigDict
 from visionyard.shared import streams
 from visionyard.shared.config import MetricsSettings, ServiceSettings
 
-# The only variables a trainer inherits; credentials and the broker URL never reach it.
-TRAINER_ENV_KEYS = ("PATH", "HOME", "LANG", "PYTHONPATH")
+# The only variables a trainer inherits; credentials and the broker URL never reach it. The weights
+# directory is where trainers read pretrained weights (nothing is downloaded at run time).
+TRAINER_ENV_KEYS = ("PATH", "HOME", "LANG", "PYTHONPATH", "VISIONYARD_RUNNER_WEIGHTS_DIR")
 
 
 def _default_runner_id() -> str:

@@ -15,14 +15,16 @@ from typing import Any
 
 from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeoutError
+from opentelemetry.trace import SpanKind
 from pydantic import ValidationError
 
 from visionyard.runner.devices import GpuPool, advertise, withdraw
 from visionyard.runner.ship_handlers import SHIP_SUBJECTS, ShipCommandHandler
 from visionyard.runner.service import AttemptOutcome, StopReason, TrainingAttempts
-from visionyard.shared import metrics, streams
+from visionyard.shared import metrics, streams, tracing
 from visionyard.shared.bus import AckAction, Bus, PermanentError, decide_ack
 from visionyard.shared.commands import StartTraining
+from visionyard.shared.logs import job_context
 from visionyard.shared.devices import MAX_GPUS_PER_JOB
 
 log = logging.getLogger("visionyard.runner.handlers")
@@ -165,7 +167,9 @@ class TrainCommandConsumer:
         """
         started = time.perf_counter()
         try:
-            await self._hold(msg, gpus=gpus)
+            # Continues the trace of the request that queued the command: the job's events carry it on.
+            with tracing.span("runner hold command", headers=msg.headers, kind=SpanKind.CONSUMER, subject=msg.subject):
+                await self._hold(msg, gpus=gpus)
         finally:
             metrics.HANDLER_SECONDS.labels(self._spec.durable).observe(time.perf_counter() - started)
             if gpus:
@@ -183,6 +187,10 @@ class TrainCommandConsumer:
         except ValidationError as error:
             await self._settle(msg, PermanentError(f"not a StartTraining command: {error}"), delivered=delivered)
             return
+        with job_context(job_id=cmd.job_id, attempt=cmd.attempt):
+            await self._run_command(msg, cmd, delivered=delivered, gpus=gpus)
+
+    async def _run_command(self, msg: Msg, cmd: StartTraining, *, delivered: int, gpus: list[str] | None) -> None:
         heartbeat = asyncio.create_task(self._keep_alive(msg, cmd.job_id))
         error: BaseException | None = None
         outcome = AttemptOutcome.REQUEUE

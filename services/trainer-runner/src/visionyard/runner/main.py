@@ -29,6 +29,7 @@ from visionyard.shared.devices import MAX_GPUS_PER_JOB
 from visionyard.shared.lifecycle import run_until_signalled
 from visionyard.shared.logs import configure_logging
 from visionyard.shared.metrics import serve_metrics
+from visionyard.shared.tracing import configure_tracing, shutdown_tracing
 from visionyard.shared.manifest import TrainerManifest
 
 log = logging.getLogger("visionyard.runner")
@@ -137,4 +138,8 @@ def run() -> None:
     """Console entry point `visionyard-runner`."""
     settings = RunnerSettings()
     configure_logging("trainer-runner", settings.log_level)
-    run_until_signalled(lambda stop: serve(settings, stop=stop))
+    configure_tracing("trainer-runner")
+    try:
+        run_until_signalled(lambda stop: serve(settings, stop=stop))
+    finally:
+        shutdown_tracing()

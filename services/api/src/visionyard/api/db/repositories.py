@@ -21,6 +21,7 @@ from visionyard.api.db.models import (
     TrainingMetric,
     utcnow,
 )
+from visionyard.shared import tracing
 from visionyard.shared.messages import Message
 
 
@@ -261,7 +262,9 @@ class OutboxRepository:
     def add_raw(self, *, subject: str, payload: bytes, message_id: str, headers: dict[str, str] | None = None) -> None:
         """Queue raw bytes (e.g. a KV put on `$KV.<bucket>.<key>`)."""
         self.session.info[OUTBOX_QUEUED] = True
-        self.session.add(OutboxMessage(message_id=message_id, subject=subject, payload=payload, headers=headers or {}))
+        # The trace context of the request (or event) that wrote the row travels with the message.
+        headers = tracing.inject(headers) if tracing.enabled() else (headers or {})
+        self.session.add(OutboxMessage(message_id=message_id, subject=subject, payload=payload, headers=headers))
 
     def add_kv_put(self, *, bucket: str, key: str, value: dict[str, Any], message_id: str) -> None:
         """Queue a durable KV write."""

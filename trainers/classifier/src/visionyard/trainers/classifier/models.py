@@ -1,10 +1,31 @@
-"""The two classifier architectures: a small CNN and a tiny residual network."""
+"""The classifier architectures: a small CNN and a tiny residual network (any environment), and standard
+backbones from timm (resnet18/50, mobilenet_v3, efficientnet_b0, convnext_tiny) where timm is installed —
+the ultralytics trainer environment; timm is imported only when a backbone is asked for.
+
+Backbones start from scratch, or from local weights: `<VISIONYARD_RUNNER_WEIGHTS_DIR>/<model>.pth`
+(or `.pt`/`.safetensors`), a timm state dict for the same architecture; its classifier head is dropped
+when the class count differs. Nothing is downloaded.
+"""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 from torch import Tensor, nn
 
-MODEL_NAMES = ("simple_cnn", "tiny_resnet")
+SMALL_MODELS = ("simple_cnn", "tiny_resnet")
+# Platform model name → timm architecture.
+BACKBONES = {
+    "resnet18": "resnet18",
+    "resnet50": "resnet50",
+    "mobilenet_v3": "mobilenetv3_large_100",
+    "efficientnet_b0": "efficientnet_b0",
+    "convnext_tiny": "convnext_tiny",
+}
+MODEL_NAMES = SMALL_MODELS + tuple(BACKBONES)
+WEIGHTS_DIR_VARIABLE = "VISIONYARD_RUNNER_WEIGHTS_DIR"
+WEIGHT_SUFFIXES = (".pth", ".pt", ".safetensors")
 
 
 def _conv_bn(in_channels: int, out_channels: int, *, stride: int = 1) -> nn.Sequential:
@@ -80,4 +101,38 @@ def build_model(name: str, *, in_channels: int, num_classes: int) -> nn.Module:
         return SimpleCNN(in_channels, num_classes)
     if name == "tiny_resnet":
         return TinyResNet(in_channels, num_classes)
+    if name in BACKBONES:
+        import timm  # only the trainer environment has it (with torchvision)
+
+        return timm.create_model(BACKBONES[name], pretrained=False, num_classes=num_classes, in_chans=in_channels)
     raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
+
+
+def local_weights(name: str) -> Path | None:
+    """The local pretrained weights file of a backbone, if the runner's weights directory has one."""
+    directory = os.environ.get(WEIGHTS_DIR_VARIABLE)
+    if not directory:
+        return None
+    for suffix in WEIGHT_SUFFIXES:
+        candidate = Path(directory) / f"{name}{suffix}"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def load_pretrained(model: nn.Module, path: Path) -> list[str]:
+    """Load a backbone state dict, skipping tensors whose shape differs (the head); the skipped keys."""
+    import torch
+
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
+    own = model.state_dict()
+    usable = {key: value for key, value in state.items() if key in own and own[key].shape == value.shape}
+    skipped = sorted(set(own) - set(usable))
+    model.load_state_dict(usable, strict=False)
+    return skipped

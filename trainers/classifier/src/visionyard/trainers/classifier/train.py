@@ -26,7 +26,7 @@ from visionyard.trainers.classifier.data import (
     load_imagefolder,
     to_channels,
 )
-from visionyard.trainers.classifier.models import MODEL_NAMES, build_model
+from visionyard.trainers.classifier.models import BACKBONES, MODEL_NAMES, build_model, load_pretrained, local_weights
 
 EXIT_USER_ERROR = 2
 EXIT_TERMINATED = 143
@@ -63,6 +63,8 @@ class Hyperparameters:
     seed: int
     augment: bool
     lr_schedule: str
+    hflip: bool = False
+    pretrained: bool | None = None
 
     @classmethod
     def from_job(cls, job: TrainerJob) -> Hyperparameters:
@@ -83,6 +85,8 @@ class Hyperparameters:
                 seed=int(advanced.get("seed", 42)),
                 augment=bool(advanced.get("augment", False)),
                 lr_schedule=str(advanced.get("lr_schedule", "cosine")).lower(),
+                hflip=bool(advanced.get("hflip", False)),
+                pretrained=None if advanced.get("pretrained") is None else bool(advanced["pretrained"]),
             )
         except (TypeError, ValueError) as error:
             raise DatasetError(f"advanced_config: {error}") from error
@@ -170,12 +174,19 @@ def train(job: TrainerJob, reporter: Reporter, stop: StopRequested) -> int:
     if job.resume_checkpoint is not None:
         resume = torch.load(job.resume_checkpoint, map_location="cpu", weights_only=False)
     image_size = int(resume["image_size"]) if resume else params.image_size
+    weights = None
+    if params.model_name in BACKBONES and not resume and params.pretrained is not False:
+        weights = local_weights(params.model_name)
+        if params.pretrained and weights is None:
+            raise DatasetError(f"advanced_config.pretrained is true but there are no local weights for "
+                               f"{params.model_name} in VISIONYARD_RUNNER_WEIGHTS_DIR; nothing is downloaded")
     dataset: LoadedDataset = load_imagefolder(
         job.dataset_dir,
         image_size=image_size,
         val_split=params.val_split,
         seed=params.seed,
-        in_channels=int(resume["in_channels"]) if resume else None,
+        # Pretrained backbones were trained on RGB: keep three channels even for grayscale data.
+        in_channels=int(resume["in_channels"]) if resume else (3 if weights else None),
         split=job.split,
     )
     if resume and list(resume["class_names"]) != dataset.class_names:
@@ -206,6 +217,10 @@ def train(job: TrainerJob, reporter: Reporter, stop: StopRequested) -> int:
         val_x, val_y = train_x, train_y
 
     model = build_model(params.model_name, in_channels=dataset.in_channels, num_classes=num_classes)
+    if weights is not None:
+        skipped = load_pretrained(model, weights)
+        reporter.log(f"initialised {params.model_name} from local weights {weights.name}"
+                     + (f" (not loaded: {', '.join(skipped)})" if skipped else ""), event_type="pretrained")
     optimizer: torch.optim.Optimizer
     if params.optimizer == "sgd":
         optimizer = torch.optim.SGD(
@@ -286,6 +301,9 @@ def train(job: TrainerJob, reporter: Reporter, stop: StopRequested) -> int:
             batch, target = train_x[index], train_y[index]
             if params.augment:
                 batch = _shift_augment(batch, generator)
+            if params.hflip:
+                flip = torch.rand(len(batch), generator=generator) < 0.5
+                batch = torch.where(flip.view(-1, 1, 1, 1), batch.flip(-1), batch)
             optimizer.zero_grad(set_to_none=True)
             logits = model(batch)
             loss = criterion(logits, target)
