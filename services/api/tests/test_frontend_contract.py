@@ -483,6 +483,36 @@ async def test_websocket_without_last_seq_is_live_only_and_speaks_the_pages_mess
         assert (await _next(socket))["type"] == "pong"
 
 
+async def test_a_pages_leaked_sockets_are_muted_and_its_newest_resumes_once(ui: World) -> None:
+    """The page opens a socket per render and never closes the old ones (useTrainingMonitor.ts): only its newest
+    socket carries the job's messages, from where the previous one stopped, so each message reaches it once."""
+    job_id = ui.ids["job"]
+    key = str(job_id)
+    url = ui.base_url.replace("http://", "ws://") + f"{API}/ws/training?job_id={job_id}"
+    browser = {"Origin": "http://localhost:3300", "User-Agent": "HeadlessChrome/156"}
+    async with connect(url, additional_headers=browser) as first:
+        assert [(await _next(first))["type"] for _ in range(2)] == ["connected", "subscribed"]
+        await ui.bus.publish(LogEmitted(job_id=key, attempt=1, seq=30, message="one", event_type="stdout"))
+        assert (await _first(first, "training_log"))["message"] == "one"
+        async with connect(url, additional_headers=browser) as second:  # the re-render; `first` stays open
+            assert [(await _next(second))["type"] for _ in range(2)] == ["connected", "subscribed"]
+            await ui.bus.publish(LogEmitted(job_id=key, attempt=1, seq=31, message="two", event_type="stdout"))
+            assert (await _first(second, "training_log"))["message"] == "two"
+            # The muted socket got nothing since: its next message is the answer to this ping.
+            await first.send(json.dumps({"type": "ping"}))
+            assert (await _next(first))["type"] == "pong"
+            async with connect(url) as script:  # no Origin: not a browser page, never muted, live only
+                assert [(await _next(script))["type"] for _ in range(2)] == ["connected", "subscribed"]
+                await ui.bus.publish(LogEmitted(job_id=key, attempt=1, seq=32, message="three", event_type="stdout"))
+                assert (await _first(script, "training_log"))["message"] == "three"
+                assert (await _first(second, "training_log"))["message"] == "three"
+        # Closed between renders: the page's next socket starts where the last one stopped.
+        await ui.bus.publish(LogEmitted(job_id=key, attempt=1, seq=33, message="four", event_type="stdout"))
+        async with connect(url, additional_headers=browser) as third:
+            assert [(await _next(third))["type"] for _ in range(2)] == ["connected", "subscribed"]
+            assert (await _first(third, "training_log"))["message"] == "four"
+
+
 async def test_websocket_status_change_shape(ui: World) -> None:
     job_id = ui.ids["job"]
     url = ui.base_url.replace("http://", "ws://") + f"{API}/ws/training?job_id={job_id}"

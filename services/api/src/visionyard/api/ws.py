@@ -10,6 +10,15 @@ instance within `SESSION_MEMORY_SECONDS`: then it resumes where that connection 
 frontend reopens its socket on every render and never sends `last_seq`; replaying the history to each
 socket flooded it (461 sockets and refetches in 10 s).
 
+A browser page that names neither (it sends an `Origin` header, no `last_seq`, no `session_id`) is
+identified by (peer address, Origin, User-Agent, job): only its newest socket carries the job's
+messages, starting where its previous socket stopped, and the older ones are muted (left open: the
+original frontend leaks a socket per render, and closing them makes it reconnect more). Measured with that
+frontend in headless Chromium before this: up to 255 of its sockets open at once, each live message
+delivered to every one of them (3,530 deliveries of 16 messages), its log view filled with duplicates.
+The cost: two tabs of one browser on the same job share one feed (the newest tab gets it). Clients
+without an Origin (the CLI, scripts, the bench) are never muted.
+
 A terminal message (`training_complete`, `training_error`) waits until the job's row shows the
 terminal status, so a client that refetches the job on it never reads a stale `running`.
 """
@@ -116,6 +125,58 @@ class SessionPositions:
         return positions.get(job_id)
 
 
+PageKey = tuple[str, str, str, str]
+
+
+class PageSockets:
+    """The newest socket of each browser page (peer, Origin, User-Agent) on each job; the older ones are muted."""
+
+    def __init__(self) -> None:
+        self._current: dict[PageKey, LiveConnection] = {}
+        self._left_at: dict[PageKey, tuple[float, int]] = {}
+
+    async def take_over(self, key: PageKey, connection: LiveConnection) -> int | None:
+        """Mute the page's previous socket on the job; where the new one starts (None: a page not seen lately)."""
+        now = asyncio.get_running_loop().time()
+        job_id = key[-1]
+        start: int | None = None
+        previous = self._current.get(key)
+        if previous is not None and previous is not connection:
+            start = previous.positions().get(job_id)
+            await previous.unsubscribe(job_id)
+        left = self._left_at.pop(key, None)
+        if start is None and left is not None and now - left[0] < SESSION_MEMORY_SECONDS:
+            start = left[1]
+        self._current[key] = connection
+        return start
+
+    def release(self, connection: LiveConnection) -> None:
+        """A socket is closing: where it stopped is where the page's next socket starts."""
+        now = asyncio.get_running_loop().time()
+        self._left_at = {key: value for key, value in self._left_at.items() if now - value[0] < SESSION_MEMORY_SECONDS}
+        positions = connection.positions()
+        for key, current in list(self._current.items()):
+            if current is connection:
+                del self._current[key]
+                if key[-1] in positions:
+                    self._left_at[key] = (now, positions[key[-1]])
+
+
+def _pages(app: Any) -> PageSockets:
+    if getattr(app.state, "live_pages", None) is None:
+        app.state.live_pages = PageSockets()
+    pages: PageSockets = app.state.live_pages
+    return pages
+
+
+def _page_key(websocket: WebSocket, job_id: str) -> PageKey | None:
+    origin = websocket.headers.get("origin")
+    if not origin:
+        return None  # not a browser: never muted
+    host = websocket.client.host if websocket.client else ""
+    return host, origin, websocket.headers.get("user-agent", ""), job_id
+
+
 def _sessions(app: Any) -> SessionPositions:
     if getattr(app.state, "live_sessions", None) is None:
         app.state.live_sessions = SessionPositions()
@@ -172,6 +233,7 @@ async def training_socket(
         for task in (receiver, overflow):
             task.cancel()
         _sessions(app).remember(session, connection.positions())
+        _pages(app).release(connection)
         await connection.close()
 
 
@@ -187,6 +249,9 @@ async def _subscribe(
         return
     if last_seq is None:
         last_seq = _sessions(websocket.app).recall(session_id, job_id)
+    page = _page_key(websocket, job_id) if last_seq is None and not session_id else None
+    if page is not None:
+        last_seq = await _pages(websocket.app).take_over(page, connection)
     if last_seq is None:
         # Live only: everything up to the stream's current end is history this client did not ask for.
         info = await websocket.app.state.bus.js.stream_info(streams.EVENTS.name)
