@@ -205,8 +205,9 @@ async def test_duplicate_folder_names_and_broken_images_are_refused(
     rejected = await settled(client, dataset_id)
     assert rejected["status"] == "rejected" and rejected["content_hash"] is None
     assert rejected["rejection_reason"].startswith("pets/dogs/fake.png: not a readable image")
-    listing = await client.get(f"{DATASETS}/{dataset_id}/images")
-    assert listing.status_code == 409
+    listing = await client.get(f"{DATASETS}/{dataset_id}/images")  # nothing stored: an empty gallery, not an error
+    assert listing.status_code == 200
+    assert (listing.json()["total_images"], listing.json()["images"], listing.json()["content_hash"]) == (0, [], None)
 
 
 async def test_folder_upload_with_coco_annotations_json(client: httpx.AsyncClient, storage: StorageSettings) -> None:

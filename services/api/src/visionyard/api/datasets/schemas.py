@@ -140,7 +140,7 @@ class ImageListResponse(BaseModel):
     """Answer to `GET /datasets/{id}/images`."""
 
     dataset_id: str
-    content_hash: str
+    content_hash: str | None = Field(description="the version listed; null while no version is stored yet")
     total_images: int
     limit: int
     offset: int

@@ -87,6 +87,11 @@ class DatasetVersionService:
 
     # -- reading ----------------------------------------------------------------------------------
 
+    def _awaiting_first_version(self, dataset_id: str) -> bool:
+        with self._uow.read() as session:
+            dataset = session.get(Dataset, dataset_id)
+            return dataset is not None and dataset.content_hash is None
+
     def _ready_version(self, dataset_id: str, version: str | None = None) -> tuple[Dataset, str]:
         with self._uow.read() as session:
             dataset = session.get(Dataset, dataset_id)
@@ -223,7 +228,11 @@ class DatasetVersionService:
     async def list_images(
         self, dataset_id: str, *, limit: int, offset: int, version: str | None, base_url: str
     ) -> schemas.ImageListResponse:
-        """A page of a version's images with URLs a browser can fetch."""
+        """A page of a version's images with URLs a browser can fetch (none yet while the first upload is checked)."""
+        if version is None and await asyncio.to_thread(self._awaiting_first_version, dataset_id):
+            # The original dataset page opens its gallery right after an upload: an empty page, not an error.
+            return schemas.ImageListResponse(dataset_id=dataset_id, content_hash=None, total_images=0, limit=limit,
+                                             offset=offset, images=[])
         _, content_hash = await asyncio.to_thread(self._ready_version, dataset_id, version)
         reply = await self._storage.list_images(
             ListImagesRequest(dataset_id=dataset_id, content_hash=content_hash, offset=offset, limit=limit)
