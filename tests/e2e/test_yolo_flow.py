@@ -88,7 +88,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
             assert created.status_code == 201, created.text
             job_id = created.json()["id"]
             feeds[layout] = []
-            url = stack.api_url.replace("http://", "ws://") + f"/api/v1/ws/training?job_id={job_id}"
+            # last_seq=0: the job's feed from its first event, whenever the socket subscribes.
+            url = stack.api_url.replace("http://", "ws://") + f"/api/v1/ws/training?job_id={job_id}&last_seq=0"
             listener = threading.Thread(target=_listen, args=(url, feeds[layout]), daemon=True)
             listener.start()
             listeners.append(listener)
