@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import sys
 import textwrap
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from visionyard.cli.stack import EmbeddedStack, StackError
+from visionyard.cli.stackstate import describe_status, read_state
+from visionyard.cli.supervision import RestartPolicy
 from visionyard.shared.natsserver import free_port
 
 pytestmark = pytest.mark.integration
@@ -29,6 +33,11 @@ FAKE_SERVICE = textwrap.dedent(
     with open(os.path.join(out_dir, f"{name}-{os.getpid()}.json"), "w") as f:
         json.dump({"pid": os.getpid(), "child": child.pid, "env": env}, f)
     print(name, "started", flush=True)
+    marker = os.path.join(out_dir, f"{name}.started-once")
+    if mode == "crashloop" and os.path.exists(marker):
+        print("cannot open the store: boom", flush=True)
+        sys.exit(3)
+    open(marker, "w").close()
     if mode == "die":
         print("cannot connect to the database: boom", flush=True)
         sys.exit(3)
@@ -166,3 +175,77 @@ def test_refuses_when_the_api_port_is_taken_without_starting_anything(tmp_path: 
 
     assert records(tmp_path) == {}
     assert not (tmp_path / "data" / "nats").exists() and not (tmp_path / "data" / "logs").exists()
+
+
+def tend_until(stack: EmbeddedStack, done: Callable[[], bool], *, bound: float = 30.0) -> None:
+    """Run the supervisor as `up` does, sleeping only the delays it asks for, until `done()`."""
+    deadline = time.monotonic() + bound
+    while not done():
+        assert time.monotonic() < deadline, "the supervisor did not get there"
+        time.sleep(min(stack.tend(), 0.5))
+
+
+def api_ready(stack: EmbeddedStack) -> bool:
+    try:
+        with urllib.request.urlopen(f"{stack.api_url}/health/ready", timeout=2) as reply:
+            return bool(reply.status == 200)
+    except OSError:
+        return False
+
+
+def test_a_killed_service_is_restarted_and_the_others_keep_running(tmp_path: Path) -> None:
+    stack = EmbeddedStack(data_dir=tmp_path / "data", api_port=free_port(), runners=2,
+                          service_commands=fake_commands(tmp_path), ready_timeout=30, stop_timeout=2,
+                          restart_policy=RestartPolicy(first_delay=0.05))
+    with stack:
+        assert stack.nats is not None and stack.nats.process is not None
+        before = {service.name: service.pid for service in stack.services}
+        runner = stack.service("runner-2")
+        os.kill(runner.pid, signal.SIGKILL)
+        runner.process.wait()
+        os.kill(stack.nats.process.pid, signal.SIGKILL)
+        stack.nats.process.wait()
+        tend_until(stack, lambda: runner.process.poll() is None and runner.record.restarts == 1
+                   and stack.nats_record.restarts == 1)
+
+        after = {service.name: service.pid for service in stack.services}
+        assert after["runner-2"] != before["runner-2"] and alive(after["runner-2"])
+        assert {k: v for k, v in after.items() if k != "runner-2"} == {k: v for k, v in before.items() if k != "runner-2"}
+        assert api_ready(stack)
+        state = read_state(stack.state_file)
+        assert state is not None
+        shown = {p.name: (p.state, p.pid, p.restarts, p.last_exit_code) for p in state.processes}
+        assert shown["runner-2"] == ("running", after["runner-2"], 1, -signal.SIGKILL)
+        assert shown["nats-server"] == ("running", stack.nats.process.pid, 1, -signal.SIGKILL)
+        assert shown["api"] == ("running", after["api"], 0, None)
+        # the restarted runner appended to its log; the broker came back on the same port
+        assert (stack.logs_dir / "runner-2.log").read_text().count("runner started") == 2
+        assert stack.nats.url == state.nats_url
+    assert not stack.state_file.exists()
+
+
+def test_a_crash_looping_service_is_reported_and_retried_while_the_rest_serves(tmp_path: Path) -> None:
+    reports: list[str] = []
+    policy = RestartPolicy(first_delay=0.05, max_delay=0.2, crash_loop_exits=3, crash_loop_window=60)
+    stack = EmbeddedStack(data_dir=tmp_path / "data", api_port=free_port(),
+                          service_commands=fake_commands(tmp_path, {"storage": "crashloop"}), ready_timeout=30,
+                          stop_timeout=2, restart_policy=policy, report=reports.append)
+    with stack:
+        before = {service.name: service.pid for service in stack.services}
+        storage = stack.service("storage")
+        os.kill(storage.pid, signal.SIGKILL)  # from now on it exits at once with code 3
+        tend_until(stack, lambda: any("crash-looping" in line for line in reports))
+
+        report = next(line for line in reports if "crash-looping" in line)
+        assert report.startswith("storage is crash-looping: it exited 3 times")
+        assert "last exit code 3" in report and "cannot open the store: boom" in report
+        assert "The rest of the stack keeps running" in report
+        others = {s.name: s.pid for s in stack.services if s.name != "storage"}
+        assert others == {k: v for k, v in before.items() if k != "storage"} and all(map(alive, others.values()))
+        assert api_ready(stack)
+        text, code = describe_status(read_state(stack.state_file), stack.data_dir)
+        assert code == 1 and any(line.split()[:2] == ["storage", "crash-looping"] for line in text.splitlines())
+        # not parked: it keeps being retried at the capped delay
+        tried = storage.record.restarts
+        tend_until(stack, lambda: storage.record.restarts >= tried + 2)
+        assert len([line for line in reports if "crash-looping" in line]) == 1, "reported once, not every retry"

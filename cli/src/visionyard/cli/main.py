@@ -6,15 +6,16 @@ import argparse
 import asyncio
 import json
 import os
+import select
 import signal
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
 from visionyard.cli.client import ApiClient, ApiError, ApiUnreachable, websocket_url
 from visionyard.cli.stack import EmbeddedStack, StackError
+from visionyard.cli.stackstate import describe_status, read_state, state_path
 
 DEFAULT_API = "http://127.0.0.1:8000"
 
@@ -44,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--trainer-dir", type=Path, action="append", default=[], dest="trainer_dirs", metavar="DIR",
                     help="a trainer directory written for the original platform (train.py + capabilities.json); "
                          "repeatable")
+
+    status = commands.add_parser("status", help="show the state, restarts and pid of each process `up` runs")
+    status.add_argument("--data-dir", type=Path, default=Path(".data"), help="the data directory `up` was given")
+    status.add_argument("--json", action="store_true", help="print the recorded state as JSON")
 
     datasets = commands.add_parser("datasets", help="manage datasets")
     dataset_commands = datasets.add_subparsers(dest="dataset_command", required=True)
@@ -110,8 +115,53 @@ def trainer_dirs_env(directories: list[Path]) -> dict[str, str]:
     return {"VISIONYARD_RUNNER_TRAINER_DIRS": os.pathsep.join([*existing, *(str(d.resolve()) for d in directories)])}
 
 
+class StopSignals:
+    """SIGINT/SIGTERM ask `up` to stop; SIGCHLD wakes its supervisor; both through a self-pipe.
+
+    The handlers are installed explicitly: a script that starts `up` in the background hands it SIGINT
+    ignored, and Python then installs no handler of its own. During start-up a stop request raises
+    KeyboardInterrupt (start-up is one blocking call); afterwards it only sets `requested`, so it never
+    lands in the middle of a restart. Waking goes through `signal.set_wakeup_fd` rather than a lock
+    (a handler taking a lock the interrupted code holds would deadlock).
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.raise_on_stop = True
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._read, False)
+        os.set_blocking(self._write, False)
+        self._previous_fd = signal.set_wakeup_fd(self._write, warn_on_full_buffer=False)
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, self._on_stop)
+        # A no-op handler: the byte written to the wake-up fd is what wakes `wait`.
+        signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+
+    def _on_stop(self, signum: int, frame: FrameType | None) -> None:
+        self.requested = True
+        if self.raise_on_stop:
+            raise KeyboardInterrupt
+
+    def wait(self, timeout: float) -> None:
+        """Until a signal arrives or `timeout` seconds pass."""
+        if not self.requested:
+            select.select([self._read], [], [], timeout)
+        try:
+            while os.read(self._read, 512):
+                pass
+        except BlockingIOError:
+            pass
+
+    def close(self) -> None:
+        """Restore the wake-up fd and the default SIGCHLD disposition."""
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.set_wakeup_fd(self._previous_fd)
+        os.close(self._read)
+        os.close(self._write)
+
+
 def cmd_up(args: argparse.Namespace) -> int:
-    """Run the embedded stack until Ctrl-C / SIGTERM."""
+    """Run and supervise the embedded stack until Ctrl-C / SIGTERM."""
     storage_env = {
         f"VISIONYARD_STORAGE_{key.upper()}": value
         for key, value in (("s3_endpoint_url", args.s3_endpoint_url), ("s3_region", args.s3_region),
@@ -123,8 +173,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         storage_backend=args.storage_backend, storage_env=storage_env,
         mlflow_ui_port=args.mlflow_port if args.mlflow_ui else None, echo=print,
         extra_env=trainer_dirs_env(args.trainer_dirs),
+        report=lambda line: print(line, file=sys.stderr, flush=True),
     )
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    signals = StopSignals()
     try:
         stack.start()
         assert stack.nats is not None
@@ -142,14 +193,14 @@ def cmd_up(args: argparse.Namespace) -> int:
         login = _admin_login(stack.data_dir)
         if login:
             print(f"  admin login:  {login[0]} / {login[1]} (generated on first start; change it under /auth/me)")
+        print(f"  status:       visionyard status --data-dir {stack.data_dir}")
         print("Press Ctrl-C to stop.", flush=True)
-        while True:
-            dead = stack.dead_services()
-            if dead:
-                print(stack.describe_exit(dead[0]), file=sys.stderr)
-                print("stopping the rest of the stack", file=sys.stderr)
-                return 1
-            time.sleep(1.0)
+        signals.raise_on_stop = False
+        while not signals.requested:
+            # Woken by SIGCHLD when a process exits; the bound re-checks crash-loop recovery.
+            signals.wait(min(stack.tend(), 5.0))
+        print("\nstopping Visionyard", flush=True)
+        return 0
     except KeyboardInterrupt:
         print("\nstopping Visionyard", flush=True)
         return 0
@@ -158,7 +209,23 @@ def cmd_up(args: argparse.Namespace) -> int:
         return 1
     finally:
         _ignore_signals()
+        signals.close()
         stack.stop()
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Print each process of the stack `up` runs in --data-dir: state, pid, restarts (exit 3: no stack)."""
+    state = read_state(state_path(args.data_dir))
+    text, code = describe_status(state, args.data_dir)
+    if args.json:
+        document = {"running": code != 3, **(state.to_json() if state is not None else {})}
+        if state is not None:
+            for entry, process in zip(document["processes"], state.processes):
+                entry["alive"] = process.alive
+        print(json.dumps(document, indent=2))
+    else:
+        print(text)
+    return code
 
 
 def cmd_datasets_upload(args: argparse.Namespace) -> int:
@@ -226,6 +293,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     handlers = {
         "up": cmd_up,
+        "status": cmd_status,
         "train": cmd_train,
         "watch": cmd_watch,
         "demo": cmd_demo,

@@ -4,6 +4,11 @@
 nats-server, then api, tracker, storage and the runners, each in its own process group with its log
 under `<data-dir>/logs/`), waits until the API reports ready, and on stop terminates them in reverse
 order (SIGTERM, a grace period, then SIGKILL of the whole group) so nothing is left running.
+
+Every process it starts carries a parent-death signal, so none outlives the stack's process even when
+that is killed with `kill -9`. `tend()` supervises: a process that exited is restarted with backoff
+(`supervision.py`), the others keep serving, and `<data-dir>/stack.json` records each process's state,
+pid and restarts for `visionyard status` (`stackstate.py`).
 """
 
 from __future__ import annotations
@@ -22,6 +27,16 @@ from types import TracebackType
 
 import httpx
 
+from visionyard.cli.stackstate import (
+    ProcessState,
+    StackState,
+    process_start_ticks,
+    read_state,
+    state_path,
+    write_state,
+)
+from visionyard.cli.supervision import RestartPolicy, RestartRecord
+from visionyard.shared.deathsignal import dying_with_parent
 from visionyard.shared.natsserver import NatsServer, free_port
 
 # Start order: the tracker and storage subscribe before the API can publish, runners last.
@@ -40,11 +55,14 @@ class StackError(RuntimeError):
 
 @dataclass
 class ServiceProcess:
-    """One running service: its name, the process (leader of its own group) and its log."""
+    """One supervised service: its name, the process (leader of its own group), its log and restarts."""
 
     name: str
     process: subprocess.Popen[bytes]
     log_path: Path
+    kind: str = ""
+    runner_index: int = 1
+    record: RestartRecord = field(default_factory=RestartRecord)
 
     @property
     def pid(self) -> int:
@@ -104,13 +122,20 @@ class EmbeddedStack:
     extra_env: Mapping[str, str] = field(default_factory=dict)
     ready_timeout: float = 60.0
     stop_timeout: float = 20.0
+    restart_policy: RestartPolicy = field(default_factory=RestartPolicy)
     echo: Callable[[str], None] = field(default=lambda line: None)
+    # Where exits and crash loops are reported (`up`: stderr); defaults to `echo`.
+    report: Callable[[str], None] | None = None
     nats: NatsServer | None = field(default=None, init=False)
+    nats_record: RestartRecord = field(init=False)
     services: list[ServiceProcess] = field(default_factory=list, init=False)
     mlflow_ui: ServiceProcess | None = field(default=None, init=False)
+    started_at: float = field(default=0.0, init=False)
+    _state_written: bool = field(default=False, init=False)
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir).resolve()
+        self.nats_record = RestartRecord(policy=self.restart_policy)
 
     # Locations every caller prints
     @property
@@ -145,6 +170,11 @@ class EmbeddedStack:
         """Where each service's stdout/stderr goes."""
         return self.data_dir / "logs"
 
+    @property
+    def state_file(self) -> Path:
+        """The state `visionyard status` reads."""
+        return state_path(self.data_dir)
+
     # Lifecycle
     def __enter__(self) -> EmbeddedStack:
         self.start()
@@ -156,14 +186,21 @@ class EmbeddedStack:
 
     def start(self) -> EmbeddedStack:
         """Start nats-server and every service, wait for API readiness; on any failure stop all."""
+        previous = read_state(self.state_file)
+        if previous is not None and previous.alive and previous.pid != os.getpid():
+            raise StackError(f"another `visionyard up` (pid {previous.pid}) is running with the data directory "
+                             f"{self.data_dir}; stop it first or pick another --data-dir")
         ensure_port_free(self.api_port, host=self.api_host)
         self.logs_dir.mkdir(parents=True, exist_ok=True)
         (self.data_dir / "mlflow").mkdir(parents=True, exist_ok=True)
+        self.started_at = time.time()
         try:
             self.nats = NatsServer(store_dir=self.data_dir / "nats", port=self.nats_port,
-                                   log_file=self.logs_dir / "nats-server.log", new_session=True)
+                                   log_file=self.logs_dir / "nats-server.log", new_session=True,
+                                   die_with_parent=True)
             self.echo(f"starting nats-server on port {self.nats_port or '(free port)'}")
             self.nats.start()
+            self.nats_record.started(time.monotonic())
             for name in SERVICE_ORDER:
                 if name == "runner":
                     for index in range(1, self.runners + 1):
@@ -171,9 +208,11 @@ class EmbeddedStack:
                         self._spawn(name, label=label, runner_index=index)
                 else:
                     self._spawn(name, label=name)
+            self.write_state()
             self._wait_ready()
             if self.mlflow_ui_port is not None:
                 self._start_mlflow_ui()
+            self.write_state()
         except BaseException:
             self.stop()
             raise
@@ -211,29 +250,44 @@ class EmbeddedStack:
 
     def _spawn(self, name: str, *, label: str, runner_index: int = 1) -> ServiceProcess:
         log_path = self.logs_dir / f"{label}.log"
-        env = self._env_for(name, runner_index=runner_index)
-        argv = _resolve(self.service_commands[name])
-        self.echo(f"starting {label}: {' '.join(argv)} (log: {log_path})")
+        service = ServiceProcess(name=label, process=self._launch(name, label=label, runner_index=runner_index),
+                                 log_path=log_path, kind=name, runner_index=runner_index,
+                                 record=RestartRecord(policy=self.restart_policy))
+        service.record.started(time.monotonic())
+        self.services.append(service)
+        return service
+
+    def _launch(self, kind: str, *, label: str, runner_index: int) -> subprocess.Popen[bytes]:
+        """Start one process of `kind`, appending to its log; it dies when this process dies."""
+        log_path = self.logs_dir / f"{label}.log"
+        if kind == "mlflow-ui":
+            env = dict(os.environ)
+            # Without this MLflow's UI starts a job runner that takes ~20 s and 1.5 GB more (NOTES.md).
+            env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
+            command = _resolve(self.mlflow_ui_command)
+            # SIGTERM, not SIGKILL: `mlflow ui` runs its web server as a child and forwards SIGTERM to
+            # it; killed outright it would leave that server orphaned.
+            argv, preexec = dying_with_parent(command, signal_name="TERM")
+        else:
+            env = self._env_for(kind, runner_index=runner_index)
+            command = _resolve(self.service_commands[kind])
+            # SIGKILL: every service is built to survive a kill -9 without losing data. A service's own
+            # children are its business (the runner gives each trainer a death signal of its own).
+            argv, preexec = dying_with_parent(command)
+        self.echo(f"starting {label}: {' '.join(command)} (log: {log_path})")
         with log_path.open("ab") as log_file:
             # A new session makes the service the leader of its own process group: Ctrl-C in the
             # terminal reaches only us, and we stop services in order and can kill a whole group.
-            process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
-                                       env=env, cwd=self.data_dir, start_new_session=True)
-        service = ServiceProcess(name=label, process=process, log_path=log_path)
-        self.services.append(service)
-        return service
+            return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+                                    env=env, cwd=self.data_dir, start_new_session=True, preexec_fn=preexec)
 
     def _start_mlflow_ui(self) -> None:
         assert self.mlflow_ui_port is not None
         ensure_port_free(self.mlflow_ui_port, what="MLflow UI")
-        log_path = self.logs_dir / "mlflow-ui.log"
-        env = dict(os.environ)
-        # Without this MLflow's UI starts a job runner that takes ~20 s and 1.5 GB more (NOTES.md).
-        env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
-        with log_path.open("ab") as log_file:
-            process = subprocess.Popen(_resolve(self.mlflow_ui_command), stdin=subprocess.DEVNULL, stdout=log_file,
-                                       stderr=subprocess.STDOUT, env=env, cwd=self.data_dir, start_new_session=True)
-        self.mlflow_ui = ServiceProcess(name="mlflow-ui", process=process, log_path=log_path)
+        process = self._launch("mlflow-ui", label="mlflow-ui", runner_index=1)
+        self.mlflow_ui = ServiceProcess(name="mlflow-ui", process=process, log_path=self.logs_dir / "mlflow-ui.log",
+                                        kind="mlflow-ui", record=RestartRecord(policy=self.restart_policy))
+        self.mlflow_ui.record.started(time.monotonic())
 
     def dead_services(self) -> list[ServiceProcess]:
         """Services whose process has exited."""
@@ -283,38 +337,129 @@ class EmbeddedStack:
             self.echo("stopping nats-server")
             self.nats.stop()
             self.nats = None
+        if self._state_written:
+            self.state_file.unlink(missing_ok=True)
+            self._state_written = False
 
-    # Fault injection (the fault suite kills and restarts single processes while a job trains)
+    # Supervision
     def service(self, label: str) -> ServiceProcess:
-        """The running service named `label` (`api`, `tracker`, `storage`, `runner` or `runner-N`)."""
+        """The service named `label` (`api`, `tracker`, `storage`, `runner` or `runner-N`)."""
         for service in self.services:
             if service.name == label:
                 return service
         raise KeyError(f"no service {label!r}; running: {[s.name for s in self.services]}")
 
-    def kill_service(self, label: str, sig: int = signal.SIGKILL) -> int:
-        """Send `sig` to one service's process (not its group) and wait until it has exited; its exit code."""
-        service = self.service(label)
+    def _supervised(self) -> list[ServiceProcess]:
+        return [*self.services, *([self.mlflow_ui] if self.mlflow_ui is not None else [])]
+
+    def _warn(self, message: str) -> None:
+        (self.report or self.echo)(message)
+
+    def tend(self) -> float:
+        """Restart what exited once its backoff is up, report crash loops; seconds until the next restart is due.
+
+        Call it whenever a child may have exited (SIGCHLD) and when the returned delay has passed.
+        """
+        now = time.monotonic()
+        changed = False
+        next_due = float("inf")
+        if self.nats is not None and self.nats.process is not None:
+            changed |= self._tend_nats(now)
+            if self.nats_record.restart_at is not None:
+                next_due = min(next_due, self.nats_record.restart_at - now)
+        for service in self._supervised():
+            record = service.record
+            code = service.process.poll()
+            if code is None:
+                if record.recovered(now):
+                    self._warn(f"{service.name} has stayed up for {self.restart_policy.stable_after:.0f}s: "
+                               f"no longer crash-looping")
+                    changed = True
+                continue
+            if not record.waiting:
+                self._note_exit(service.name, record, code=code, now=now, log_path=service.log_path)
+                changed = True
+            if record.due(now):
+                # The leader is gone; whatever it left in its group must not run beside its successor.
+                _stop_group(service.process, timeout=self.stop_timeout)
+                record.restarting(now)
+                service.process = self._launch(service.kind, label=service.name, runner_index=service.runner_index)
+                changed = True
+            else:
+                assert record.restart_at is not None
+                next_due = min(next_due, record.restart_at - now)
+        if changed:
+            self.write_state()
+        return max(next_due, 0.0)
+
+    def _tend_nats(self, now: float) -> bool:
+        assert self.nats is not None and self.nats.process is not None
+        record = self.nats_record
+        if self.nats.process.poll() is None:
+            if record.recovered(now):
+                self._warn("nats-server has stayed up again: no longer crash-looping")
+                return True
+            return False
+        log_path = self.logs_dir / "nats-server.log"
+        if not record.waiting:
+            self._note_exit("nats-server", record, code=self.nats.process.returncode, now=now, log_path=log_path)
+        if not record.due(now):
+            return True
+        record.restarting(now)
         try:
-            os.kill(service.pid, sig)
-        except ProcessLookupError:
-            pass
-        return service.process.wait(timeout=self.stop_timeout)
+            # Same ports and store: clients reconnect on their own, JetStream recovers its file store.
+            self.nats.start()
+        except (RuntimeError, TimeoutError, OSError) as error:
+            self._warn(f"nats-server did not come back: {error}")
+            self._note_exit("nats-server", record, code=self.nats.process.returncode, now=time.monotonic(),
+                            log_path=log_path)
+        return True
 
-    def restart_service(self, label: str) -> ServiceProcess:
-        """Stop `label` if it still runs, then start it again with the same environment and log file."""
-        old = self.service(label)
-        _stop_group(old.process, timeout=self.stop_timeout)
-        self.services.remove(old)
-        name = "runner" if label.startswith("runner") else label
-        index = int(label.rsplit("-", 1)[1]) if label.startswith("runner-") else 1
-        return self._spawn(name, label=label, runner_index=index)
+    def _note_exit(self, name: str, record: RestartRecord, *, code: int | None, now: float, log_path: Path) -> None:
+        looping = record.exited(code=code, now=now)
+        assert record.restart_at is not None
+        delay = record.restart_at - now
+        if looping:
+            policy = self.restart_policy
+            self._warn(
+                f"{name} is crash-looping: it exited {len(record.exits)} times in the last "
+                f"{policy.crash_loop_window:.0f}s (last exit code {code}, {record.restarts} restarts so far). "
+                f"The rest of the stack keeps running; {name} is retried every {policy.max_delay:.0f}s at most "
+                f"(next in {delay:.1f}s). Last lines of {log_path}:\n{log_tail(log_path, lines=20)}"
+            )
+        else:
+            self._warn(f"{name} exited with code {code}; restarting it in {delay:.1f}s (log: {log_path})")
 
-    def restart_nats(self, *, kill: bool = False) -> None:
-        """Stop nats-server (SIGKILL when `kill`) and start it again on the same port, keeping its store."""
-        assert self.nats is not None
-        self.nats.stop(kill=kill)
-        self.nats.start()
+    def state(self) -> StackState:
+        """What `visionyard status` shows: this process and each supervised one."""
+        processes = []
+        if self.nats is not None and self.nats.process is not None:
+            processes.append(self._process_state("nats-server", self.nats.process, self.nats_record,
+                                                 self.logs_dir / "nats-server.log"))
+        for service in self._supervised():
+            processes.append(self._process_state(service.name, service.process, service.record, service.log_path))
+        return StackState(
+            pid=os.getpid(), start_ticks=process_start_ticks(os.getpid()), started_at=self.started_at,
+            data_dir=str(self.data_dir), api_url=self.api_url, nats_url=self.nats.url if self.nats else "",
+            tracking_uri=self.tracking_uri, logs_dir=str(self.logs_dir), processes=processes,
+        )
+
+    @staticmethod
+    def _process_state(name: str, process: subprocess.Popen[bytes], record: RestartRecord,
+                       log_path: Path) -> ProcessState:
+        running = process.returncode is None and not record.waiting
+        wall = time.time() - time.monotonic()  # the records keep monotonic times
+        return ProcessState(
+            name=name, state=record.state(), pid=process.pid if running else None,
+            start_ticks=process_start_ticks(process.pid) if running else None, restarts=record.restarts,
+            log=str(log_path), last_exit_code=record.last_exit_code,
+            last_exit_at=None if record.last_exit_at is None else record.last_exit_at + wall,
+        )
+
+    def write_state(self) -> None:
+        """Rewrite `<data-dir>/stack.json`."""
+        write_state(self.state_file, self.state())
+        self._state_written = True
 
     def pids(self) -> list[int]:
         """Pids of every process this stack started and still tracks (services and nats-server)."""

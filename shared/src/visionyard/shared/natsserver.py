@@ -14,6 +14,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from visionyard.shared.deathsignal import dying_with_parent
+
 
 def free_port() -> int:
     """A free TCP port on the loopback interface."""
@@ -44,6 +46,8 @@ class NatsServer:
     # In its own session, a Ctrl-C aimed at the embedded stack's foreground process does not reach
     # the broker directly: the stack stops it last, after the services have drained.
     new_session: bool = False
+    # The embedded stack's broker must not outlive `visionyard up`, even after a `kill -9` of it.
+    die_with_parent: bool = False
     process: subprocess.Popen[bytes] | None = field(default=None, init=False)
 
     @property
@@ -65,8 +69,11 @@ class NatsServer:
             "-sd", str(self.store_dir),
             "-l", str(log_target),
         ]
+        preexec = None
+        if self.die_with_parent:
+            args, preexec = dying_with_parent(args)
         self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                        start_new_session=self.new_session)
+                                        start_new_session=self.new_session, preexec_fn=preexec)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

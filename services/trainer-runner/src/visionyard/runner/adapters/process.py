@@ -6,17 +6,16 @@ import asyncio
 import contextlib
 import ctypes
 import os
-import shutil
 import signal
-import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 from visionyard.runner.service import LaunchSpec
+from visionyard.shared.deathsignal import death_signal_prefix
+from visionyard.shared.deathsignal import die_with_parent as _die_with_parent
 
 LINE_LIMIT = 4 * 1024 * 1024
 PR_SET_CHILD_SUBREAPER = 36
-PR_SET_PDEATHSIG = 1
 
 
 class SubprocessTrainer:
@@ -109,51 +108,13 @@ def become_child_subreaper() -> bool:
         return False
 
 
-def _die_with_parent(parent_pid: int) -> Callable[[], None]:
-    """A pre-exec hook: the trainer is SIGKILLed if the runner dies (kill -9 included).
-
-    The trainer runs in its own session, so nothing else would stop it: an orphan would keep training
-    with nobody reading its events while another runner resumes the job (two trainers, one job).
-    Only used where `setpriv` is missing (see `death_signal_prefix`).
-    """
-
-    def arm() -> None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        if os.getppid() != parent_pid:  # the runner died before the signal was armed
-            os._exit(1)
-
-    return arm
-
-
-def death_signal_prefix() -> list[str] | None:
-    """`setpriv --pdeathsig KILL --` (util-linux 2.33+) when it works here, else None.
-
-    The same parent-death signal as `_die_with_parent`, set by an exec'd helper instead of a Python
-    pre-exec hook. A pre-exec hook makes `subprocess` fork the runner (copying its page tables, then
-    copy-on-write faults in the runner) instead of using vfork: measured at ~7 ms of the runner's CPU
-    per trainer with ~100 MB resident, against ~0.2 ms (bench/PROFILE.md, round 4). setpriv cannot check
-    that the runner is still alive once the signal is armed, so a runner dying within that millisecond
-    leaves its trainer running until it next writes an event to the closed pipe (which ends it).
-    """
-    if not sys.platform.startswith("linux"):
-        return None
-    setpriv, true = shutil.which("setpriv"), shutil.which("true")
-    if setpriv is None or true is None:
-        return None
-    prefix = [setpriv, "--pdeathsig", "KILL", "--"]
-    try:
-        probe = subprocess.run([*prefix, true], stdin=subprocess.DEVNULL, capture_output=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return prefix if probe.returncode == 0 else None
-
-
 class SubprocessLauncher:
     """Starts trainers with asyncio subprocess APIs."""
 
     def __init__(self) -> None:
         become_child_subreaper()
+        # A trainer runs in its own session, so only this signal stops it if the runner is killed: an
+        # orphan would keep training, unread, while another runner resumes the job (two trainers, one job).
         self._death_signal = death_signal_prefix()
 
     async def launch(self, spec: LaunchSpec) -> SubprocessTrainer:
