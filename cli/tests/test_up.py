@@ -4,10 +4,11 @@ ignored (a script's background job), and a `kill -9` of it leaves none of its pr
 from __future__ import annotations
 
 import os
-import select
+import queue
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -54,19 +55,32 @@ def alive(pid: int) -> bool:
 
 
 def wait_for_line(up: subprocess.Popen[str], text: str, *, timeout: float = 120.0) -> list[str]:
-    """Read `up`'s stdout until a line contains `text`; fail if it exits or stays silent too long."""
+    """Read `up`'s stdout until a line contains `text`; fail if it exits or stays silent too long.
+
+    A thread reads (a blocking readline cannot time out); the rest of the output goes unread, which the
+    pipe's buffer holds: `up` prints a few lines after start-up.
+    """
     assert up.stdout is not None
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def read() -> None:
+        assert up.stdout is not None
+        for line in up.stdout:
+            lines.put(line.rstrip())
+            if text in line:
+                return
+        lines.put(None)
+
+    threading.Thread(target=read, daemon=True).start()
     seen: list[str] = []
     deadline = time.monotonic() + timeout
     while True:
-        remaining = deadline - time.monotonic()
-        assert remaining > 0, f"no {text!r} from visionyard up; it printed: {seen}"
-        readable, _, _ = select.select([up.stdout], [], [], remaining)
-        if not readable:
-            continue
-        line = up.stdout.readline()
-        assert line, f"visionyard up exited ({up.wait()}) before {text!r}; it printed: {seen}"
-        seen.append(line.rstrip())
+        try:
+            line = lines.get(timeout=max(deadline - time.monotonic(), 0.001))
+        except queue.Empty:
+            raise AssertionError(f"no {text!r} from visionyard up within {timeout}s: {seen}") from None
+        assert line is not None, f"visionyard up exited ({up.wait()}) before {text!r}; it printed: {seen}"
+        seen.append(line)
         if text in line:
             return seen
 
