@@ -95,7 +95,7 @@ class BenchStack:
     def nats_url(self) -> str:
         """The stack's nats-server."""
         assert self.stack.nats is not None
-        return self.stack.nats.url
+        return self.stack.admin_nats_url
 
     @property
     def api_db_path(self) -> Path:

@@ -63,6 +63,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
             heldout = [(summary.heldout_dir / row["path"], row["label"]) for row in csv.DictReader(handle)]
         yield {"stack": stack, "api": api, "job": job, "pending_job": pending_job, "heldout": heldout,
                "scratch": scratch}
+    # Every service ran as its own NATS user: none was refused anything it needed (export, inference).
+    assert stack.permission_violations() == []
 
 
 def test_onnx_export_validates_downloads_and_its_example_classifies_heldout_digits(world: dict[str, Any]) -> None:

@@ -44,6 +44,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedStack]:
             os.environ[TRACING_ENV] = previous
     survivors = [pid for pid in started if _alive(pid)]
     assert not survivors, f"processes {survivors} survived the stack's shutdown"
+    # Every service ran as its own NATS user: none was refused anything it needed.
+    assert embedded.permission_violations() == []
 
 
 @pytest.fixture(scope="module")

@@ -184,6 +184,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"  API:          {stack.api_url}")
         print(f"  API docs:     {stack.docs_url}")
         print(f"  NATS:         {stack.nats.url}")
+        if stack.nats_permissions:
+            print(f"  NATS users:   {stack.nats_auth_config.parent / 'passwords.json'} (one per service; "
+                  f"`admin` for tools)")
         print(f"  MLflow store: {stack.tracking_uri}")
         if stack.mlflow_ui_url:
             print(f"  MLflow UI:    {stack.mlflow_ui_url} (takes a few seconds to start)")

@@ -14,7 +14,9 @@ pid and restarts for `visionyard status` (`stackstate.py`).
 from __future__ import annotations
 
 import errno
+import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -36,8 +38,13 @@ from visionyard.cli.stackstate import (
     write_state,
 )
 from visionyard.cli.supervision import RestartPolicy, RestartRecord
+from visionyard.shared import permissions
 from visionyard.shared.deathsignal import dying_with_parent
 from visionyard.shared.natsserver import NatsServer, free_port
+
+# Each service's NATS user (`shared/permissions.py`).
+NATS_USERS = {"api": "api", "runner": "runner", "tracker": "tracker", "storage": "storage"}
+NATS_AUTH_DIR = "nats-auth"
 
 # Start order: the tracker and storage subscribe before the API can publish, runners last.
 SERVICE_ORDER = ("tracker", "storage", "api", "runner")
@@ -95,6 +102,38 @@ def ensure_port_free(port: int, *, host: str = "127.0.0.1", what: str = "API") -
             raise
 
 
+def nats_passwords(data_dir: Path) -> dict[str, str]:
+    """The NATS users' passwords of the stack in `data_dir`, generated on first use (file mode 0600)."""
+    directory = Path(data_dir) / NATS_AUTH_DIR
+    path = directory / "passwords.json"
+    try:
+        known: dict[str, str] = json.loads(path.read_text())
+    except (OSError, ValueError):
+        known = {}
+    wanted = [*permissions.ACCESS, permissions.ADMIN_USER]
+    if all(user in known for user in wanted):
+        return known
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    passwords = {user: known.get(user) or secrets.token_urlsafe(24) for user in wanted}
+    _write_private(path, json.dumps(passwords, indent=2))
+    return passwords
+
+
+def admin_nats_url(data_dir: Path, nats_url: str) -> str:
+    """`nats_url` with the stack's admin credentials (for operators and tests; never given to a service)."""
+    password = nats_passwords(data_dir)[permissions.ADMIN_USER]
+    scheme, rest = nats_url.split("://", 1)
+    return f"{scheme}://{permissions.ADMIN_USER}:{password}@{rest}"
+
+
+def _write_private(path: Path, text: str) -> None:
+    # Created 0600 before any byte is written: the file holds passwords.
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write(text)
+    os.chmod(path, 0o600)
+
+
 def _resolve(command: Sequence[str]) -> list[str]:
     """Prefer the console script installed beside this interpreter, so the venv need not be on PATH."""
     argv = list(command)
@@ -118,6 +157,8 @@ class EmbeddedStack:
     storage_backend: str = "local"
     storage_env: Mapping[str, str] = field(default_factory=dict)
     mlflow_ui_port: int | None = None
+    # Each service connects as its own NATS user with only its permissions (`shared/permissions.py`).
+    nats_permissions: bool = True
     service_commands: Mapping[str, Sequence[str]] = field(default_factory=lambda: dict(DEFAULT_COMMANDS))
     extra_env: Mapping[str, str] = field(default_factory=dict)
     ready_timeout: float = 60.0
@@ -171,6 +212,25 @@ class EmbeddedStack:
         return self.data_dir / "logs"
 
     @property
+    def nats_auth_config(self) -> Path:
+        """The generated nats-server configuration (users and permissions)."""
+        return self.data_dir / NATS_AUTH_DIR / "nats-server.conf"
+
+    @property
+    def admin_nats_url(self) -> str:
+        """The broker's URL with admin credentials (tests, benchmarks, operators)."""
+        assert self.nats is not None
+        return admin_nats_url(self.data_dir, self.nats.url) if self.nats_permissions else self.nats.url
+
+    def permission_violations(self) -> list[str]:
+        """nats-server's log lines about a client refused by its permissions."""
+        try:
+            log = (self.logs_dir / "nats-server.log").read_text(errors="replace")
+        except OSError:
+            return []
+        return [line for line in log.splitlines() if "Violation" in line]
+
+    @property
     def state_file(self) -> Path:
         """The state `visionyard status` reads."""
         return state_path(self.data_dir)
@@ -195,9 +255,13 @@ class EmbeddedStack:
         (self.data_dir / "mlflow").mkdir(parents=True, exist_ok=True)
         self.started_at = time.time()
         try:
+            config = None
+            if self.nats_permissions:
+                config = self.nats_auth_config
+                _write_private(config, permissions.server_authorization(nats_passwords(self.data_dir)))
             self.nats = NatsServer(store_dir=self.data_dir / "nats", port=self.nats_port,
                                    log_file=self.logs_dir / "nats-server.log", new_session=True,
-                                   die_with_parent=True)
+                                   die_with_parent=True, config_file=config)
             self.echo(f"starting nats-server on port {self.nats_port or '(free port)'}")
             self.nats.start()
             self.nats_record.started(time.monotonic())
@@ -232,6 +296,9 @@ class EmbeddedStack:
             f"{prefix}MODE": "embedded",
             "PYTHONUNBUFFERED": "1",
         })
+        if self.nats_permissions:
+            user = NATS_USERS[name]
+            env.update({f"{prefix}NATS_USER": user, f"{prefix}NATS_PASSWORD": nats_passwords(self.data_dir)[user]})
         if name == "api":
             env.update({f"{prefix}PORT": str(self.api_port), f"{prefix}HOST": self.api_host})
         elif name == "tracker":

@@ -46,8 +46,8 @@ from nats.nuid import NUID
 from opentelemetry.trace import SpanKind
 from pydantic import BaseModel
 
-from visionyard.shared import metrics, streams, subjects, tracing
-from visionyard.shared.config import TopologySettings, server_urls
+from visionyard.shared import metrics, permissions, streams, subjects, tracing
+from visionyard.shared.config import TopologySettings, nats_url_user, server_urls
 from visionyard.shared.messages import Message
 
 log = logging.getLogger("visionyard.bus")
@@ -132,10 +132,12 @@ BatchHandler = Callable[[list[Msg]], Awaitable[None]]
 class Bus:
     """A connection to NATS with JetStream, and the operations services need on it."""
 
-    def __init__(self, nc: NatsClient, *, service: str) -> None:
+    def __init__(self, nc: NatsClient, *, service: str, access: permissions.ServiceAccess | None = None) -> None:
         self.nc = nc
         self.js: JetStreamContext = nc.jetstream(timeout=10.0)
         self.service = service
+        # The NATS user's permitted part of the topology (None: a user allowed everything).
+        self.access = access
         self._object_store: ObjectStore | None = None
         self._kv: dict[str, KeyValue] = {}
         self._nuid = NUID()
@@ -143,14 +145,25 @@ class Bus:
         self.pull_expires = PULL_EXPIRES
 
     @classmethod
-    async def connect(cls, url: str, *, service: str, **options: Any) -> Bus:
+    async def connect(cls, url: str, *, service: str, user: str | None = None, password: str | None = None,
+                      **options: Any) -> Bus:
         """Connect and keep reconnecting for ever: an outage costs latency, never the process.
 
         `url` may list a cluster's servers separated by commas (as the compose file and manifests do).
+        The NATS user is `user` or the one the URL names; if it is one of `permissions.ACCESS`, replies
+        come to that user's own inbox prefix (its permissions allow no other) and `ensure_topology`
+        declares only that user's part.
         """
         async def on_error(error: Exception) -> None:
             log.warning("nats error: %s", error, extra={"service": service})
 
+        named = user or nats_url_user(url)
+        access = permissions.ACCESS.get(named) if named else None
+        if access is not None:
+            options.setdefault("inbox_prefix", access.inbox_prefix)
+        if user:
+            options.update(user=user, password=password or "")
+        options.setdefault("error_cb", on_error)
         nc = await nats.connect(
             server_urls(url),
             name=service,
@@ -158,10 +171,9 @@ class Bus:
             reconnect_time_wait=0.5,
             connect_timeout=5,
             allow_reconnect=True,
-            error_cb=on_error,
             **options,
         )
-        return cls(nc, service=service)
+        return cls(nc, service=service, access=access)
 
     async def close(self) -> None:
         """Drain (so buffered publishes reach the server) and close."""
@@ -180,20 +192,24 @@ class Bus:
         """
         if ack_waits is None:
             ack_waits = TopologySettings().ack_waits
-        for spec in streams.STREAMS:
+        access = self.access
+        # A permissioned user declares only its part; the owner of each piece declares it (any may start first).
+        declared = permissions.declared_streams(access) if access else streams.STREAMS
+        for spec in declared:
             config = streams.stream_config(spec, replicas=replicas)
             try:
                 await self.js.add_stream(config)
             except BadRequestError:
                 await self.js.update_stream(config)
-        for consumer in streams.CONSUMERS:
+        for consumer in access.consumers if access else streams.CONSUMERS:
             if consumer.durable in ack_waits:
                 await self.declare_consumer(streams.with_ack_wait(consumer, ack_waits[consumer.durable]))
             else:
                 await self.js.add_consumer(consumer.stream, config=await self._preserving_ack_wait(consumer))
-        for bucket in streams.KV_BUCKETS:
+        for bucket in permissions.kv_buckets(access) if access else streams.KV_BUCKETS:
             await self.kv(bucket, replicas=replicas)
-        await self.object_store(replicas=replicas)
+        if access is None or access.object_store:
+            await self.object_store(replicas=replicas)
 
     async def _preserving_ack_wait(self, spec: streams.ConsumerSpec) -> api.ConsumerConfig:
         # A tuned ack wait (`declare_consumer`, `TopologySettings`) must survive a service that declares

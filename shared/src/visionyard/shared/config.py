@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import model_validator
+from pydantic import SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # Hosts a plaintext NATS connection may reach without leaving the machine.
@@ -18,17 +18,25 @@ def server_urls(nats_url: str) -> list[str]:
     return [part.strip() for part in nats_url.split(",") if part.strip()]
 
 
-def unsafe_nats_urls(nats_url: str, *, allow_plaintext: bool) -> list[str]:
+def nats_url_user(nats_url: str) -> str | None:
+    """The user named in a NATS URL (`nats://user:password@host`; the first server's), if any."""
+    servers = server_urls(nats_url) or [nats_url]
+    parts = urlsplit(servers[0] if "://" in servers[0] else f"nats://{servers[0]}")
+    return parts.username or None
+
+
+def unsafe_nats_urls(nats_url: str, *, allow_plaintext: bool, has_user: bool = False) -> list[str]:
     """Why each server of `nats_url` is unsafe for production (empty: it is safe).
 
-    A server must be reached with credentials (`nats://user:password@host` or `nats://token@host`), and
+    A server must be reached with credentials (`nats://user:password@host`, `nats://token@host`, or the
+    settings' `nats_user`/`nats_password`: `has_user`), and
     with TLS (`tls://`) unless it is on loopback or the operator vouches for a private network.
     """
     problems: list[str] = []
     for server in server_urls(nats_url) or [nats_url]:
         parts = urlsplit(server if "://" in server else f"nats://{server}")
         shown = f"{parts.scheme}://{parts.hostname or ''}{f':{parts.port}' if parts.port else ''}"
-        if not parts.username:
+        if not parts.username and not has_user:
             problems.append(f"{shown} has no credentials (nats://user:password@host)")
         if parts.scheme != "tls" and parts.hostname not in LOOPBACK_HOSTS and not allow_plaintext:
             problems.append(f"{shown} is plaintext beyond loopback (use tls://, or set NATS_ALLOW_PLAINTEXT=true "
@@ -45,6 +53,10 @@ class ServiceSettings(BaseSettings):
 
     mode: Literal["embedded", "production"] = "embedded"
     nats_url: str = "nats://127.0.0.1:4222"
+    # The service's own NATS user (`shared/permissions.py`), unless the URL names it; `visionyard up`
+    # generates both.
+    nats_user: str | None = None
+    nats_password: SecretStr | None = None
     data_dir: Path = Path(".data")
     stream_replicas: int = 1
     log_level: str = "INFO"
@@ -56,12 +68,18 @@ class ServiceSettings(BaseSettings):
     def _refuse_unsafe_nats(self) -> ServiceSettings:
         # Every service, not only the API: anyone reaching an open NATS can forge commands and events.
         if self.mode == "production":
-            problems = unsafe_nats_urls(self.nats_url, allow_plaintext=self.nats_allow_plaintext)
+            problems = unsafe_nats_urls(self.nats_url, allow_plaintext=self.nats_allow_plaintext,
+                                        has_user=bool(self.nats_user and self.nats_password))
             if problems:
                 prefix = self.model_config.get("env_prefix", "VISIONYARD_")
                 raise ValueError(f"production mode refuses {prefix}NATS_URL: " + "; ".join(problems)
                                  + f" (see {prefix}NATS_ALLOW_PLAINTEXT)")
         return self
+
+    def nats_credentials(self) -> dict[str, str | None]:
+        """The `user` and `password` keyword arguments of `Bus.connect`."""
+        password = self.nats_password.get_secret_value() if self.nats_password is not None else None
+        return {"user": self.nats_user, "password": password}
 
 
 class MetricsSettings(BaseSettings):

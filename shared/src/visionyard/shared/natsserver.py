@@ -48,6 +48,9 @@ class NatsServer:
     new_session: bool = False
     # The embedded stack's broker must not outlive `visionyard up`, even after a `kill -9` of it.
     die_with_parent: bool = False
+    # A configuration file (users and permissions, `permissions.server_authorization`); the flags
+    # below still set ports and the store.
+    config_file: Path | None = None
     process: subprocess.Popen[bytes] | None = field(default=None, init=False)
 
     @property
@@ -69,6 +72,8 @@ class NatsServer:
             "-sd", str(self.store_dir),
             "-l", str(log_target),
         ]
+        if self.config_file is not None:
+            args += ["-c", str(self.config_file)]
         preexec = None
         if self.die_with_parent:
             args, preexec = dying_with_parent(args)

@@ -91,7 +91,7 @@ def create_app(settings: ApiSettings | None = None, *, bus: Bus | None = None) -
         await asyncio.to_thread(upgrade_to_head, engine)
         await asyncio.to_thread(auth.bootstrap, email=settings.admin_email, password=settings.admin_password,
                                 embedded=settings.mode == "embedded", login_file=admin_login_file(settings.data_dir))
-        connected = bus or await Bus.connect(settings.nats_url, service="api")
+        connected = bus or await Bus.connect(settings.nats_url, service="api", **settings.nats_credentials())
         await connected.ensure_topology(replicas=settings.stream_replicas)
         relay = OutboxRelay(
             session_factory=session_factory, publisher=connected, poll_seconds=settings.outbox_poll_seconds,

@@ -58,7 +58,7 @@ def build_service(settings: StorageSettings, *, bus: Bus, backend: ObjectBackend
 
 async def serve(settings: StorageSettings, *, stop: asyncio.Event, backend: ObjectBackend | None = None) -> None:
     """Run the consumers and request handlers until `stop` is set, then drain the connection."""
-    bus = await Bus.connect(settings.nats_url, service="storage")
+    bus = await Bus.connect(settings.nats_url, service="storage", **settings.nats_credentials())
     metrics_server = serve_metrics(host=settings.metrics_host, port=settings.metrics_port)
     try:
         await bus.ensure_topology(replicas=settings.stream_replicas)

@@ -50,7 +50,7 @@ async def serve(
             log.warning("MLflow store not reachable yet (%s); opening it with the first batch", error)
     if freeze_heap:
         freeze_startup_heap()
-    bus = await Bus.connect(settings.nats_url, service=SERVICE)
+    bus = await Bus.connect(settings.nats_url, service=SERVICE, **settings.nats_credentials())
     responders: list[Any] = []
     metrics_server = serve_metrics(host=settings.metrics_host, port=settings.metrics_port)
     try:

@@ -89,7 +89,7 @@ async def serve(
     """Run the runner until `stop` is set, then stop trainers, hand back their commands and drain."""
     own_bus = bus is None
     if bus is None:
-        bus = await Bus.connect(settings.nats_url, service="trainer-runner")
+        bus = await Bus.connect(settings.nats_url, service="trainer-runner", **settings.nats_credentials())
     metrics_server = serve_metrics(host=settings.metrics_host, port=settings.metrics_port)
     try:
         await bus.ensure_topology(replicas=settings.stream_replicas)
