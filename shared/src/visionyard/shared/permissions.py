@@ -25,6 +25,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from visionyard.shared import commands, events, streams, subjects
+from visionyard.shared.devices import MAX_GPUS_PER_JOB
 from visionyard.shared.messages import Message
 
 JS_API = "$JS.API"
@@ -48,6 +49,10 @@ class ServiceAccess:
     object_store: bool = False
     # Streams read directly, outside a durable consumer (an ordered consumer, a last-message lookup).
     reads_streams: tuple[streams.StreamSpec, ...] = ()
+    # Subjects published beside the messages' own (a message sent on another subject than its class's).
+    also_publishes: tuple[str, ...] = ()
+    # Durable consumers it may use but declares only when it serves them (the runners' GPU consumers).
+    also_consumes: tuple[streams.ConsumerSpec, ...] = ()
 
     @property
     def inbox_prefix(self) -> str:
@@ -69,6 +74,8 @@ API = ServiceAccess(
         # The HTTP callback ingress of the original trainers turns their reports into these.
         events.ProgressReported, events.LogEmitted, events.JobCompleted, events.JobFailed,
     ),
+    # A GPU job's StartTraining goes to `cmd.train.gpu.<count>` (devices.py).
+    also_publishes=(f"{subjects.CMD_TRAIN_GPU_PREFIX}.*",),
     consumers=(streams.API_PROJECTOR,),
     requests=(subjects.TRACKER_METRICS, subjects.TRACKER_SUMMARY, subjects.STORAGE_PRESIGN,
               subjects.STORAGE_STAGE_OBJECT, subjects.STORAGE_KEEP_UPLOAD, subjects.STORAGE_LIST_IMAGES,
@@ -85,9 +92,10 @@ RUNNER = ServiceAccess(
         events.JobCompleted, events.JobFailed, events.JobCancelled, *_EXPORT_EVENTS, *_INFER_EVENTS,
     ),
     consumers=(streams.RUNNER,),
+    also_consumes=tuple(streams.runner_gpu(count) for count in range(1, MAX_GPUS_PER_JOB + 1)),
     requests=(subjects.STORAGE_STAGE, subjects.STORAGE_STAGE_OBJECT),
     notifies=(subjects.STORAGE_CHECKPOINT_INCOMING,),
-    kv_writes=(streams.KV_CAPABILITIES,),
+    kv_writes=(streams.KV_CAPABILITIES, streams.KV_RUNNER_DEVICES),
     kv_reads=(streams.KV_CANCELLATIONS, streams.KV_JOB_TERMINAL),
     kv_watches=(streams.KV_CANCELLATIONS,),
     object_store=True,
@@ -163,7 +171,8 @@ def object_stream(bucket: str) -> str:
 def declared_streams(access: ServiceAccess) -> tuple[streams.StreamSpec, ...]:
     """The streams a service declares at start-up: those it publishes into, consumes from or reads."""
     used = {_stream_of(message_subject(cls)).name for cls in access.publishes}
-    used |= {consumer.stream for consumer in access.consumers}
+    used |= {_stream_of(subject).name for subject in access.also_publishes}
+    used |= {consumer.stream for consumer in (*access.consumers, *access.also_consumes)}
     used |= {spec.name for spec in access.reads_streams}
     if access.consumers:
         used.add(streams.DEADLETTERS.name)  # a poison message is parked there
@@ -222,7 +231,8 @@ def grants(access: ServiceAccess) -> Grants:
         publish += [f"{JS_API}.STREAM.CREATE.{spec.name}", f"{JS_API}.STREAM.UPDATE.{spec.name}",
                     f"{JS_API}.STREAM.INFO.{spec.name}"]
     publish += [message_subject(cls) for cls in access.publishes]
-    for consumer in access.consumers:
+    publish += list(access.also_publishes)
+    for consumer in (*access.consumers, *access.also_consumes):
         base = f"{consumer.stream}.{consumer.durable}"
         publish += [f"{JS_API}.CONSUMER.CREATE.{base}", f"{JS_API}.CONSUMER.CREATE.{base}.>",
                     f"{JS_API}.CONSUMER.DURABLE.CREATE.{base}", f"{JS_API}.CONSUMER.INFO.{base}",
