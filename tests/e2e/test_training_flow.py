@@ -229,7 +229,7 @@ def _assert_one_trace_spans_the_services(stack: EmbeddedStack, job_id: str) -> N
     assert {"runner hold command", "consume tracker", "consume storage-artifacts", "consume api-projector"} <= names
     runner_log = [json.loads(line) for line in (stack.logs_dir / "runner.log").read_text().splitlines()
                   if line.startswith("{")]
-    assert any(r.get("job_id") == job_id and r.get("attempt") == 1 and r.get("trace_id") == trace_id
+    assert any(r.get("job_id") == str(job_id) and r.get("attempt") == 1 and r.get("trace_id") == trace_id
                for r in runner_log), "the runner's JSON logs should carry the job, its attempt and its trace id"
 
 
