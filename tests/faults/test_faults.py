@@ -98,8 +98,10 @@ async def _read_subject(url: str, subject: str) -> list[dict[str, Any]]:
         await nc.close()
 
 
-def job_processes(job_id: str) -> list[tuple[int, int]]:
-    """(pid, parent pid) of every live trainer process working in the job's directory."""
+def job_processes(stack: EmbeddedStack, job_id: str) -> list[tuple[int, int]]:
+    """(pid, parent pid) of every live trainer process working in the job's directory of this stack."""
+    # Job ids are small integers, the same in every stack on the machine: only this stack's data dir tells.
+    inside = f"{stack.data_dir.resolve()}/"
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -111,7 +113,8 @@ def job_processes(job_id: str) -> list[tuple[int, int]]:
         except OSError:
             continue
         # The runner trains in <work_dir>/jobs/<job id>/<attempt>: match the whole id, not a digit of a path.
-        if "visionyard.trainers" in cmdline and f"/jobs/{job_id}/" in cwd and stat[0] != "Z":
+        if ("visionyard.trainers" in cmdline and cwd.startswith(inside) and f"/jobs/{job_id}/" in cwd
+                and stat[0] != "Z"):
             found.append((int(entry.name), int(stat[1])))
     return found
 
@@ -165,7 +168,7 @@ class Proof:
         assert final["status"] == expected_status, final
 
         # No process of the job is left (the runner reaps the group before the terminal event).
-        leftovers = poll(lambda: job_processes(job_id), lambda found: not found, timeout=30)
+        leftovers = poll(lambda: job_processes(self.stack, job_id), lambda found: not found, timeout=30)
         assert leftovers == []
 
         # Every published progress event is in MLflow exactly once per (metric, step).
@@ -268,13 +271,13 @@ def test_kill_9_runner_fails_over_to_the_other_runner_and_resumes(
 ) -> None:
     job_id = start_job(api, dataset_id)
     wait_until_checkpointed(api, job_id)
-    trainers = job_processes(job_id)
+    trainers = job_processes(stack, job_id)
     assert len(trainers) == 1, trainers
     holder = next(s.name for s in stack.services if s.pid == trainers[0][1])
     killed_at = time.monotonic()
     stack.kill_service(holder)
     # The orphaned trainer dies with its runner: it must not keep training beside the new attempt.
-    poll(lambda: [pid for pid, _ in job_processes(job_id) if pid == trainers[0][0]], lambda left: not left, timeout=10)
+    poll(lambda: [pid for pid, _ in job_processes(stack, job_id) if pid == trainers[0][0]], lambda left: not left, timeout=10)
     resumed = poll(lambda: get_job(api, job_id), lambda j: j["attempt"] >= 2 and j["status"] == "running", timeout=90)
     recovered_s = time.monotonic() - killed_at
     stack.restart_service(holder)  # later scenarios want two runners again
@@ -353,7 +356,7 @@ def test_cancel_while_training_stops_every_process(
 ) -> None:
     job_id = start_job(api, dataset_id, epochs=200)
     wait_until_checkpointed(api, job_id)
-    assert job_processes(job_id)
+    assert job_processes(stack, job_id)
     asked_at = time.monotonic()
     reply = api.post(f"/api/v1/training/jobs/{job_id}/cancel")
     assert reply.status_code == 200 and reply.json()["status"] == "cancelling", reply.text
