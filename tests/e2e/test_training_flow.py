@@ -239,7 +239,7 @@ def test_cancel_stops_a_running_job_and_its_processes(stack: EmbeddedStack, api:
     assert api.post(f"/api/v1/training/jobs/{job_id}/start").status_code == 200
     running = _poll(lambda: api.get(f"/api/v1/training/jobs/{job_id}").json(),
                     lambda j: j["status"] == "running" and (j["current_epoch"] or 0) >= 1)
-    trainer_pids = _trainer_pids(job_id)
+    trainer_pids = _trainer_pids(stack, job_id)
     assert trainer_pids, "the trainer process should be visible while running"
     cancelled = api.post(f"/api/v1/training/jobs/{job_id}/cancel")
     assert cancelled.status_code == 200, cancelled.text
@@ -250,7 +250,9 @@ def test_cancel_stops_a_running_job_and_its_processes(stack: EmbeddedStack, api:
     assert api.post(f"/api/v1/training/jobs/{job_id}/cancel").status_code == 409
 
 
-def _trainer_pids(job_id: int) -> list[int]:
+def _trainer_pids(stack: EmbeddedStack, job_id: int) -> list[int]:
+    # Job ids are small integers, the same in every stack on the machine: only this stack's data dir tells.
+    inside = f"{stack.data_dir.resolve()}/"
     pids = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -261,6 +263,6 @@ def _trainer_pids(job_id: int) -> list[int]:
         except OSError:
             continue
         # The runner trains in <work_dir>/jobs/<job id>/<attempt>: match the whole id, not a digit of a path.
-        if "visionyard.trainers" in cmdline and f"/jobs/{job_id}/" in cwd:
+        if "visionyard.trainers" in cmdline and cwd.startswith(inside) and f"/jobs/{job_id}/" in cwd:
             pids.append(int(entry.name))
     return pids

@@ -99,8 +99,10 @@ async def _read_subject(url: str, subject: str) -> list[dict[str, Any]]:
         await nc.close()
 
 
-def job_processes(job_id: str) -> list[tuple[int, int]]:
-    """(pid, parent pid) of every live trainer process working in the job's directory."""
+def job_processes(stack: UpStack, job_id: str) -> list[tuple[int, int]]:
+    """(pid, parent pid) of every live trainer process working in the job's directory of this stack."""
+    # Job ids are small integers, the same in every stack on the machine: only this stack's data dir tells.
+    inside = f"{stack.data_dir.resolve()}/"
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -112,7 +114,8 @@ def job_processes(job_id: str) -> list[tuple[int, int]]:
         except OSError:
             continue
         # The runner trains in <work_dir>/jobs/<job id>/<attempt>: match the whole id, not a digit of a path.
-        if "visionyard.trainers" in cmdline and f"/jobs/{job_id}/" in cwd and stat[0] != "Z":
+        if ("visionyard.trainers" in cmdline and cwd.startswith(inside) and f"/jobs/{job_id}/" in cwd
+                and stat[0] != "Z"):
             found.append((int(entry.name), int(stat[1])))
     return found
 
@@ -166,7 +169,7 @@ class Proof:
         assert final["status"] == expected_status, final
 
         # No process of the job is left (the runner reaps the group before the terminal event).
-        leftovers = poll(lambda: job_processes(job_id), lambda found: not found, timeout=30)
+        leftovers = poll(lambda: job_processes(self.stack, job_id), lambda found: not found, timeout=30)
         assert leftovers == []
 
         # Every published progress event is in MLflow exactly once per (metric, step).
@@ -270,7 +273,7 @@ def test_kill_9_under_up_the_process_comes_back_and_the_job_completes(
 ) -> None:
     job_id = start_job(api, dataset_id)
     job = wait_until_checkpointed(api, job_id)
-    trainers = job_processes(job_id)
+    trainers = job_processes(stack, job_id)
     assert len(trainers) == 1, trainers
     # For a runner: the one holding the job (its trainer's parent).
     name = stack.name_of(trainers[0][1]) if target == "runner" else target
@@ -279,7 +282,7 @@ def test_kill_9_under_up_the_process_comes_back_and_the_job_completes(
     killed = stack.kill(name)
     if target == "runner":
         # The orphaned trainer dies with its runner: it must not keep training beside the new attempt.
-        poll(lambda: [pid for pid, _ in job_processes(job_id) if pid == trainers[0][0]], lambda left: not left,
+        poll(lambda: [pid for pid, _ in job_processes(stack, job_id) if pid == trainers[0][0]], lambda left: not left,
              timeout=10)
     stack.wait_restarted(name, killed)
     back_s = time.monotonic() - killed_at
@@ -339,7 +342,7 @@ def test_cancel_while_training_stops_every_process(
 ) -> None:
     job_id = start_job(api, dataset_id, epochs=200)
     wait_until_checkpointed(api, job_id)
-    assert job_processes(job_id)
+    assert job_processes(stack, job_id)
     asked_at = time.monotonic()
     reply = api.post(f"/api/v1/training/jobs/{job_id}/cancel")
     assert reply.status_code == 200 and reply.json()["status"] == "cancelling", reply.text
