@@ -204,8 +204,14 @@ async def test_device_requests_are_validated_and_a_gpu_job_is_queued_on_its_own_
         return subjects if subjects.get("cmd.train.gpu.2") == 1 else None
 
     await until(queued)
-    everything = await bus.js.stream_info(streams.COMMANDS.name, subjects_filter="cmd.train")
-    assert (everything.state.subjects or {}).get("cmd.train") == 1  # the CPU job on the CPU subject
+
+    async def cpu_queued() -> dict[str, int] | None:
+        # The outbox relay publishes the two commands independently: wait for the CPU one too.
+        info = await bus.js.stream_info(streams.COMMANDS.name, subjects_filter="cmd.train")
+        subjects = info.state.subjects or {}
+        return subjects if subjects.get("cmd.train") == 1 else None
+
+    await until(cpu_queued)  # the CPU job on the CPU subject
 
 
 async def test_advanced_config_is_checked_against_the_declared_fields(client: httpx.AsyncClient, bus: Bus) -> None:

@@ -421,6 +421,8 @@ async def test_storage_killed_during_an_early_copy_loses_nothing(
     name, object_id = "ckpt/job9/1/1-best.pt", bus.new_object_id()
     first = await asyncio.to_thread(start)
     try:
+        # The hint is core NATS: announced before storage's subscription reaches the server, it is lost.
+        await _until_subscribed(nats_server, subjects.STORAGE_CHECKPOINT_INCOMING)
         # What the runner does for a large checkpoint: announce it, then put it.
         await bus.notify(subjects.STORAGE_CHECKPOINT_INCOMING, CheckpointIncoming(
             job_id="job9", attempt=1, seq=1, checkpoint_kind="best", object_name=name, object_id=object_id,
