@@ -68,3 +68,22 @@ def project_filter(session: Session, principal: Principal) -> set[str] | None:
         select(ProjectMember.project_id).where(ProjectMember.user_id == principal.user_id)
     )}
     return mine if principal.key_projects is None else mine & principal.key_projects
+
+
+def project_for_new_object(session: Session, principal: Principal, project_id: int | None) -> str:
+    """The project a new dataset or job goes to: the one named (the caller must be a member or above), else the
+    caller's own default project."""
+    from visionyard.api.auth.service import default_project
+    from visionyard.api.db.models_access import Project
+
+    missing = f"project_id: project {project_id} not found"
+    if project_id is None:
+        if principal.user_id is None:
+            raise Forbidden("project_id: required for a credential that is not a user's")
+        chosen = str(default_project(session, principal.user_id).id)
+    else:
+        if session.get(Project, project_id) is None:
+            raise NotFound(missing)
+        chosen = str(project_id)
+    require_project_role(session, principal, chosen, Role.MEMBER, not_found=missing)
+    return chosen

@@ -38,3 +38,13 @@ class ObjectAccess:
                 raise NotFound(missing)
             require_project_role(session, principal, row.project_id, need, not_found=missing)
             return str(row.project_id)
+
+
+async def require_object(
+    request: Any, principal: Principal, kind: str, object_id: int | str, need: Role, *, field: str
+) -> str:
+    """`ObjectAccess.require` for a route: the app's access checker, off the event loop."""
+    from starlette.concurrency import run_in_threadpool
+
+    access: ObjectAccess = request.app.state.access
+    return await run_in_threadpool(access.require, principal, kind, object_id, need, field=field)

@@ -7,15 +7,13 @@ import uuid
 from pathlib import Path
 from typing import Protocol
 
-from visionyard.api.auth.access import Role, project_filter, require_project_role
+from visionyard.api.auth.access import Role, project_filter, project_for_new_object, require_project_role
 from visionyard.api.auth.principal import Principal
-from visionyard.api.auth.service import default_project
 from visionyard.api.db.models import Dataset, utcnow
-from visionyard.api.db.models_access import Project
 from visionyard.api.db.repositories import DatasetRepository, OutboxRepository
 from visionyard.api.db.session import UnitOfWork
 from visionyard.api.datasets import schemas
-from visionyard.api.errors import Forbidden, InvalidInput, NotFound
+from visionyard.api.errors import InvalidInput, NotFound
 from visionyard.shared.commands import IngestDataset
 
 # Where a dataset's files came from, in the original platform's terms: every Visionyard dataset is uploaded.
@@ -70,16 +68,7 @@ class DatasetService:
     ) -> schemas.CreateDatasetResponse:
         """Register an empty dataset in a project the caller works in; data arrives with an upload."""
         with self._uow.transaction() as session:
-            if request.project_id is None:
-                if principal.user_id is None:
-                    raise Forbidden("project_id: required for a credential that is not a user's")
-                project_id = str(default_project(session, principal.user_id).id)
-            else:
-                project_id = str(request.project_id)
-                if session.get(Project, request.project_id) is None:
-                    raise NotFound(f"project_id: project {project_id} not found")
-            require_project_role(session, principal, project_id, Role.MEMBER,
-                                 not_found=f"project_id: project {project_id} not found")
+            project_id = project_for_new_object(session, principal, request.project_id)
             dataset = Dataset(
                 id=uuid.uuid4().hex, project_id=project_id, name=request.name,
                 description=request.description, visibility=request.visibility, status="empty",

@@ -12,8 +12,8 @@ from fastapi.responses import FileResponse
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
-from visionyard.api.auth import CurrentPrincipal, Principal, Role
-from visionyard.api.auth.objects import ObjectAccess
+from visionyard.api.auth import CurrentPrincipal, Role
+from visionyard.api.auth.objects import require_object
 from visionyard.api.exports import schemas
 from visionyard.api.exports.service import ExportService
 
@@ -29,10 +29,6 @@ def export_service(request: Request) -> ExportService:
 Service = Annotated[ExportService, Depends(export_service)]
 
 
-async def _require(request: Request, principal: Principal, kind: str, object_id: int, need: Role, field: str) -> None:
-    access: ObjectAccess = request.app.state.access
-    await run_in_threadpool(access.require, principal, kind, object_id, need, field=field)
-
 
 @router.get("/capabilities", response_model=schemas.CapabilitiesResponse)
 async def capabilities(
@@ -45,7 +41,7 @@ async def capabilities(
 ) -> Any:
     """Export formats for a training job, or for a framework and task type."""
     if training_job_id is not None:
-        await _require(request, principal, "training", training_job_id, Role.VIEWER, "training_job_id")
+        await require_object(request, principal, "training", training_job_id, Role.VIEWER, field="training_job_id")
     return await service.capabilities(
         training_job_id=None if training_job_id is None else str(training_job_id), framework=framework,
         task_type=task_type,
@@ -57,42 +53,42 @@ async def create_export(
     body: schemas.CreateExportRequest, request: Request, service: Service, principal: CurrentPrincipal
 ) -> Any:
     """Export a completed training job's stored checkpoint (best by default)."""
-    await _require(request, principal, "training", body.training_job_id, Role.MEMBER, "training_job_id")
+    await require_object(request, principal, "training", body.training_job_id, Role.MEMBER, field="training_job_id")
     return await service.create(body)
 
 
 @router.get("/training/{training_job_id}/exports", response_model=schemas.ExportListResponse)
 async def list_exports(training_job_id: int, request: Request, service: Service, principal: CurrentPrincipal) -> Any:
     """Every export (version) of a training job, as `export_jobs` (and `exports`)."""
-    await _require(request, principal, "training", training_job_id, Role.VIEWER, "training_job_id")
+    await require_object(request, principal, "training", training_job_id, Role.VIEWER, field="training_job_id")
     return await run_in_threadpool(service.list_for_training_job, str(training_job_id))
 
 
 @router.get("/jobs/{export_job_id}", response_model=schemas.ExportJobResponse)
 async def get_export(export_job_id: int, request: Request, service: Service, principal: CurrentPrincipal) -> Any:
     """One export job."""
-    await _require(request, principal, "export", export_job_id, Role.VIEWER, "export_job_id")
+    await require_object(request, principal, "export", export_job_id, Role.VIEWER, field="export_job_id")
     return await run_in_threadpool(service.get, str(export_job_id))
 
 
 @router.post("/jobs/{export_job_id}/cancel", response_model=schemas.ExportJobResponse)
 async def cancel_export(export_job_id: int, request: Request, service: Service, principal: CurrentPrincipal) -> Any:
     """Stop an export: pending → cancelled, running → cancelling until the runner confirms."""
-    await _require(request, principal, "export", export_job_id, Role.MEMBER, "export_job_id")
+    await require_object(request, principal, "export", export_job_id, Role.MEMBER, field="export_job_id")
     return await run_in_threadpool(service.cancel, str(export_job_id))
 
 
 @router.delete("/jobs/{export_job_id}", response_model=schemas.DeletedExportResponse)
 async def delete_export(export_job_id: int, request: Request, service: Service, principal: CurrentPrincipal) -> Any:
     """Delete a finished export from the list (a running one is cancelled first: 409 until it stops)."""
-    await _require(request, principal, "export", export_job_id, Role.MEMBER, "export_job_id")
+    await require_object(request, principal, "export", export_job_id, Role.MEMBER, field="export_job_id")
     return await run_in_threadpool(service.delete, str(export_job_id))
 
 
 @router.get("/{export_job_id}/download", response_model=schemas.DownloadResponse)
 async def download(export_job_id: int, request: Request, service: Service, principal: CurrentPrincipal) -> Any:
     """Where to download a completed export's package (a link the browser can open without headers)."""
-    await _require(request, principal, "export", export_job_id, Role.VIEWER, "export_job_id")
+    await require_object(request, principal, "export", export_job_id, Role.VIEWER, field="export_job_id")
     ticket = request.app.state.auth.download_ticket(str(export_job_id))
     route = f"{request.url_for('download_package', export_job_id=export_job_id)}?ticket={ticket}"
     return await service.download(str(export_job_id), package_route=route)
@@ -106,7 +102,7 @@ async def download_package(export_job_id: int, request: Request, service: Servic
 
         principal = await require_principal(request, request.headers.get("authorization"),
                                             request.headers.get("x-api-key"))
-        await _require(request, principal, "export", export_job_id, Role.VIEWER, "export_job_id")
+        await require_object(request, principal, "export", export_job_id, Role.VIEWER, field="export_job_id")
     scratch = Path(tempfile.mkdtemp(prefix="vy-package-"))
     try:
         path, filename = await service.package(str(export_job_id), scratch / "package.zip")

@@ -10,8 +10,8 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Query, Request, UploadFile
 from starlette.concurrency import run_in_threadpool
 
-from visionyard.api.auth import CurrentPrincipal, Principal, Role
-from visionyard.api.auth.objects import ObjectAccess
+from visionyard.api.auth import CurrentPrincipal, Role
+from visionyard.api.auth.objects import require_object
 from visionyard.api.errors import InvalidInput, TooLarge
 from visionyard.api.inference import schemas
 from visionyard.api.inference.service import InferenceService, ReceivedFile
@@ -31,10 +31,6 @@ def inference_service(request: Request) -> InferenceService:
 Service = Annotated[InferenceService, Depends(inference_service)]
 
 
-async def _require(request: Request, principal: Principal, kind: str, object_id: int, need: Role, field: str) -> None:
-    access: ObjectAccess = request.app.state.access
-    await run_in_threadpool(access.require, principal, kind, object_id, need, field=field)
-
 
 @router.post("/inference/upload-images", response_model=schemas.UploadResponse)
 async def upload_images(
@@ -43,7 +39,7 @@ async def upload_images(
 ) -> Any:
     """Upload images (multipart `files`) for inference; anything that is not an image is refused."""
     if training_job_id is not None:
-        await _require(request, principal, "training", training_job_id, Role.MEMBER, "training_job_id")
+        await require_object(request, principal, "training", training_job_id, Role.MEMBER, field="training_job_id")
     if len(files) > MAX_FILES:
         raise InvalidInput("files", f"at most {MAX_FILES} files per upload")
     scratch = Path(tempfile.mkdtemp(prefix="vy-infer-upload-"))
@@ -72,21 +68,21 @@ async def create_inference(
     body: schemas.CreateInferenceRequest, request: Request, service: Service, principal: CurrentPrincipal
 ) -> Any:
     """Run a stored checkpoint on uploaded images (single, batch) or on a dataset split."""
-    await _require(request, principal, "training", body.training_job_id, Role.MEMBER, "training_job_id")
+    await require_object(request, principal, "training", body.training_job_id, Role.MEMBER, field="training_job_id")
     return await run_in_threadpool(service.create, body)
 
 
 @router.post("/inference/jobs/{inference_job_id}/cancel", response_model=schemas.InferenceJobResponse)
 async def cancel_inference(inference_job_id: int, request: Request, service: Service, principal: CurrentPrincipal) -> Any:
     """Stop an inference job: pending → cancelled, running → cancelling until the runner confirms."""
-    await _require(request, principal, "inference", inference_job_id, Role.MEMBER, "inference_job_id")
+    await require_object(request, principal, "inference", inference_job_id, Role.MEMBER, field="inference_job_id")
     return await run_in_threadpool(service.cancel, str(inference_job_id))
 
 
 @router.get("/inference/jobs/detail/{inference_job_id}", response_model=schemas.InferenceJobResponse)
 async def get_inference(inference_job_id: int, request: Request, service: Service, principal: CurrentPrincipal) -> Any:
     """One inference job."""
-    await _require(request, principal, "inference", inference_job_id, Role.VIEWER, "inference_job_id")
+    await require_object(request, principal, "inference", inference_job_id, Role.VIEWER, field="inference_job_id")
     return await run_in_threadpool(service.get, str(inference_job_id))
 
 
@@ -96,12 +92,12 @@ async def results(
     skip: int = Query(default=0, ge=0), limit: int = Query(default=100, ge=1, le=1000),
 ) -> Any:
     """A page of per-image results."""
-    await _require(request, principal, "inference", inference_job_id, Role.VIEWER, "inference_job_id")
+    await require_object(request, principal, "inference", inference_job_id, Role.VIEWER, field="inference_job_id")
     return await run_in_threadpool(service.results, str(inference_job_id), skip=skip, limit=limit)
 
 
 @router.get("/inference/jobs/{training_job_id}", response_model=schemas.InferenceListResponse)
 async def list_inference(training_job_id: int, request: Request, service: Service, principal: CurrentPrincipal) -> Any:
     """Every inference job of a training job, with a summary."""
-    await _require(request, principal, "training", training_job_id, Role.VIEWER, "training_job_id")
+    await require_object(request, principal, "training", training_job_id, Role.VIEWER, field="training_job_id")
     return await run_in_threadpool(service.list_for_training_job, str(training_job_id))

@@ -15,15 +15,14 @@ from sqlalchemy.orm import Session
 from sqlalchemy.orm.exc import StaleDataError
 
 from visionyard.api import jobstate
-from visionyard.api.auth.access import Role, project_filter, require_project_role
+from visionyard.api.auth.access import Role, project_filter, project_for_new_object, require_project_role
 from visionyard.api.auth.principal import Principal
-from visionyard.api.auth.service import default_project
 from visionyard.api.db.models_access import Project
 from visionyard.api.db.numbers import next_job_id
 from visionyard.api.db.models import TrainingJob, utcnow
 from visionyard.api.db.repositories import DatasetRepository, JobRepository, OutboxRepository
 from visionyard.api.db.session import UnitOfWork
-from visionyard.api.errors import Conflict, Forbidden, InvalidInput, NotFound
+from visionyard.api.errors import Conflict, InvalidInput, NotFound
 from visionyard.api.jobstate import JobAction, JobStatus
 from visionyard.api.models.service import (
     CapabilitySource,
@@ -94,16 +93,7 @@ class TrainingService:
         """Create a `pending` job pinned to the dataset's current version, in a project the caller works in."""
         config = request.config
         with self._uow.transaction() as session:
-            if request.project_id is None:
-                if principal.user_id is None:
-                    raise Forbidden("project_id: required for a credential that is not a user's")
-                project_id = str(default_project(session, principal.user_id).id)
-            else:
-                project_id = str(request.project_id)
-                if session.get(Project, request.project_id) is None:
-                    raise NotFound(f"project_id: project {project_id} not found")
-            require_project_role(session, principal, project_id, Role.MEMBER,
-                                 not_found=f"project_id: project {project_id} not found")
+            project_id = project_for_new_object(session, principal, request.project_id)
             dataset = DatasetRepository(session).get(config.dataset_id)
             missing = f"config.dataset_id: dataset {config.dataset_id} not found"
             if dataset is None:

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends, Path, Request
 from starlette.concurrency import run_in_threadpool
 
 from visionyard.api.auth import CurrentPrincipal, Role
-from visionyard.api.auth.objects import ObjectAccess
+from visionyard.api.auth.objects import require_object
 from visionyard.api.validation.service import ValidationService
 
 router = APIRouter(prefix="/api/v1/validation", tags=["validation"])
@@ -24,8 +24,7 @@ Service = Annotated[ValidationService, Depends(validation_service)]
 
 
 async def _readable(request: Request, principal: CurrentPrincipal, job_id: int) -> None:
-    access: ObjectAccess = request.app.state.access
-    await run_in_threadpool(access.require, principal, "training", job_id, Role.VIEWER, field="job_id")
+    await require_object(request, principal, "training", job_id, Role.VIEWER, field="job_id")
 
 
 @router.get("/jobs/{job_id}/summary")
