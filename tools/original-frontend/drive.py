@@ -14,8 +14,8 @@ Screenshots go to --shots (default ./shots), one per step plus progress shots. A
 to --report (default ./last-run.json). Exit code 0 only when every step passed and no flood/crash.
 
 Usage:
-  venv/bin/python drive.py --api http://127.0.0.1:8765/api/v1 --ui http://127.0.0.1:3300 \
-      --email admin@example.com --password secret --dataset data/digits.zip
+  tools/original-frontend/.work/venv/bin/python tools/original-frontend/drive.py --api http://127.0.0.1:8765/api/v1 --ui http://127.0.0.1:3300 \
+      --email admin@example.com --password secret --dataset tools/original-frontend/.work/data/digits.zip
 """
 from __future__ import annotations
 
@@ -1036,9 +1036,9 @@ def main() -> None:
     ap.add_argument("--ui", default="http://127.0.0.1:3300")
     ap.add_argument("--email", required=True)
     ap.add_argument("--password", required=True)
-    ap.add_argument("--dataset", default=str(HERE / "data" / "digits.zip"), help="ImageFolder zip")
+    ap.add_argument("--dataset", default=str(HERE / ".work" / "data" / "digits.zip"), help="ImageFolder zip")
     ap.add_argument("--dataset-via", choices=["ui", "api"], default="ui", help="folder upload in the UI (falls back to the API if it fails) or the API")
-    ap.add_argument("--images", default=str(HERE / "data" / "heldout-flat"), help="folder of PNGs for test inference")
+    ap.add_argument("--images", default=str(HERE / ".work" / "data" / "heldout-flat"), help="folder of PNGs for test inference")
     ap.add_argument("--num-images", type=int, default=5)
     ap.add_argument("--model", default="simple_cnn", help="model_name to pick in the wizard")
     ap.add_argument("--epochs", type=int, default=3)
@@ -1049,8 +1049,8 @@ def main() -> None:
     ap.add_argument("--inference-timeout", type=float, default=130)
     ap.add_argument("--shim", default="", help="comma list of cors,auth,projects,shapes stand-ins (only where the API answers 404/405); never a real pass")
     ap.add_argument("--keep-going", action="store_true", help="do not stop after a failed login/project step")
-    ap.add_argument("--shots", default=str(HERE / "shots"))
-    ap.add_argument("--report", default=str(HERE / "last-run.json"))
+    ap.add_argument("--shots", default=str(HERE / ".work" / "shots"))
+    ap.add_argument("--report", default=str(HERE / ".work" / "last-run.json"))
     ap.add_argument("--workdir", default=tempfile.gettempdir())
     ap.add_argument("--chromium", default="/usr/bin/chromium")
     args = ap.parse_args()
