@@ -483,34 +483,79 @@ async def test_websocket_without_last_seq_is_live_only_and_speaks_the_pages_mess
         assert (await _next(socket))["type"] == "pong"
 
 
+class _PageSocket:
+    """A browser page's socket whose every message is kept, to say at the end what it got and what it never did."""
+
+    def __init__(self, socket: ClientConnection) -> None:
+        self.socket = socket
+        self.got: list[dict[str, Any]] = []
+        self._fresh: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        async for raw in self.socket:
+            message = json.loads(raw)
+            self.got.append(message)
+            self._fresh.put_nowait(message)
+
+    async def next(self) -> dict[str, Any]:
+        return await asyncio.wait_for(self._fresh.get(), timeout=30)
+
+    def lines(self) -> list[str]:
+        return [message.get("message") or message["type"] for message in self.got]
+
+
 async def test_a_pages_leaked_sockets_are_muted_and_its_newest_resumes_once(ui: World) -> None:
-    """The page opens a socket per render and never closes the old ones (useTrainingMonitor.ts): only its newest
-    socket carries the job's messages, from where the previous one stopped, so each message reaches it once."""
+    """The page opens a socket per render and never closes some of the old ones (useTrainingMonitor.ts): only its
+    newest socket carries the job's messages, from where the previous one stopped, so each message reaches it once;
+    a replaced socket says nothing more at all."""
     job_id = ui.ids["job"]
     key = str(job_id)
     url = ui.base_url.replace("http://", "ws://") + f"{API}/ws/training?job_id={job_id}"
     browser = {"Origin": "http://localhost:3300", "User-Agent": "HeadlessChrome/156"}
-    async with connect(url, additional_headers=browser) as first:
-        assert [(await _next(first))["type"] for _ in range(2)] == ["connected", "subscribed"]
-        await ui.bus.publish(LogEmitted(job_id=key, attempt=1, seq=30, message="one", event_type="stdout"))
-        assert (await _first(first, "training_log"))["message"] == "one"
-        async with connect(url, additional_headers=browser) as second:  # the re-render; `first` stays open
-            assert [(await _next(second))["type"] for _ in range(2)] == ["connected", "subscribed"]
-            await ui.bus.publish(LogEmitted(job_id=key, attempt=1, seq=31, message="two", event_type="stdout"))
-            assert (await _first(second, "training_log"))["message"] == "two"
-            # The muted socket got nothing since: its next message is the answer to this ping.
-            await first.send(json.dumps({"type": "ping"}))
-            assert (await _next(first))["type"] == "pong"
+
+    async def log_line(seq: int, text: str) -> None:
+        await ui.bus.publish(LogEmitted(job_id=key, attempt=1, seq=seq, message=text, event_type="stdout"))
+
+    async def opened(count: int) -> None:
+        """Wait until the API has given the page's newest socket its place (its `count`th takeover)."""
+        async def replaced() -> bool:
+            return bool(ui.app.state.live_pages.takeovers >= count)
+
+        await until(replaced)
+
+    async with connect(url, additional_headers=browser) as socket_1:
+        first = _PageSocket(socket_1)
+        assert [(await first.next())["type"] for _ in range(2)] == ["connected", "subscribed"]
+        await log_line(30, "one")
+        assert (await first.next())["message"] == "one"
+        async with connect(url, additional_headers=browser) as socket_2:  # the re-render; `first` stays open
+            second = _PageSocket(socket_2)
+            await opened(1)
+            assert [(await second.next())["type"] for _ in range(2)] == ["connected", "subscribed"]
+            await log_line(31, "two")
+            assert (await second.next())["message"] == "two"
             async with connect(url) as script:  # no Origin: not a browser page, never muted, live only
                 assert [(await _next(script))["type"] for _ in range(2)] == ["connected", "subscribed"]
-                await ui.bus.publish(LogEmitted(job_id=key, attempt=1, seq=32, message="three", event_type="stdout"))
+                await log_line(32, "three")
                 assert (await _first(script, "training_log"))["message"] == "three"
-                assert (await _first(second, "training_log"))["message"] == "three"
+                assert (await second.next())["message"] == "three"
+                await script.send(json.dumps({"type": "ping"}))
+                assert (await _first(script, "pong"))["type"] == "pong"
+            # The replaced socket says nothing more, not even to a ping (the page would re-render on it).
+            await socket_1.send(json.dumps({"type": "ping"}))
         # Closed between renders: the page's next socket starts where the last one stopped.
-        await ui.bus.publish(LogEmitted(job_id=key, attempt=1, seq=33, message="four", event_type="stdout"))
-        async with connect(url, additional_headers=browser) as third:
-            assert [(await _next(third))["type"] for _ in range(2)] == ["connected", "subscribed"]
-            assert (await _first(third, "training_log"))["message"] == "four"
+        await log_line(33, "four")
+        async with connect(url, additional_headers=browser) as socket_3:
+            third = _PageSocket(socket_3)
+            await opened(2)
+            assert [(await third.next())["type"] for _ in range(2)] == ["connected", "subscribed"]
+            assert (await third.next())["message"] == "four"
+            await socket_3.send(json.dumps({"type": "ping"}))
+            assert (await third.next())["type"] == "pong"  # the newest socket answers
+    # Every line reached the page once, each on the socket that was its newest.
+    assert [first.lines(), second.lines()] == [["connected", "subscribed", "one"],
+                                               ["connected", "subscribed", "two", "three"]]
 
 
 async def test_websocket_status_change_shape(ui: World) -> None:

@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, Any
 
 from nats.aio.msg import Msg
 from nats.js import api
-
 from visionyard.api.livebatch import Batcher, Entry, Frame, encode_entry, frames_of
 from visionyard.shared import subjects
 from visionyard.shared.bus import Bus
@@ -43,6 +42,7 @@ from visionyard.shared.events import (
 
 if TYPE_CHECKING:
     from visionyard.api.livehub import FeedHandle, FeedHub
+    from visionyard.api.livepage import PageWriter
 
 log = logging.getLogger("visionyard.api.live")
 
@@ -248,10 +248,12 @@ class JobEventReader:
 class JobFeed(JobEventReader):
     """One client's subscription to one job: replay, then live, in stream order."""
 
-    def __init__(self, *, bus: Bus, job_id: str, last_seq: int | None, send: Send, gate: Gate | None = None) -> None:
+    def __init__(self, *, bus: Bus, job_id: str, last_seq: int | None, send: Send, gate: Gate | None = None,
+                 skip: int = 0) -> None:
         super().__init__(bus=bus, job_id=job_id, gate=gate)
         self._last_seq = last_seq or 0
         self._send = send
+        self._skip = skip  # messages of the next event the client has already
 
     @property
     def position(self) -> int:
@@ -263,7 +265,8 @@ class JobFeed(JobEventReader):
         if seq <= self._last_seq:
             return  # the client has it already; it only rebuilt the view
         self._last_seq = seq
-        for message in messages:
+        skip, self._skip = self._skip, 0
+        for message in messages[skip:]:
             await self._send(message)
 
 
@@ -336,6 +339,8 @@ class LiveConnection:
         self._stats = stats
         self._queue: asyncio.Queue[WsMessage | str | Frame | None] = asyncio.Queue(maxsize=max_queue)
         self._feeds: dict[str, JobEventReader | FeedHandle] = {}
+        # A browser page's socket counts what it writes (`livepage`): set before the first subscription.
+        self.page: PageWriter | None = None
         self._writer = asyncio.create_task(self._drain())
         self.overflowed = asyncio.Event()
         stats.connections += 1
@@ -359,21 +364,34 @@ class LiveConnection:
             message = await self._queue.get()
             if message is None:
                 return
-            if isinstance(message, Frame):
-                await self._write_text(message.text)
-                self._stats.messages_sent += message.messages
+            if self.page is not None:
+                if not await self.page.write(message, self._write_one):
+                    return  # the page replaced this socket: its next one writes what is left
                 continue
-            if isinstance(message, str):
-                await self._write_text(message)
-            else:
-                await self._write(message)
-            self._stats.messages_sent += 1
+            await self._write_one(message)
 
-    async def subscribe(self, job_id: str, *, last_seq: int | None, batch_ms: int | None = None) -> None:
-        """Start (or restart) the feed of one job: one message per frame, or batched every `batch_ms`."""
+    async def _write_one(self, message: WsMessage | str | Frame) -> None:
+        if isinstance(message, Frame):
+            await self._write_text(message.text)
+            self._stats.messages_sent += message.messages
+            return
+        if isinstance(message, str):
+            await self._write_text(message)
+        else:
+            await self._write(message)
+        self._stats.messages_sent += 1
+
+    async def subscribe(self, job_id: str, *, last_seq: int | None, batch_ms: int | None = None,
+                        skip: int = 0) -> None:
+        """Start (or restart) the feed of one job: one message per frame, or batched every `batch_ms`.
+
+        `skip`: the client has the first `skip` messages of the event after `last_seq` already (a page socket
+        that replaced one which stopped inside an event, see `livepage`).
+        """
         await self.unsubscribe(job_id)
         if self._hub is not None:
-            handle = await self._hub.attach(job_id, last_seq=last_seq, offer=self.offer, batch_ms=batch_ms)
+            handle = await self._hub.attach(job_id, last_seq=last_seq, offer=self.offer, batch_ms=batch_ms,
+                                            skip=skip)
             if handle is not None:
                 self._feeds[job_id] = handle
                 self._stats.subscriptions += 1
@@ -381,7 +399,8 @@ class LiveConnection:
         # No hub, or the client resumes from further back than the shared feed holds: its own replay.
         feed: JobEventReader
         if batch_ms is None:
-            feed = JobFeed(bus=self._bus, job_id=job_id, last_seq=last_seq, send=self.enqueue, gate=self._gate)
+            feed = JobFeed(bus=self._bus, job_id=job_id, last_seq=last_seq, send=self.enqueue, gate=self._gate,
+                           skip=skip)
         else:
             feed = BatchedJobFeed(bus=self._bus, job_id=job_id, last_seq=last_seq, batch_ms=batch_ms,
                                   offer=self.offer, gate=self._gate)

@@ -18,16 +18,21 @@ what it already has (it joined while the flush was pending) is cut down for it a
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import deque
 from collections.abc import Callable
 
-from visionyard.shared.bus import Bus
-
-import asyncio
-
 from visionyard.api.live import Gate, JobEventReader, WsMessage
-from visionyard.api.livebatch import Batcher, Entry, Frame, encode_entry, frame_after, frames_of
+from visionyard.api.livebatch import (
+    Batcher,
+    Entry,
+    Frame,
+    encode_entry,
+    frame_after,
+    frames_of,
+)
+from visionyard.shared.bus import Bus
 
 log = logging.getLogger("visionyard.api.livehub")
 
@@ -42,10 +47,11 @@ Offer = Callable[[str | Frame], None]
 class Listener:
     """One client's place in a shared feed: what it has been sent up to, how, and where texts go."""
 
-    def __init__(self, *, last_seq: int | None, offer: Offer, batch_ms: int | None = None) -> None:
+    def __init__(self, *, last_seq: int | None, offer: Offer, batch_ms: int | None = None, skip: int = 0) -> None:
         self.last_seq = last_seq or 0
         self.batch_ms = batch_ms
         self._offer = offer
+        self._skip = skip  # messages of the next event the client has already
 
     def take(self, entry: Entry) -> None:
         """Pass on the entry's messages unless the client has them already."""
@@ -53,7 +59,8 @@ class Listener:
         if seq <= self.last_seq:
             return
         self.last_seq = seq
-        for text in texts:
+        skip, self._skip = self._skip, 0
+        for text in texts[skip:]:
             self._offer(text)
 
     def take_frame(self, frame: Frame) -> None:
@@ -180,7 +187,7 @@ class FeedHub:
         self._stopping: dict[str, asyncio.TimerHandle] = {}
 
     async def attach(self, job_id: str, *, last_seq: int | None, offer: Offer,
-                     batch_ms: int | None = None) -> FeedHandle | None:
+                     batch_ms: int | None = None, skip: int = 0) -> FeedHandle | None:
         """Watch `job_id` from after `last_seq` (batched if `batch_ms`); None when the feed no longer holds that far back."""
         pending_stop = self._stopping.pop(job_id, None)
         if pending_stop is not None:
@@ -197,7 +204,7 @@ class FeedHub:
                 raise
         if not feed.can_serve(last_seq):
             return None
-        listener = Listener(last_seq=last_seq, offer=offer, batch_ms=batch_ms)
+        listener = Listener(last_seq=last_seq, offer=offer, batch_ms=batch_ms, skip=skip)
         feed.attach(listener)
         return FeedHandle(self, feed, listener)
 

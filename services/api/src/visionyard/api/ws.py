@@ -10,12 +10,13 @@ instance within `SESSION_MEMORY_SECONDS`: then it resumes where that connection 
 frontend reopens its socket on every render and never sends `last_seq`; replaying the history to each
 socket flooded it (461 sockets and refetches in 10 s).
 
-A browser page that names neither (it sends an `Origin` header, no `last_seq`, no `session_id`) is
-identified by (peer address, Origin, User-Agent, job): only its newest socket carries the job's
+A browser page that names neither (it sends an `Origin` header and `job_id`, no `last_seq`, no `session_id`)
+is identified by (peer address, Origin, User-Agent, job): only its newest socket carries the job's
 messages, starting where its previous socket stopped, and the older ones are muted (left open: the
 original frontend leaks a socket per render, and closing them makes it reconnect more). Measured with that
 frontend in headless Chromium before this: up to 255 of its sockets open at once, each live message
 delivered to every one of them (3,530 deliveries of 16 messages), its log view filled with duplicates.
+Its new socket starts from what the replaced one wrote (`livepage` says why).
 The cost: two tabs of one browser on the same job share one feed (the newest tab gets it). Clients
 without an Origin (the CLI, scripts, the bench) are never muted.
 
@@ -46,6 +47,12 @@ from visionyard.api.jobstate import TERMINAL
 from visionyard.api.live import LiveConnection, LiveStats
 from visionyard.api.livebatch import parse_batch_ms
 from visionyard.api.livehub import FeedHub
+from visionyard.api.livepage import (
+    SESSION_MEMORY_SECONDS,
+    PageKey,
+    PageSockets,
+    PageWriter,
+)
 from visionyard.shared import streams
 
 router = APIRouter()
@@ -62,8 +69,6 @@ def _stats(app: Any) -> LiveStats:
     return stats
 
 
-# A reconnecting session resumes where it stopped if it comes back within this long.
-SESSION_MEMORY_SECONDS = 120.0
 # The longest a terminal message waits for the job's row (the projector) before it is sent anyway.
 PROJECTION_WAIT_SECONDS = 30.0
 PROJECTION_POLL_SECONDS = 0.05
@@ -125,43 +130,6 @@ class SessionPositions:
         return positions.get(job_id)
 
 
-PageKey = tuple[str, str, str, str]
-
-
-class PageSockets:
-    """The newest socket of each browser page (peer, Origin, User-Agent) on each job; the older ones are muted."""
-
-    def __init__(self) -> None:
-        self._current: dict[PageKey, LiveConnection] = {}
-        self._left_at: dict[PageKey, tuple[float, int]] = {}
-
-    async def take_over(self, key: PageKey, connection: LiveConnection) -> int | None:
-        """Mute the page's previous socket on the job; where the new one starts (None: a page not seen lately)."""
-        now = asyncio.get_running_loop().time()
-        job_id = key[-1]
-        start: int | None = None
-        previous = self._current.get(key)
-        if previous is not None and previous is not connection:
-            start = previous.positions().get(job_id)
-            await previous.unsubscribe(job_id)
-        left = self._left_at.pop(key, None)
-        if start is None and left is not None and now - left[0] < SESSION_MEMORY_SECONDS:
-            start = left[1]
-        self._current[key] = connection
-        return start
-
-    def release(self, connection: LiveConnection) -> None:
-        """A socket is closing: where it stopped is where the page's next socket starts."""
-        now = asyncio.get_running_loop().time()
-        self._left_at = {key: value for key, value in self._left_at.items() if now - value[0] < SESSION_MEMORY_SECONDS}
-        positions = connection.positions()
-        for key, current in list(self._current.items()):
-            if current is connection:
-                del self._current[key]
-                if key[-1] in positions:
-                    self._left_at[key] = (now, positions[key[-1]])
-
-
 def _pages(app: Any) -> PageSockets:
     if getattr(app.state, "live_pages", None) is None:
         app.state.live_pages = PageSockets()
@@ -208,6 +176,10 @@ async def training_socket(
     session = session_id or uuid.uuid4().hex
     connection = LiveConnection(bus=app.state.bus, write=websocket.send_json, stats=_stats(app), hub=_hub(app),
                                 write_text=websocket.send_text, gate=_projection_gate(app))
+    page = _page_key(websocket, str(job_id)) if job_id is not None and last_seq is None and not session_id else None
+    if page is not None:
+        # The page's next socket starts from what this one wrote.
+        connection.page = PageWriter(start=(0, 0))
     # Everything after accept goes through the connection's single writer, so messages never interleave.
     await connection.enqueue({"type": "connected", "session_id": session, "timestamp": _now()})
     # The query's batch_ms is the connection's default for every subscription; a bad one subscribes nothing.
@@ -221,7 +193,7 @@ async def training_socket(
             await connection.enqueue({"type": "error", "message": str(error)})
     if job_id is not None and valid:
         await _subscribe(websocket, connection, principal, str(job_id), last_seq=last_seq, batch_ms=default_batch_ms,
-                         session_id=session_id)
+                         session_id=session_id, page=page)
     receiver = asyncio.create_task(_receive(websocket, connection, principal, default_batch_ms=default_batch_ms,
                                             session_id=session_id))
     overflow = asyncio.create_task(connection.overflowed.wait())
@@ -233,13 +205,14 @@ async def training_socket(
         for task in (receiver, overflow):
             task.cancel()
         _sessions(app).remember(session, connection.positions())
-        _pages(app).release(connection)
+        if connection.page is not None:
+            _pages(app).release(connection.page)
         await connection.close()
 
 
 async def _subscribe(
     websocket: WebSocket, connection: LiveConnection, principal: Principal, job_id: str, *, last_seq: int | None,
-    batch_ms: int | None, session_id: str | None,
+    batch_ms: int | None, session_id: str | None, page: PageKey | None = None,
 ) -> None:
     access: ObjectAccess = websocket.app.state.access
     try:
@@ -249,19 +222,25 @@ async def _subscribe(
         return
     if last_seq is None:
         last_seq = _sessions(websocket.app).recall(session_id, job_id)
-    page = _page_key(websocket, job_id) if last_seq is None and not session_id else None
-    if page is not None:
-        last_seq = await _pages(websocket.app).take_over(page, connection)
+    skip = 0
+    writer = connection.page if page is not None else None
+    if writer is not None:
+        resume = await _pages(websocket.app).take_over(page, writer)
+        if resume is not None:
+            last_seq, skip = resume[0] - 1, resume[1]
     if last_seq is None:
         # Live only: everything up to the stream's current end is history this client did not ask for.
         info = await websocket.app.state.bus.js.stream_info(streams.EVENTS.name)
         last_seq = int(info.state.last_seq)
+    if writer is not None:
+        writer.delivered = (last_seq + 1, skip)
+        writer.mute = lambda: connection.unsubscribe(job_id)
     subscribed: dict[str, Any] = {"type": "subscribed", "job_id": int(job_id), "last_seq": last_seq,
                                   "timestamp": _now()}
     if batch_ms is not None:
         subscribed["batch_ms"] = batch_ms  # after clamping: the client learns the interval it got
     await connection.enqueue(subscribed)
-    await connection.subscribe(job_id, last_seq=last_seq, batch_ms=batch_ms)
+    await connection.subscribe(job_id, last_seq=last_seq, batch_ms=batch_ms, skip=skip)
 
 
 def _job_id(value: Any) -> str | None:
