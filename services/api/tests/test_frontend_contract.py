@@ -722,7 +722,8 @@ async def test_the_original_e2e_inference_scripts_calls(ui: World, tmp_path: Pat
     assert created.status_code in (200, 201), created.text
     inference = shape(created.json(), {"id": "int", "status": "str"}, "POST inference/jobs")
     rows = [{"image_name": upload["uploaded_files"][0]["unique_filename"], "predicted_label": "2",
-             "predicted_label_id": 2, "confidence": 0.7, "top5_predictions": [], "inference_time_ms": 4.0}]
+             "predicted_label_id": 2, "confidence": 0.7, "inference_time_ms": 4.0,
+             "top5_predictions": [{"label": "2", "label_id": 2, "confidence": 0.7}]}]
     name, sha256 = await stage_results(ui.bus, tmp_path, rows, name=f"results/{inference['id']}/1/results.json")
     stamp = {"job_id": str(inference["id"]), "attempt": 1, "training_job_id": str(job_id)}
     await ui.bus.publish(InferenceStarted(**stamp, seq=1, runner_id="r1"))
@@ -736,7 +737,9 @@ async def test_the_original_e2e_inference_scripts_calls(ui: World, tmp_path: Pat
                                    "avg_inference_time_ms": "num"}, "detail, completed")
     results = (await ui.call(NOAUTH, "GET", f"{API}/test_inference/inference/jobs/{inference['id']}/results")).json()
     assert shape(results, {"total_count": "int", "results": "list"}, "results")["total_count"] == 1
-    shape(results["results"][0], {"image_name": "str", "inference_time_ms": "num"}, "results[0]")
+    shape(results["results"][0], {"image_name": "str", "inference_time_ms": "num", "predictions": "list"}, "results[0]")
+    # It prints each prediction's `class_name` (a missing one shows as "unknown").
+    assert [(p["class_name"], p["confidence"]) for p in results["results"][0]["predictions"]] == [("2", 0.7)]
 
 
 @pytest.mark.xfail(strict=True, reason="not implemented: the single-image path of the test-inference panel "

@@ -10,7 +10,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -193,10 +193,18 @@ class InferenceService:
 def _result_row(row: InferenceResult, task_type: str) -> schemas.ResultRow:
     result = schemas.ResultRow.model_validate(row)
     boxes = result.predicted_boxes
+    predictions = list(boxes) if boxes is not None else list(result.top5_predictions)
     return result.model_copy(update={
-        "task_type": task_type, "predictions": list(boxes) if boxes is not None else list(result.top5_predictions),
+        "task_type": task_type, "predictions": [_named(prediction) for prediction in predictions],
         "num_detections": len(boxes) if boxes is not None else None,
     })
+
+
+def _named(prediction: Any) -> Any:
+    """A prediction with `class_name` beside its `label` (the original platform's clients read `class_name`)."""
+    if isinstance(prediction, dict) and "label" in prediction and "class_name" not in prediction:
+        return {**prediction, "class_name": prediction["label"]}
+    return prediction
 
 
 def _uploads_under(session: Session, prefix: str) -> list[str]:
