@@ -1,11 +1,14 @@
-"""Where a browser page's next socket starts (`livepage`): after what its previous socket wrote, per message."""
+"""Which socket of a browser page carries the job, and where it starts (`livepage`)."""
 
 from __future__ import annotations
 
 import json
 from typing import Any
 
-from visionyard.api.livepage import PageSockets, PageWriter
+import pytest
+
+from visionyard.api import livepage
+from visionyard.api.livepage import PageSockets, PageWriter, Resume
 
 KEY = ("127.0.0.1", "http://localhost:3300", "HeadlessChrome", "1")
 
@@ -18,49 +21,98 @@ def _message(seq: int | None, kind: str = "training_log") -> str:
 
 
 class _Socket:
-    def __init__(self) -> None:
-        self.written: list[Any] = []
+    """A page socket as the endpoint wires it: what it wrote, where it was told to start, whether it was muted."""
 
-    async def write(self, message: Any) -> None:
+    def __init__(self) -> None:
+        self.writer = PageWriter()
+        self.written: list[Any] = []
+        self.starts: list[Resume | None] = []
+        self.muted = 0
+        self.writer.carry = self._carry
+        self.writer.mute = self._mute
+
+    async def _carry(self, start: Resume | None) -> None:
+        self.starts.append(start)
+        self.writer.delivered = (start or (100, 0))
+
+    async def _mute(self) -> None:
+        self.muted += 1
+
+    async def send(self, message: str) -> None:
+        await self.writer.write(message, self._write)
+
+    async def _write(self, message: Any) -> None:
         self.written.append(message)
 
 
-async def test_the_next_socket_starts_after_what_was_written_not_what_was_queued() -> None:
+async def test_the_next_carrier_starts_after_what_was_written_not_what_was_queued(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(livepage, "STABLE_SECONDS", 3600.0)
     pages = PageSockets()
-    old = PageWriter(start=(10, 0))
-    assert await pages.take_over(KEY, old) is None  # a page not seen lately
-    socket = _Socket()
-    for message in (_message(None, "connected"), _message(12)):
-        assert await old.write(message, socket.write)
-    muted: list[bool] = []
-
-    async def mute() -> None:
-        muted.append(True)
-
-    old.mute = mute
-    # Whatever the old socket's feed queued after seq 12 was never written: the new socket starts right after 12.
-    assert await pages.take_over(KEY, PageWriter(start=(0, 0))) == (12, 1)
-    assert muted == [True] and pages.takeovers == 1
-    assert await old.write(_message(13), socket.write) is False  # a replaced socket writes nothing more
-    assert await old.write(_message(None, "pong"), socket.write) is False
-    assert socket.written == [_message(None, "connected"), _message(12)]
+    old, new = _Socket(), _Socket()
+    await pages.join(KEY, old.writer)
+    assert old.starts == [None] and old.writer.carrying  # a page not seen lately: live from now
+    await old.send(_message(None, "connected"))
+    await old.send(_message(112))
+    await pages.join(KEY, new.writer)  # the re-render's socket takes over from the young one
+    assert new.starts == [(112, 1)] and old.muted == 1 and pages.handovers == 1
+    await old.send(_message(113))  # queued on the old socket before it was muted: never written there
+    await old.send(_message(None, "pong"))
+    assert old.written == [_message(None, "connected"), _message(112)]
 
 
-async def test_a_socket_replaced_inside_an_event_leaves_the_rest_of_the_event_to_the_next() -> None:
+async def test_a_socket_replaced_inside_an_event_leaves_the_rest_of_the_event_to_the_next(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(livepage, "STABLE_SECONDS", 3600.0)
     pages = PageSockets()
-    old = PageWriter(start=(20, 0))
-    await pages.take_over(KEY, old)
-    await old.write(_message(20, "training_progress"), _Socket().write)
-    assert old.delivered == (20, 1)  # progress written, metrics of the same event not yet
-    pages.release(old)  # the page closed it between renders
-    assert await pages.take_over(KEY, PageWriter(start=(0, 0))) == (20, 1)
+    old = _Socket()
+    await pages.join(KEY, old.writer)
+    await old.send(json.dumps({"type": "training_progress", "seq": 120}))
+    await pages.leave(KEY, old.writer)  # closed between renders, after progress and before metrics
+    later = _Socket()
+    await pages.join(KEY, later.writer)
+    assert later.starts == [(120, 1)]
+
+
+async def test_a_kept_socket_carries_and_a_closed_carrier_passes_to_the_oldest_kept(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(livepage, "STABLE_SECONDS", 0.0)
+    pages = PageSockets()
+    kept, render, other = _Socket(), _Socket(), _Socket()
+    await pages.join(KEY, kept.writer)
+    await pages.join(KEY, render.writer)
+    await pages.join(KEY, other.writer)
+    assert kept.writer.carrying and not render.writer.carrying and not other.writer.carrying
+    await kept.send(_message(5))
+    await render.send(_message(None, "connected"))
+    assert render.written == []
+    await pages.leave(KEY, render.writer)  # a silent socket leaving changes nothing
+    assert kept.writer.carrying and pages.handovers == 0
+    await pages.leave(KEY, kept.writer)
+    assert other.writer.carrying and other.starts == [(5, 1)]
+
+
+async def test_once_a_page_keeps_a_socket_open_it_takes_the_job_from_a_young_carrier(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(livepage, "STABLE_SECONDS", 1.0)
+    pages = PageSockets()
+    leaked, young = _Socket(), _Socket()
+    await pages.join(KEY, leaked.writer)
+    await pages.join(KEY, young.writer)
+    assert young.writer.carrying  # neither has stayed open yet: the newest carries
+    await young.send(_message(9))
+    leaked.writer.opened_at -= 10.0  # time passes: the page never closed `leaked`; `young` is a render's socket
+    newest = _Socket()
+    await pages.join(KEY, newest.writer)
+    assert leaked.writer.carrying and leaked.starts == [None, (9, 1)]
+    assert not young.writer.carrying and not newest.writer.carrying and young.muted == 1
 
 
 async def test_another_page_or_job_is_a_different_page() -> None:
     pages = PageSockets()
-    one = PageWriter(start=(1, 0))
-    await pages.take_over(KEY, one)
-    await one.write(_message(5), _Socket().write)
-    other_job = (*KEY[:3], "2")
-    assert await pages.take_over(other_job, PageWriter(start=(0, 0))) is None
-    assert not one.superseded.is_set()
+    one, two = _Socket(), _Socket()
+    await pages.join(KEY, one.writer)
+    await pages.join((*KEY[:3], "2"), two.writer)
+    assert one.writer.carrying and two.writer.carrying and pages.handovers == 0

@@ -365,8 +365,7 @@ class LiveConnection:
             if message is None:
                 return
             if self.page is not None:
-                if not await self.page.write(message, self._write_one):
-                    return  # the page replaced this socket: its next one writes what is left
+                await self.page.write(message, self._write_one)  # nothing while another socket carries the page
                 continue
             await self._write_one(message)
 

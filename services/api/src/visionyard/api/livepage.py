@@ -1,25 +1,26 @@
-"""Browser pages that reopen their WebSocket on every render: only the newest socket writes, and it resumes exactly.
+"""Browser pages that reopen their WebSocket on every render: one socket of the page carries the job, exactly once.
 
-The original frontend (useTrainingMonitor.ts) names neither `last_seq` nor `session_id`, and re-renders on every
-socket open, close and message, each render closing its socket and opening a new one (some of the old ones it
-never closes). Such a page is identified by (peer address, Origin, User-Agent, job): only its newest socket
-carries the job's messages (`PageSockets`), and the socket it replaced writes nothing more at all, not even a
-`pong` (each would re-render the page and cost it another socket).
+The original frontend (useTrainingMonitor.ts) names neither `last_seq` nor `session_id`. It re-renders on every
+socket open, close and message, and each render closes its current socket and opens a new one, so most of its
+sockets live a few milliseconds; the ones its reconnect timer opens it never closes ("leaked"), and they go on
+dispatching to the page's handlers. A browser drops whatever reaches a socket after the page called `close()` on
+it, and nothing the page sends says which messages those were.
 
-Where the new socket starts is what the replaced one *wrote* (`PageWriter`), counted per message: before this it
-was what the replaced socket's feed had *offered* to its send queue, so messages still queued when the page moved
-on were counted as delivered and never reached the page (measured in headless Chromium: 1 to 3 of a small job's
-16 live messages lost per run, among them queued→running, which left the page showing "queued" while it trained).
-An event can carry two messages (progress and metrics); a socket replaced between them makes the next one start
-at the second.
+So a page, identified by (peer address, Origin, User-Agent, job), has one *carrier* among its open sockets, the
+only one that writes anything (`PageSockets`); the others write nothing at all, not even `connected` or `pong`
+(each would re-render the page and cost it another socket). The carrier is the page's oldest socket that has
+stayed open for `STABLE_SECONDS` (a socket the page left open that long is one it leaked, or one it keeps); until
+one has, the newest socket carries. When the carrier closes or is replaced, the next one resumes from what the
+carrier *wrote*, counted per message (`PageWriter`): an event can carry two messages (progress and metrics), and
+a socket replaced between them leaves the second to the next.
 
-Tried and dropped (measured with `tools/original-frontend`): holding each message until the page replaced the
-socket, and writing again a message the page closed the socket on within a few milliseconds. That page closes
-sockets as fast whether it dispatched the message or not, so the second lost 10 of 16 messages and duplicated 4.
-A browser drops what reaches a socket after the page called `close()` on it, and nothing the page sends tells
-which messages those were: the one case this cannot cover is a message written in the instant the page closes
-the socket. Clients that send `last_seq` or `session_id`, or no Origin (the CLI, scripts, the bench), are not
-pages: they are never muted and resume from what they name.
+Measured with that frontend in headless Chromium (`tools/original-frontend`): before this, the newest socket
+carried and resumed from what the previous one's feed had *queued*: 1 to 3 of a small job's 16 live messages
+never reached the page (queued→running among them: the page showed "queued" while the job trained). Tried and
+dropped: holding each message until the page replaced the socket, and writing a message again when the page closed
+the socket within a few milliseconds of it: that page closes sockets as fast whether it dispatched the message or
+not (10 of 16 lost, 4 duplicated). Clients that send `last_seq` or `session_id`, or no Origin (the CLI, scripts,
+the bench), are not pages: they are never muted and resume from what they name.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from typing import Any
 
 # A page that comes back within this long (a reopened socket) resumes where its previous socket stopped.
 SESSION_MEMORY_SECONDS = 120.0
+# A page's socket open this long is one the page keeps (or leaked): it carries the job from then on.
+STABLE_SECONDS = 0.5
 
 PageKey = tuple[str, str, str, str]
 # Where a page's socket starts: every event before `seq` delivered, and the first `count` messages of `seq`.
@@ -48,65 +51,90 @@ def seq_of(message: Any) -> int | None:
 
 
 class PageWriter:
-    """What one page socket has written of the job, and whether the page has replaced it."""
+    """One socket of a page: whether it carries the job now, and what it has written of it."""
 
-    def __init__(self, *, start: Resume) -> None:
-        self.delivered = start
-        self.superseded = asyncio.Event()
-        # Stops the socket's feed of the job once the page replaced it.
+    def __init__(self) -> None:
+        self.opened_at = asyncio.get_running_loop().time()
+        self.carrying = False
+        self.delivered: Resume = (0, 0)
+        # Set by the endpoint: start the job's feed from a resume point (this socket carries it), and stop it.
+        self.carry: Callable[[Resume | None], Awaitable[None]] | None = None
         self.mute: Callable[[], Awaitable[Any]] | None = None
 
-    async def write(self, message: Any, write: Callable[[Any], Awaitable[None]]) -> bool:
-        """Write `message` and count it; False once the page replaced this socket (it writes nothing more)."""
-        if self.superseded.is_set():
-            return False
+    async def write(self, message: Any, write: Callable[[Any], Awaitable[None]]) -> None:
+        """Write `message` if this socket carries the job (counting it), else drop it."""
+        if not self.carrying:
+            return
         seq = seq_of(message)
         if seq is not None:
             seq_now, count = self.delivered
             self.delivered = (seq, count + 1) if seq == seq_now else (seq, 1)
         await write(message)
-        return True
 
-    def resume_point(self) -> Resume:
-        """Stop writing; where the page's next socket starts."""
-        self.superseded.set()
+    async def hand_over(self) -> Resume:
+        """Stop carrying; where the next carrier starts."""
+        self.carrying = False
+        if self.mute is not None:
+            await self.mute()
         return self.delivered
 
 
 class PageSockets:
-    """The newest socket of each browser page on each job; the older ones are muted."""
+    """The open sockets of each browser page on each job, and which of them carries the job."""
 
     def __init__(self) -> None:
-        self._current: dict[PageKey, PageWriter] = {}
+        self._open: dict[PageKey, list[PageWriter]] = {}
+        self._carrier: dict[PageKey, PageWriter] = {}
         self._left_at: dict[PageKey, tuple[float, Resume]] = {}
-        self.takeovers = 0  # sockets that took over from a page's previous one (tests wait on it)
+        # Sockets that joined a page, and carriers that handed the job to another socket (tests wait on them).
+        self.joins = 0
+        self.handovers = 0
 
-    def _forget_old(self, now: float) -> None:
-        self._left_at = {key: value for key, value in self._left_at.items() if now - value[0] < SESSION_MEMORY_SECONDS}
+    def _stable(self, writer: PageWriter, now: float) -> bool:
+        return now - writer.opened_at >= STABLE_SECONDS
 
-    async def take_over(self, key: PageKey, writer: PageWriter) -> Resume | None:
-        """Mute the page's previous socket on the job; where the new one starts (None: a page not seen lately)."""
+    async def join(self, key: PageKey, writer: PageWriter) -> None:
+        """A page's socket opened: it carries the job unless one of the page's steady sockets does."""
         now = asyncio.get_running_loop().time()
-        self._forget_old(now)
-        previous = self._current.get(key)
-        self._current[key] = writer
+        self._left_at = {k: v for k, v in self._left_at.items() if now - v[0] < SESSION_MEMORY_SECONDS}
+        sockets = self._open.setdefault(key, [])
+        steady = [socket for socket in sockets if self._stable(socket, now)]
+        sockets.append(writer)
+        self.joins += 1
+        carrier = self._carrier.get(key)
+        if carrier is not None and carrier in steady:
+            return  # a socket the page keeps carries on; this one stays silent
+        await self._move(key, carrier, steady[0] if steady else writer)
+
+    async def leave(self, key: PageKey, writer: PageWriter) -> None:
+        """A page's socket closed: if it carried the job, the page's steadiest open socket goes on from it."""
+        now = asyncio.get_running_loop().time()
+        sockets = self._open.get(key, [])
+        if writer in sockets:
+            sockets.remove(writer)
+        if self._carrier.get(key) is not writer:
+            return
+        steady = [socket for socket in sockets if self._stable(socket, now)]
+        successor = steady[0] if steady else (sockets[-1] if sockets else None)
+        if successor is None:
+            del self._carrier[key]
+            self._open.pop(key, None)
+            self._left_at[key] = (now, await writer.hand_over())  # the page's next socket resumes here
+            return
+        await self._move(key, writer, successor)
+
+    async def _move(self, key: PageKey, carrier: PageWriter | None, successor: PageWriter) -> None:
+        if carrier is successor:
+            return
         start: Resume | None = None
-        if previous is not None and previous is not writer:
-            start = previous.resume_point()
-            if previous.mute is not None:
-                await previous.mute()
-        left = self._left_at.pop(key, None)
-        if start is None and left is not None:
-            start = left[1]
+        if carrier is not None:
+            start = await carrier.hand_over()
+        else:
+            left = self._left_at.pop(key, None)
+            start = left[1] if left is not None else None
         if start is not None:
-            self.takeovers += 1
-        return start
-
-    def release(self, writer: PageWriter) -> None:
-        """A socket is closing: where it stopped is where the page's next socket starts."""
-        now = asyncio.get_running_loop().time()
-        self._forget_old(now)
-        for key, current in list(self._current.items()):
-            if current is writer:
-                del self._current[key]
-                self._left_at[key] = (now, writer.resume_point())
+            self.handovers += 1
+        self._carrier[key] = successor
+        successor.carrying = True
+        if successor.carry is not None:
+            await successor.carry(start)

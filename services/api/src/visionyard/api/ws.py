@@ -178,10 +178,12 @@ async def training_socket(
                                 write_text=websocket.send_text, gate=_projection_gate(app))
     page = _page_key(websocket, str(job_id)) if job_id is not None and last_seq is None and not session_id else None
     if page is not None:
-        # The page's next socket starts from what this one wrote.
-        connection.page = PageWriter(start=(0, 0))
+        # One of the page's sockets carries the job; this one writes only while it does (`livepage`).
+        connection.page = PageWriter()
     # Everything after accept goes through the connection's single writer, so messages never interleave.
-    await connection.enqueue({"type": "connected", "session_id": session, "timestamp": _now()})
+    connected = {"type": "connected", "session_id": session, "timestamp": _now()}
+    if page is None:
+        await connection.enqueue(connected)
     # The query's batch_ms is the connection's default for every subscription; a bad one subscribes nothing.
     default_batch_ms: int | None = None
     valid = True
@@ -191,9 +193,12 @@ async def training_socket(
         except ValueError as error:
             valid = False
             await connection.enqueue({"type": "error", "message": str(error)})
-    if job_id is not None and valid:
+    if page is not None and valid:
+        await _join_page(websocket, connection, principal, str(job_id), page=page, greeting=connected,
+                         batch_ms=default_batch_ms)
+    elif job_id is not None and valid:
         await _subscribe(websocket, connection, principal, str(job_id), last_seq=last_seq, batch_ms=default_batch_ms,
-                         session_id=session_id, page=page)
+                         session_id=session_id)
     receiver = asyncio.create_task(_receive(websocket, connection, principal, default_batch_ms=default_batch_ms,
                                             session_id=session_id))
     overflow = asyncio.create_task(connection.overflowed.wait())
@@ -205,42 +210,72 @@ async def training_socket(
         for task in (receiver, overflow):
             task.cancel()
         _sessions(app).remember(session, connection.positions())
-        if connection.page is not None:
-            _pages(app).release(connection.page)
+        if page is not None and connection.page is not None:
+            await _pages(app).leave(page, connection.page)
         await connection.close()
 
 
-async def _subscribe(
-    websocket: WebSocket, connection: LiveConnection, principal: Principal, job_id: str, *, last_seq: int | None,
-    batch_ms: int | None, session_id: str | None, page: PageKey | None = None,
-) -> None:
+async def _may_watch(websocket: WebSocket, connection: LiveConnection, principal: Principal, job_id: str) -> bool:
     access: ObjectAccess = websocket.app.state.access
     try:
         await run_in_threadpool(access.require, principal, "training", job_id, Role.VIEWER, field="job_id")
     except NotFound as missing:
         await connection.enqueue({"type": "error", "message": str(missing)})
+        return False
+    return True
+
+
+async def _live_end(websocket: WebSocket) -> int:
+    """The stream's last seq: everything up to it is history a client that asked for live messages did not want."""
+    info = await websocket.app.state.bus.js.stream_info(streams.EVENTS.name)
+    return int(info.state.last_seq)
+
+
+async def _join_page(
+    websocket: WebSocket, connection: LiveConnection, principal: Principal, job_id: str, *, page: PageKey,
+    greeting: dict[str, Any], batch_ms: int | None,
+) -> None:
+    """A browser page's socket: it carries the job when `PageSockets` says so, from where the previous carrier stopped."""
+    writer = connection.page
+    if writer is None:
+        return
+    if not await _may_watch(websocket, connection, principal, job_id):
+        await connection.enqueue(greeting)  # the page's only socket on a job it may not see: say why
+        writer.carrying = True
+        return
+    joining = True
+
+    async def carry(start: tuple[int, int] | None) -> None:
+        last_seq, skip = (await _live_end(websocket), 0) if start is None else (start[0] - 1, start[1])
+        writer.delivered = (last_seq + 1, skip)
+        if joining:  # a socket that carries from its start greets; one that takes over later goes straight on
+            await connection.enqueue(greeting)
+            await connection.enqueue({"type": "subscribed", "job_id": int(job_id), "last_seq": last_seq,
+                                      "timestamp": _now()})
+        await connection.subscribe(job_id, last_seq=last_seq, batch_ms=batch_ms, skip=skip)
+
+    writer.carry = carry
+    writer.mute = lambda: connection.unsubscribe(job_id)
+    await _pages(websocket.app).join(page, writer)
+    joining = False
+
+
+async def _subscribe(
+    websocket: WebSocket, connection: LiveConnection, principal: Principal, job_id: str, *, last_seq: int | None,
+    batch_ms: int | None, session_id: str | None,
+) -> None:
+    if not await _may_watch(websocket, connection, principal, job_id):
         return
     if last_seq is None:
         last_seq = _sessions(websocket.app).recall(session_id, job_id)
-    skip = 0
-    writer = connection.page if page is not None else None
-    if writer is not None:
-        resume = await _pages(websocket.app).take_over(page, writer)
-        if resume is not None:
-            last_seq, skip = resume[0] - 1, resume[1]
     if last_seq is None:
-        # Live only: everything up to the stream's current end is history this client did not ask for.
-        info = await websocket.app.state.bus.js.stream_info(streams.EVENTS.name)
-        last_seq = int(info.state.last_seq)
-    if writer is not None:
-        writer.delivered = (last_seq + 1, skip)
-        writer.mute = lambda: connection.unsubscribe(job_id)
+        last_seq = await _live_end(websocket)
     subscribed: dict[str, Any] = {"type": "subscribed", "job_id": int(job_id), "last_seq": last_seq,
                                   "timestamp": _now()}
     if batch_ms is not None:
         subscribed["batch_ms"] = batch_ms  # after clamping: the client learns the interval it got
     await connection.enqueue(subscribed)
-    await connection.subscribe(job_id, last_seq=last_seq, batch_ms=batch_ms, skip=skip)
+    await connection.subscribe(job_id, last_seq=last_seq, batch_ms=batch_ms)
 
 
 def _job_id(value: Any) -> str | None:
