@@ -259,19 +259,23 @@ async def test_a_bad_batch_ms_gets_an_error_naming_the_field_and_subscribes_noth
 
 
 @pytest.mark.integration
-async def test_a_terminal_message_waits_for_the_projection_gate(bus: Bus) -> None:
-    """`training_complete` (and what follows it) is held until the gate says the job's row shows it."""
+async def test_a_status_change_waits_for_the_projection_gate(bus: Bus) -> None:
+    """Each status change, and `training_complete` (and what follows it), is held until the gate says the job's
+    row shows that status."""
     for event in _run("gated"):
         await bus.publish(event)
     received: list[dict] = []
     gate_called = asyncio.Event()
     projected = asyncio.Event()
+    asked: list[tuple[str, int, str]] = []
 
     async def collect(message: dict) -> None:
         received.append(message)
 
-    async def gate(job_id: str, attempt: int) -> None:
-        assert (job_id, attempt) == ("gated", 1)
+    async def gate(job_id: str, attempt: int, status: str) -> None:
+        asked.append((job_id, attempt, status))
+        if status != "completed":
+            return
         gate_called.set()
         await projected.wait()
 
@@ -284,6 +288,7 @@ async def test_a_terminal_message_waits_for_the_projection_gate(bus: Bus) -> Non
         projected.set()
         await until(lambda: _has(received, "training_complete"))
         assert [m["job_id"] for m in received if m["type"] == "training_complete"] == ["gated"]
+        assert [status for _, _, status in asked] == ["queued", "running", "completed"]
     finally:
         await feed.stop()
 

@@ -79,10 +79,12 @@ def wire_id(job_id: str) -> int | str:
     return int(job_id) if job_id.isdigit() else job_id
 
 
-# Messages that end an attempt: sent only once the job's row (what GET /training/jobs/{id} answers) shows it.
+# Messages that end an attempt.
 TERMINAL_TYPES = frozenset({"training_complete", "training_error"})
-# Called with the job id and the attempt a terminal message ends; returns once the job's row shows it.
-Gate = Callable[[str, int], Awaitable[None]]
+# A status change or the end of an attempt is sent only once the job's row (what GET /training/jobs/{id}
+# answers) shows that status: a client that refetches the job on it (the original frontend does) must not read
+# the status before. Called with the job id, the attempt and the status; returns once the row shows it.
+Gate = Callable[[str, int, str], Awaitable[None]]
 
 
 def translate(event: JobEvent, *, seq: int, view: JobView) -> list[WsMessage]:
@@ -227,8 +229,11 @@ class JobEventReader:
             log.warning("undecodable event on live feed", extra={"subject": msg.subject, "seq": seq})
             return
         messages = translate(event, seq=seq, view=self._view)
-        if self._gate is not None and any(message["type"] in TERMINAL_TYPES for message in messages):
-            await self._gate(self.job_id, event.attempt)
+        if self._gate is not None:
+            shown = [message.get("new_status") or message.get("status") for message in messages
+                     if message["type"] in TERMINAL_TYPES or message["type"] == "training_status_change"]
+            if shown and shown[-1]:
+                await self._gate(self.job_id, event.attempt, str(shown[-1]))
         await self.on_messages(seq, messages)
 
     async def on_messages(self, seq: int, messages: list[WsMessage]) -> None:

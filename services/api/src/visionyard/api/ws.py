@@ -83,22 +83,32 @@ def _hub(app: Any) -> FeedHub:
     return hub
 
 
+# How far along an attempt each status is: the row "shows" a status once it is there or further.
+_PROGRESS = {"pending": 0, "queued": 1, "retrying": 1, "resuming": 1, "running": 2, "cancelling": 3}
+
+
+def _shows(row_status: str, status: str) -> bool:
+    if row_status in TERMINAL_STATUSES:
+        return True
+    return _PROGRESS.get(row_status, 0) >= _PROGRESS.get(status, 4)
+
+
 def _projection_gate(app: Any) -> Any:
-    """Wait until the job's row shows a terminal status (the projector may be a moment behind the stream)."""
+    """Wait until the job's row shows a status (the projector may be a moment behind the stream)."""
 
     def state_of(job_id: str) -> tuple[str, int] | None:
         with app.state.session_factory() as session:
             job = session.get(TrainingJob, job_id)
             return (job.status, job.attempt) if job is not None else None
 
-    async def gate(job_id: str, attempt: int) -> None:
+    async def gate(job_id: str, attempt: int, status: str) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + PROJECTION_WAIT_SECONDS
         while loop.time() < deadline:
             state = await run_in_threadpool(state_of, job_id)
-            # A later attempt began (restart, resume, retry): this end of an earlier one is history, and
+            # A later attempt began (restart, resume, retry): this change of an earlier one is history, and
             # the row will not show it again; waiting would hold the new attempt's messages back.
-            if state is None or state[0] in TERMINAL_STATUSES or state[1] > attempt:
+            if state is None or state[1] > attempt or (state[1] == attempt and _shows(state[0], status)):
                 return
             await asyncio.sleep(PROJECTION_POLL_SECONDS)
 
