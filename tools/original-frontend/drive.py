@@ -69,6 +69,7 @@ class Recorder:
         self.t0 = time.time()
         self.console_errors: list[dict] = []
         self.console_all = 0
+        self.handled: collections.Counter = collections.Counter()
         self.page_errors: list[dict] = []
         self.failed_responses: list[dict] = []
         self._pending_bodies: list[tuple[dict, object]] = []
@@ -101,8 +102,26 @@ class Recorder:
         except PWError:
             pass
 
+    # What the page's own WebSocket handlers log (TrainingPanel.tsx): proof a message was dispatched to the page,
+    # not only received by the browser's network stack (a socket the page is closing receives but drops).
+    HANDLED = [("status", re.compile(r"\[WebSocket\] Job (\d+) status changed: (\w*) -> (\w+)")),
+               ("metrics", re.compile(r"\[WebSocket\] Job (\d+) new metrics received")),
+               ("log", re.compile(r"\[WebSocket\] Job (\d+) new log received")),
+               ("export", re.compile(r"\[WebSocket\] Export job (\d+) status changed: (\w*) -> (\w+)"))]
+
     def _on_console(self, msg) -> None:
         self.console_all += 1
+        for kind, pattern in self.HANDLED:
+            match = pattern.search(msg.text)
+            if match:
+                groups = match.groups()
+                if kind == "status":
+                    key: tuple = ("status", groups[1], groups[2])
+                elif kind == "export":
+                    key = ("export", groups[2])
+                else:
+                    key = (kind,)
+                self.handled[key] += 1
         if msg.type == "error":
             loc = msg.location or {}
             self.console_errors.append({"t": self.now(), "step": self.step, "text": msg.text[:1500],
@@ -917,6 +936,26 @@ class Driver:
                 report["missing_from_page"] = len(missing)
                 report["missing_examples"] = [f"{t}#{s}" for t, s in missing[:8]]
                 report["dup_examples"] = [f"{t}#{s} x{c}" for (t, s), c in delivered.most_common(5) if c > 1]
+                # Dispatched to the page's handlers, by what they log, against what the job's feed holds.
+                expected: collections.Counter = collections.Counter()
+                for m in hist:
+                    kind = m.get("type")
+                    if kind == "training_status_change":
+                        expected[("status", m.get("old_status") or "", m.get("new_status"))] += 1
+                    elif kind == "training_metrics":
+                        expected[("metrics",)] += 1
+                    elif kind == "training_log":
+                        expected[("log",)] += 1
+                    elif kind in ("export_status_change", "export_complete", "export_error"):
+                        new = m.get("new_status") if kind == "export_status_change" else (
+                            "completed" if kind == "export_complete" else "failed")
+                        expected[("export", new)] += 1
+                handled = collections.Counter({k: v for k, v in self.rec.handled.items() if v})
+                report["handled_by_page"] = {" ".join(k): v for k, v in handled.items()}
+                report["not_handled"] = [" ".join(k) + f" x{c - handled.get(k, 0)}" for k, c in expected.items()
+                                         if handled.get(k, 0) < c]
+                report["handled_twice"] = [" ".join(k) + f" x{handled[k] - c}" for k, c in expected.items()
+                                           if handled.get(k, 0) > c]
         return report
 
     # ---------- main ----------
@@ -969,7 +1008,8 @@ class Driver:
         # the page reopens its socket on every render by itself: churn is reported, not judged; what is
         # judged is that each message reached it exactly once (no duplicate, none missing)
         flood = ws.get("duplicated_messages", 0) > 0
-        lost = (ws.get("missing_from_page") or 0) > 0
+        lost = (ws.get("missing_from_page") or 0) > 0 or bool(ws.get("not_handled"))
+        flood = flood or bool(ws.get("handled_twice"))
         shim_used = dict(self.shims.used) if self.shims else {}
         report = {"api": self.api, "ui": self.ui, "job_id": self.job_id, "dataset_id": self.dataset_id,
                   "shims": self.args.shim, "shim_answers": shim_used,
@@ -989,6 +1029,8 @@ class Driver:
               f"max {ws.get('max_open_at_once')} open at once, {ws.get('still_open_at_end')} open at the end; "
               f"{ws.get('messages_with_seq_delivered')} seq'd messages delivered, {ws.get('distinct_messages_delivered')} distinct, "
               f"{ws.get('duplicated_messages')} duplicates; history {ws.get('history_messages', ws.get('history'))}, missing from page {ws.get('missing_from_page')}")
+        print(f"  handled by the page's WebSocket handlers: {ws.get('handled_by_page')}; "
+              f"not handled {ws.get('not_handled')}; handled twice {ws.get('handled_twice')}")
         if ws.get("dup_examples"):
             print(f"    duplicates e.g. {ws['dup_examples']}")
         if ws.get("missing_examples"):

@@ -505,24 +505,25 @@ class _PageSocket:
         return [message.get("message") or message["type"] for message in self.got]
 
 
-async def _page_counts(ui: World, joins: int, handovers: int) -> None:
-    """Wait until the API has placed the page's sockets (joined, and handed the job over, that many times)."""
+async def _page_counts(ui: World, joins: int, elected: int) -> None:
+    """Wait until the API has placed the page's sockets (joined, and given the job to a socket, that many times)."""
     async def placed() -> bool:
-        pages = ui.app.state.live_pages
-        return bool(pages.joins >= joins and pages.handovers >= handovers)
+        pages = getattr(ui.app.state, "live_pages", None)
+        return pages is not None and pages.joins >= joins and pages.elected >= elected
 
     await until(placed)
 
 
-async def test_a_pages_newest_socket_carries_the_job_until_one_it_keeps_open_does(
+async def test_a_socket_the_page_keeps_open_carries_the_job_and_its_other_sockets_stay_silent(
     ui: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The page opens a socket per render (useTrainingMonitor.ts): while none of its sockets stays open, the newest
-    carries the job's messages from where the previous one stopped, the others say nothing at all, and a closed
-    carrier's job goes on on the page's socket still open; each message reaches the page once."""
+    """The page opens a socket per render and closes it at the next (useTrainingMonitor.ts), and never closes the
+    ones its reconnect timer opens: the oldest socket that stays open carries the job's messages, the others say
+    nothing at all (not even to a ping: the page would re-render on it), and when the carrier closes the page's
+    next one goes on from what it wrote; each message reaches the page once."""
     from visionyard.api import livepage
 
-    monkeypatch.setattr(livepage, "STABLE_SECONDS", 3600.0)  # no socket of this page counts as kept open
+    monkeypatch.setattr(livepage, "STABLE_SECONDS", 0.2)
     job_id = ui.ids["job"]
     key = str(job_id)
     url = ui.base_url.replace("http://", "ws://") + f"{API}/ws/training?job_id={job_id}"
@@ -532,76 +533,36 @@ async def test_a_pages_newest_socket_carries_the_job_until_one_it_keeps_open_doe
         await ui.bus.publish(LogEmitted(job_id=key, attempt=1, seq=seq, message=text, event_type="stdout"))
 
     async with connect(url, additional_headers=browser) as socket_1:
-        first = _PageSocket(socket_1)
-        assert [(await first.next())["type"] for _ in range(2)] == ["connected", "subscribed"]
-        await log_line(30, "one")
-        assert (await first.next())["message"] == "one"
-        async with connect(url, additional_headers=browser) as socket_2:  # the re-render; `first` stays open
-            second = _PageSocket(socket_2)
-            await _page_counts(ui, joins=2, handovers=1)
-            assert [(await second.next())["type"] for _ in range(2)] == ["connected", "subscribed"]
+        kept = _PageSocket(socket_1)
+        await _page_counts(ui, joins=1, elected=0)
+        await log_line(30, "one")  # before any socket of the page stayed open: it waits, it is not lost
+        # Once the socket has stayed open it carries, from the page's first moment.
+        assert [(await kept.next())["type"] for _ in range(3)] == ["connected", "subscribed", "training_log"]
+        async with connect(url, additional_headers=browser) as socket_2:  # a render's socket
+            render = _PageSocket(socket_2)
+            await _page_counts(ui, joins=2, elected=1)
             await log_line(31, "two")
-            assert (await second.next())["message"] == "two"
+            assert (await kept.next())["message"] == "two"
             async with connect(url) as script:  # no Origin: not a browser page, never muted, live only
                 assert [(await _next(script))["type"] for _ in range(2)] == ["connected", "subscribed"]
                 await log_line(32, "three")
                 assert (await _first(script, "training_log"))["message"] == "three"
-                assert (await second.next())["message"] == "three"
-            # A silent socket says nothing, not even to a ping (the page would re-render on it).
-            await socket_1.send(json.dumps({"type": "ping"}))
-        # The carrier closed: the page's socket still open goes on from it, with no greeting.
-        await _page_counts(ui, joins=2, handovers=2)
-        await log_line(33, "four")
-        assert (await first.next())["message"] == "four"
+                assert (await kept.next())["message"] == "three"
+            await socket_2.send(json.dumps({"type": "ping"}))
+            await socket_1.close()  # the carrier goes: the page's other socket, still open, goes on from it
+            await _page_counts(ui, joins=2, elected=2)
+            await log_line(33, "four")
+            assert [(await render.next())["type"] for _ in range(3)] == ["connected", "subscribed", "training_log"]
     # Closed between renders: the page's next socket starts where the last one stopped.
     await log_line(34, "five")
     async with connect(url, additional_headers=browser) as socket_3:
         third = _PageSocket(socket_3)
-        assert [(await third.next())["type"] for _ in range(2)] == ["connected", "subscribed"]
-        assert (await third.next())["message"] == "five"
+        assert [(await third.next())["type"] for _ in range(3)] == ["connected", "subscribed", "training_log"]
         await socket_3.send(json.dumps({"type": "ping"}))
         assert (await third.next())["type"] == "pong"  # the carrier answers
-    assert [first.lines(), second.lines()] == [["connected", "subscribed", "one", "four"],
-                                               ["connected", "subscribed", "two", "three"]]
-
-
-async def test_a_socket_the_page_keeps_open_carries_the_job_and_its_new_sockets_stay_silent(
-    ui: World, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The page never closes the sockets its reconnect timer opens: such a socket dispatches everything it gets,
-    so once one has stayed open it carries the job, and the sockets the page opens and closes per render (which
-    drop whatever reaches them as they close) get nothing."""
-    from visionyard.api import livepage
-
-    monkeypatch.setattr(livepage, "STABLE_SECONDS", 0.0)  # every socket of this page counts as kept open
-    job_id = ui.ids["job"]
-    key = str(job_id)
-    url = ui.base_url.replace("http://", "ws://") + f"{API}/ws/training?job_id={job_id}"
-    browser = {"Origin": "http://localhost:3300", "User-Agent": "HeadlessChrome/157"}
-
-    async def log_line(seq: int, text: str) -> None:
-        await ui.bus.publish(LogEmitted(job_id=key, attempt=1, seq=seq, message=text, event_type="stdout"))
-
-    joined = ui.app.state.live_pages.joins if getattr(ui.app.state, "live_pages", None) else 0
-    handed = ui.app.state.live_pages.handovers if getattr(ui.app.state, "live_pages", None) else 0
-    async with connect(url, additional_headers=browser) as socket_1:
-        kept = _PageSocket(socket_1)
-        assert [(await kept.next())["type"] for _ in range(2)] == ["connected", "subscribed"]
-        async with connect(url, additional_headers=browser) as socket_2:  # a render's socket
-            render = _PageSocket(socket_2)
-            await _page_counts(ui, joins=joined + 2, handovers=handed)
-            await log_line(40, "one")
-            assert (await kept.next())["message"] == "one"
-            async with connect(url, additional_headers=browser) as socket_3:
-                await _page_counts(ui, joins=joined + 3, handovers=handed)
-                await log_line(41, "two")
-                assert (await kept.next())["message"] == "two"
-                await socket_3.send(json.dumps({"type": "ping"}))
-            await socket_1.close()  # the page goes away from its kept socket: the oldest still open goes on
-            await _page_counts(ui, joins=joined + 3, handovers=handed + 1)
-            await log_line(42, "three")
-            assert (await render.next())["message"] == "three"
-    assert [kept.lines(), render.lines()] == [["connected", "subscribed", "one", "two"], ["three"]]
+    assert kept.lines() == ["connected", "subscribed", "one", "two", "three"]
+    assert render.lines() == ["connected", "subscribed", "four"]
+    assert third.lines() == ["connected", "subscribed", "five", "pong"]
 
 
 async def test_websocket_status_change_shape(ui: World) -> None:

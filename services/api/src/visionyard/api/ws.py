@@ -253,12 +253,14 @@ async def _join_page(
         await connection.enqueue(greeting)  # the page's only socket on a job it may not see: say why
         writer.carrying = True
         return
-    joining = True
+    greeted = False
 
     async def carry(start: tuple[int, int] | None) -> None:
+        nonlocal greeted
         last_seq, skip = (await _live_end(websocket), 0) if start is None else (start[0] - 1, start[1])
         writer.delivered = (last_seq + 1, skip)
-        if joining:  # a socket that carries from its start greets; one that takes over later goes straight on
+        if not greeted:  # the first time this socket carries the job
+            greeted = True
             await connection.enqueue(greeting)
             await connection.enqueue({"type": "subscribed", "job_id": int(job_id), "last_seq": last_seq,
                                       "timestamp": _now()})
@@ -266,8 +268,7 @@ async def _join_page(
 
     writer.carry = carry
     writer.mute = lambda: connection.unsubscribe(job_id)
-    await _pages(websocket.app).join(page, writer)
-    joining = False
+    await _pages(websocket.app).join(page, writer, live_from=await _live_end(websocket))
 
 
 async def _subscribe(
