@@ -208,7 +208,7 @@ class NatsCluster:
         return self
 
     def meta_leader(self) -> str | None:
-        """The JetStream meta leader every running node agrees on, or None (no leader yet, or disagreement)."""
+        """The JetStream meta leader every running node agrees on, or None (none yet, disagreement, or a lost node)."""
         leaders = set()
         for node in self.nodes:
             if not node.running:
@@ -221,7 +221,12 @@ class NatsCluster:
             if not leader:
                 return None
             leaders.add(str(leader))
-        return leaders.pop() if len(leaders) == 1 else None
+        if len(leaders) != 1:
+            return None
+        leader = leaders.pop()
+        # Right after a node is lost the others still name it until they notice: not a leader.
+        stopped = {node.server_name for node in self.nodes if not node.running}
+        return None if leader in stopped else leader
 
     def wait_for_meta_leader(self, *, timeout: float = 60.0) -> str:
         """Until the running nodes agree on a meta leader and each answers `/healthz` (JetStream current).
