@@ -274,7 +274,8 @@ def test_a_scaled_out_stack_runs_replicas_on_a_nats_cluster(tmp_path: Path) -> N
         api_dirs = {env["VISIONYARD_API_DATA_DIR"] for env in envs.values() if "VISIONYARD_API_DATA_DIR" in env}
         assert api_dirs == {str(stack.data_dir)}
         # Storage and runner replicas never share a scratch directory.
-        storage_dirs = sorted(r["env"]["VISIONYARD_STORAGE_DATA_DIR"] for k, r in started.items() if k.startswith("storage-"))
+        storage_dirs = sorted(record["env"]["VISIONYARD_STORAGE_DATA_DIR"] for key, record in started.items()
+                              if key.startswith("storage-"))
         assert storage_dirs == [str(stack.data_dir / "storage-1"), str(stack.data_dir / "storage-2")]
         tracked = stack.pids()
     assert [pid for pid in tracked if alive(pid)] == []

@@ -314,7 +314,8 @@ def test_jobs_ride_through_losing_a_nats_node_and_an_api_replica(
             progress = {seq: event for seq, event in job_events_with_seq(admin_url, f"evt.job.{job_id}.progress")
                         if event["attempt"] == final_attempt}
             shown = {message["seq"] for message in follower.messages if message["type"] == "training_progress"}
-            assert shown == set(progress), {"missing": sorted(set(progress) - shown), "extra": sorted(shown - set(progress))}
+            assert shown == set(progress), {"missing": sorted(set(progress) - shown),
+                                            "extra": sorted(shown - set(progress))}
             assert max(event["epoch"] for event in progress.values()) == EPOCHS
 
         # MLflow holds every point once, every checkpoint verifies, nothing of a job is left running.
