@@ -199,6 +199,8 @@ def test_a_killed_service_is_restarted_and_the_others_keep_running(tmp_path: Pat
                           restart_policy=RestartPolicy(first_delay=0.05))
     with stack:
         assert stack.nats is not None and stack.nats.process is not None
+        # Every service has started (readiness waits for the API only): the kill hits a runner that ran.
+        wait_for_records(tmp_path, 5)
         before = {service.name: service.pid for service in stack.services}
         runner = stack.service("runner-2")
         os.kill(runner.pid, signal.SIGKILL)
@@ -231,6 +233,8 @@ def test_a_crash_looping_service_is_reported_and_retried_while_the_rest_serves(t
                           service_commands=fake_commands(tmp_path, {"storage": "crashloop"}), ready_timeout=30,
                           stop_timeout=2, restart_policy=policy, report=reports.append)
     with stack:
+        # Every service has started (readiness waits for the API only): storage ran once, so it crash-loops now.
+        wait_for_records(tmp_path, 4)
         before = {service.name: service.pid for service in stack.services}
         storage = stack.service("storage")
         os.kill(storage.pid, signal.SIGKILL)  # from now on it exits at once with code 3
