@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from visionyard.cli.stack import EmbeddedStack, StackError
+from visionyard.cli.stack import EmbeddedStack, StackError, admin_nats_url, nats_passwords
 from visionyard.cli.stackstate import describe_status, read_state
 from visionyard.cli.supervision import RestartPolicy
 from visionyard.shared.natsserver import free_port
@@ -199,6 +199,8 @@ def test_a_killed_service_is_restarted_and_the_others_keep_running(tmp_path: Pat
                           restart_policy=RestartPolicy(first_delay=0.05))
     with stack:
         assert stack.nats is not None and stack.nats.process is not None
+        # Every service has started (readiness waits for the API only): the kill hits a runner that ran.
+        wait_for_records(tmp_path, 5)
         before = {service.name: service.pid for service in stack.services}
         runner = stack.service("runner-2")
         os.kill(runner.pid, signal.SIGKILL)
@@ -231,6 +233,8 @@ def test_a_crash_looping_service_is_reported_and_retried_while_the_rest_serves(t
                           service_commands=fake_commands(tmp_path, {"storage": "crashloop"}), ready_timeout=30,
                           stop_timeout=2, restart_policy=policy, report=reports.append)
     with stack:
+        # Every service has started (readiness waits for the API only): storage ran once, so it crash-loops now.
+        wait_for_records(tmp_path, 4)
         before = {service.name: service.pid for service in stack.services}
         storage = stack.service("storage")
         os.kill(storage.pid, signal.SIGKILL)  # from now on it exits at once with code 3
@@ -249,3 +253,49 @@ def test_a_crash_looping_service_is_reported_and_retried_while_the_rest_serves(t
         tried = storage.record.restarts
         tend_until(stack, lambda: storage.record.restarts >= tried + 2)
         assert len([line for line in reports if "crash-looping" in line]) == 1, "reported once, not every retry"
+
+
+def test_a_scaled_out_stack_runs_replicas_on_a_nats_cluster(tmp_path: Path) -> None:
+    stack = EmbeddedStack(data_dir=tmp_path / "data", api_port=free_port(), runners=2, nats_nodes=3,
+                          replicas={"api": 2, "storage": 2}, service_commands=fake_commands(tmp_path),
+                          ready_timeout=30, stop_timeout=2)
+    with stack:
+        assert stack.nats is None and stack.nats_cluster is not None
+        assert [service.name for service in stack.services] == [
+            "tracker", "storage-1", "storage-2", "api-1", "api-2", "runner-1", "runner-2"]
+        started = wait_for_records(tmp_path, 7)
+        envs = {f"{record['env'].get('VISIONYARD_API_PORT', '')}{key.split('-')[0]}": record["env"]
+                for key, record in started.items()}
+        # Every service gets every node (it fails over when one goes) and declares the topology at R3.
+        nodes = [node.url for node in stack.nats_cluster.nodes]
+        for env in envs.values():
+            prefix = next(key for key in env if key.endswith("_NATS_URL")).removesuffix("NATS_URL")
+            assert env[f"{prefix}NATS_URL"].split(",") == nodes
+            assert env[f"{prefix}STREAM_REPLICAS"] == "3"
+        # Both API replicas answer, each on its own port, over one data directory (one database).
+        assert len(set(stack.api_urls)) == 2 and all(
+            urllib.request.urlopen(f"{url}/health/ready", timeout=2).status == 200 for url in stack.api_urls)
+        api_dirs = {env["VISIONYARD_API_DATA_DIR"] for env in envs.values() if "VISIONYARD_API_DATA_DIR" in env}
+        assert api_dirs == {str(stack.data_dir)}
+        # Storage and runner replicas never share a scratch directory.
+        storage_dirs = sorted(record["env"]["VISIONYARD_STORAGE_DATA_DIR"] for key, record in started.items()
+                              if key.startswith("storage-"))
+        assert storage_dirs == [str(stack.data_dir / "storage-1"), str(stack.data_dir / "storage-2")]
+        tracked = stack.pids()
+    assert [pid for pid in tracked if alive(pid)] == []
+    assert processes_mentioning(tmp_path) == []
+
+
+def test_replicas_name_only_what_can_be_replicated(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="replicas: 'runner' is not api, tracker or storage"):
+        EmbeddedStack(data_dir=tmp_path, replicas={"runner": 2})
+    with pytest.raises(ValueError, match="replicas: api needs at least one replica, got 0"):
+        EmbeddedStack(data_dir=tmp_path, replicas={"api": 0})
+    with pytest.raises(ValueError, match="nats_nodes: at least one, got 0"):
+        EmbeddedStack(data_dir=tmp_path, nats_nodes=0)
+
+
+def test_admin_url_names_the_admin_on_every_node_of_a_cluster(tmp_path: Path) -> None:
+    password = nats_passwords(tmp_path)["admin"]
+    url = admin_nats_url(tmp_path, "nats://127.0.0.1:4001,nats://127.0.0.1:4002")
+    assert url == f"nats://admin:{password}@127.0.0.1:4001,nats://admin:{password}@127.0.0.1:4002"

@@ -19,12 +19,12 @@ from typing import Any
 import httpx
 import pytest
 
-from visionyard.cli.datasets_digits import build_digits_imagefolder
 from visionyard.cli.stack import admin_nats_url
 from visionyard.cli.stackstate import ProcessState, StackState, process_start_ticks, read_state, state_path
 from visionyard.shared.natsserver import free_port
 
-S3_KEY = "testing"
+from ..jobproof import S3_KEY, s3_client, upload_digits
+
 INTERNAL_BUCKET = "faults-internal"
 EXTERNAL_BUCKET = "faults-external"
 # Short enough that a crashed consumer's fetched messages come back in seconds, long enough that a
@@ -201,24 +201,7 @@ def api(stack: UpStack) -> Iterator[httpx.Client]:
 @pytest.fixture(scope="session")
 def dataset_id(api: httpx.Client, tmp_path_factory: pytest.TempPathFactory) -> str:
     """The digits ImageFolder, uploaded and ready."""
-    scratch = tmp_path_factory.mktemp("digits")
-    build_digits_imagefolder(scratch / "digits.zip", scratch / "heldout")
-    created = api.post("/api/v1/datasets", json={"name": "digits", "visibility": "private"})
-    assert created.status_code in (200, 201), created.text
-    identifier = str(created.json()["dataset_id"])
-    with (scratch / "digits.zip").open("rb") as handle:
-        uploaded = api.post(f"/api/v1/datasets/{identifier}/upload",
-                            files={"file": ("digits.zip", handle, "application/zip")})
-    assert uploaded.status_code == 202, uploaded.text
-    deadline = time.monotonic() + 120
-    while True:
-        dataset = api.get(f"/api/v1/datasets/{identifier}").json()
-        if dataset["status"] in ("ready", "rejected"):
-            break
-        assert time.monotonic() < deadline, dataset
-        time.sleep(0.3)
-    assert dataset["status"] == "ready", dataset
-    return identifier
+    return upload_digits(api, tmp_path_factory.mktemp("digits"))
 
 
 @pytest.fixture(scope="session")
@@ -239,11 +222,7 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
 @pytest.fixture(scope="session")
 def s3(s3_endpoint: str) -> dict[str, Any]:
     """A boto3 client of moto's S3 and the bucket checkpoints are stored in."""
-    import boto3
-
-    client = boto3.client("s3", endpoint_url=s3_endpoint, aws_access_key_id=S3_KEY, aws_secret_access_key=S3_KEY,
-                          region_name="us-east-1")
-    return {"client": client, "bucket": INTERNAL_BUCKET}
+    return {"client": s3_client(s3_endpoint), "bucket": INTERNAL_BUCKET}
 
 
 @pytest.fixture(scope="session")

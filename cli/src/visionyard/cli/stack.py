@@ -9,6 +9,10 @@ Every process it starts carries a parent-death signal, so none outlives the stac
 that is killed with `kill -9`. `tend()` supervises: a process that exited is restarted with backoff
 (`supervision.py`), the others keep serving, and `<data-dir>/stack.json` records each process's state,
 pid and restarts for `visionyard status` (`stackstate.py`).
+
+Scaled out on one machine (the scale-out test): `nats_nodes=3` runs a NATS cluster instead of one
+server (streams, KV buckets and the object store at R3), and `replicas` runs several APIs, trackers and
+storage services beside the `runners`; several trackers write through an MLflow server the stack runs.
 """
 
 from __future__ import annotations
@@ -40,7 +44,8 @@ from visionyard.cli.stackstate import (
 from visionyard.cli.supervision import RestartPolicy, RestartRecord
 from visionyard.shared import permissions
 from visionyard.shared.deathsignal import dying_with_parent
-from visionyard.shared.natsserver import NatsServer, free_port
+from visionyard.shared.config import server_urls
+from visionyard.shared.natsserver import NatsCluster, NatsServer, free_port
 
 # Each service's NATS user (`shared/permissions.py`).
 NATS_USERS = {"api": "api", "runner": "runner", "tracker": "tracker", "storage": "storage"}
@@ -48,6 +53,8 @@ NATS_AUTH_DIR = "nats-auth"
 
 # Start order: the tracker and storage subscribe before the API can publish, runners last.
 SERVICE_ORDER = ("tracker", "storage", "api", "runner")
+# The most replicas a stream, KV bucket or object store gets on a cluster (JetStream allows up to 5).
+MAX_STREAM_REPLICAS = 3
 DEFAULT_COMMANDS: dict[str, list[str]] = {
     "api": ["visionyard-api"],
     "runner": ["visionyard-runner"],
@@ -68,7 +75,8 @@ class ServiceProcess:
     process: subprocess.Popen[bytes]
     log_path: Path
     kind: str = ""
-    runner_index: int = 1
+    # Which replica of its kind (1-based): `runner-2` is index 2.
+    index: int = 1
     record: RestartRecord = field(default_factory=RestartRecord)
 
     @property
@@ -120,10 +128,14 @@ def nats_passwords(data_dir: Path) -> dict[str, str]:
 
 
 def admin_nats_url(data_dir: Path, nats_url: str) -> str:
-    """`nats_url` with the stack's admin credentials (for operators and tests; never given to a service)."""
+    """`nats_url` (one server, or a cluster's comma-separated ones) with the stack's admin credentials
+    (for operators and tests; never given to a service)."""
     password = nats_passwords(data_dir)[permissions.ADMIN_USER]
-    scheme, rest = nats_url.split("://", 1)
-    return f"{scheme}://{permissions.ADMIN_USER}:{password}@{rest}"
+    servers = []
+    for server in server_urls(nats_url):
+        scheme, rest = server.split("://", 1)
+        servers.append(f"{scheme}://{permissions.ADMIN_USER}:{password}@{rest}")
+    return ",".join(servers)
 
 
 def _write_private(path: Path, text: str) -> None:
@@ -161,6 +173,15 @@ class EmbeddedStack:
     nats_permissions: bool = True
     service_commands: Mapping[str, Sequence[str]] = field(default_factory=lambda: dict(DEFAULT_COMMANDS))
     extra_env: Mapping[str, str] = field(default_factory=dict)
+    # Replicas of the api, tracker and storage (default 1 each; runners are `runners`). API replicas share
+    # the data directory (database, signing key) and listen on `api_port` (the first) and free ports.
+    # Several trackers need an MLflow server (SQLite takes one writer): the stack runs one (`mlflow ui`, on
+    # `mlflow_ui_port` or a free port) before them and points them at it.
+    replicas: Mapping[str, int] = field(default_factory=dict)
+    # More than 1: a NATS cluster of that many nodes instead of one server. Every service gets every
+    # node's URL (it fails over when one goes) and declares the topology with min(nodes, 3) replicas.
+    # The nodes are not restarted by `tend()`: riding through the loss of one is what a cluster is for.
+    nats_nodes: int = 1
     ready_timeout: float = 60.0
     stop_timeout: float = 20.0
     restart_policy: RestartPolicy = field(default_factory=RestartPolicy)
@@ -168,21 +189,50 @@ class EmbeddedStack:
     # Where exits and crash loops are reported (`up`: stderr); defaults to `echo`.
     report: Callable[[str], None] | None = None
     nats: NatsServer | None = field(default=None, init=False)
+    nats_cluster: NatsCluster | None = field(default=None, init=False)
     nats_record: RestartRecord = field(init=False)
     services: list[ServiceProcess] = field(default_factory=list, init=False)
     mlflow_ui: ServiceProcess | None = field(default=None, init=False)
     started_at: float = field(default=0.0, init=False)
     _state_written: bool = field(default=False, init=False)
+    # Each API replica's port, by replica index (stable across restarts).
+    _api_ports: dict[int, int] = field(default_factory=dict, init=False)
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir).resolve()
         self.nats_record = RestartRecord(policy=self.restart_policy)
+        for kind, count in self.replicas.items():
+            if kind not in ("api", "tracker", "storage"):
+                raise ValueError(f"replicas: {kind!r} is not api, tracker or storage (runners: `runners`)")
+            if count < 1:
+                raise ValueError(f"replicas: {kind} needs at least one replica, got {count}")
+        if self.nats_nodes < 1:
+            raise ValueError(f"nats_nodes: at least one, got {self.nats_nodes}")
+        self._api_ports = {1: self.api_port}
+
+    def count(self, kind: str) -> int:
+        """How many processes of `kind` (api, tracker, storage, runner) the stack runs."""
+        return self.runners if kind == "runner" else int(self.replicas.get(kind, 1))
+
+    def label(self, kind: str, index: int) -> str:
+        """The name of replica `index` of `kind`: the kind itself when it runs alone, else `kind-index`."""
+        return kind if self.count(kind) == 1 else f"{kind}-{index}"
 
     # Locations every caller prints
     @property
     def api_url(self) -> str:
-        """Base URL of the API."""
+        """Base URL of the API (its first replica)."""
         return f"http://{self.api_host}:{self.api_port}"
+
+    @property
+    def api_urls(self) -> list[str]:
+        """Base URL of each API replica, in replica order."""
+        return [f"http://{self.api_host}:{self._api_port(index)}" for index in range(1, self.count("api") + 1)]
+
+    def _api_port(self, index: int) -> int:
+        if index not in self._api_ports:
+            self._api_ports[index] = free_port()
+        return self._api_ports[index]
 
     @property
     def docs_url(self) -> str:
@@ -190,15 +240,22 @@ class EmbeddedStack:
         return f"{self.api_url}/docs"
 
     @property
-    def tracking_uri(self) -> str:
-        """The MLflow store the tracker writes."""
+    def mlflow_store_uri(self) -> str:
+        """The MLflow store (a SQLite file under the data directory)."""
         return f"sqlite:///{self.data_dir / 'mlflow' / 'mlflow.db'}"
+
+    @property
+    def tracking_uri(self) -> str:
+        """Where the trackers write: the store itself, or with several trackers the MLflow server in front of it."""
+        if self.count("tracker") > 1:
+            return f"http://127.0.0.1:{self.mlflow_ui_port}"
+        return self.mlflow_store_uri
 
     @property
     def mlflow_ui_command(self) -> list[str]:
         """The command that shows the runs in MLflow's UI."""
         port = self.mlflow_ui_port or 5000
-        return ["mlflow", "ui", "--backend-store-uri", self.tracking_uri,
+        return ["mlflow", "ui", "--backend-store-uri", self.mlflow_store_uri,
                 "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
 
     @property
@@ -217,18 +274,32 @@ class EmbeddedStack:
         return self.data_dir / NATS_AUTH_DIR / "nats-server.conf"
 
     @property
+    def nats_url(self) -> str:
+        """The broker's URL the services get: the server's, or every cluster node's, comma-separated."""
+        if self.nats_cluster is not None:
+            return self.nats_cluster.url
+        assert self.nats is not None
+        return self.nats.url
+
+    @property
     def admin_nats_url(self) -> str:
         """The broker's URL with admin credentials (tests, benchmarks, operators)."""
-        assert self.nats is not None
-        return admin_nats_url(self.data_dir, self.nats.url) if self.nats_permissions else self.nats.url
+        return admin_nats_url(self.data_dir, self.nats_url) if self.nats_permissions else self.nats_url
+
+    @property
+    def stream_replicas(self) -> int:
+        """How many replicas the services give each stream, KV bucket and the object store."""
+        return min(self.nats_nodes, MAX_STREAM_REPLICAS)
 
     def permission_violations(self) -> list[str]:
-        """nats-server's log lines about a client refused by its permissions."""
-        try:
-            log = (self.logs_dir / "nats-server.log").read_text(errors="replace")
-        except OSError:
-            return []
-        return [line for line in log.splitlines() if "Violation" in line]
+        """nats-server's log lines (every node's, on a cluster) about a client refused by its permissions."""
+        lines = []
+        for path in sorted(self.logs_dir.glob("nats-server*.log")):
+            try:
+                lines += path.read_text(errors="replace").splitlines()
+            except OSError:
+                continue
+        return [line for line in lines if "Violation" in line]
 
     @property
     def state_file(self) -> Path:
@@ -259,22 +330,21 @@ class EmbeddedStack:
             if self.nats_permissions:
                 config = self.nats_auth_config
                 _write_private(config, permissions.server_authorization(nats_passwords(self.data_dir)))
-            self.nats = NatsServer(store_dir=self.data_dir / "nats", port=self.nats_port,
-                                   log_file=self.logs_dir / "nats-server.log", new_session=True,
-                                   die_with_parent=True, config_file=config)
-            self.echo(f"starting nats-server on port {self.nats_port or '(free port)'}")
-            self.nats.start()
-            self.nats_record.started(time.monotonic())
+            self._start_broker(config)
+            if self.count("tracker") > 1:
+                # The trackers open the store at start: the server must answer before the first one runs.
+                self.mlflow_ui_port = self.mlflow_ui_port or free_port()
+                self._start_mlflow_ui()
+                self._wait_mlflow_server()
             for name in SERVICE_ORDER:
-                if name == "runner":
-                    for index in range(1, self.runners + 1):
-                        label = "runner" if self.runners == 1 else f"runner-{index}"
-                        self._spawn(name, label=label, runner_index=index)
-                else:
-                    self._spawn(name, label=name)
+                for index in range(1, self.count(name) + 1):
+                    if name == "api" and index > 1:
+                        # One replica migrates the empty database first; they would race on it together.
+                        self._wait_ready(self.api_urls[:index - 1])
+                    self._spawn(name, label=self.label(name, index), index=index)
             self.write_state()
-            self._wait_ready()
-            if self.mlflow_ui_port is not None:
+            self._wait_ready(self.api_urls)
+            if self.mlflow_ui_port is not None and self.mlflow_ui is None:
                 self._start_mlflow_ui()
             self.write_state()
         except BaseException:
@@ -282,25 +352,41 @@ class EmbeddedStack:
             raise
         return self
 
-    def _env_for(self, name: str, *, runner_index: int) -> dict[str, str]:
-        assert self.nats is not None
+    def _start_broker(self, config: Path | None) -> None:
+        if self.nats_nodes > 1:
+            self.nats_cluster = NatsCluster(root=self.data_dir / "nats", size=self.nats_nodes, config_file=config,
+                                            log_pattern=str(self.logs_dir / "nats-server-{index}.log"),
+                                            new_session=True, die_with_parent=True)
+            self.echo(f"starting a NATS cluster of {self.nats_nodes} nodes")
+            self.nats_cluster.start()
+            return
+        self.nats = NatsServer(store_dir=self.data_dir / "nats", port=self.nats_port,
+                               log_file=self.logs_dir / "nats-server.log", new_session=True,
+                               die_with_parent=True, config_file=config)
+        self.echo(f"starting nats-server on port {self.nats_port or '(free port)'}")
+        self.nats.start()
+        self.nats_record.started(time.monotonic())
+
+    def _env_for(self, name: str, *, index: int) -> dict[str, str]:
         prefix = f"VISIONYARD_{name.upper()}_"
         service_dir = self.data_dir
-        if name == "runner" and self.runners > 1:
-            # Two runners must never share a scratch/work directory.
-            service_dir = self.data_dir / f"runner-{runner_index}"
+        if name != "api" and self.count(name) > 1:
+            # Two runners must never share a scratch/work directory; nor two storage services their
+            # spool. API replicas do share theirs: the database and the token signing key live there.
+            service_dir = self.data_dir / self.label(name, index)
         env = dict(os.environ)
         env.update({
-            f"{prefix}NATS_URL": self.nats.url,
+            f"{prefix}NATS_URL": self.nats_url,
             f"{prefix}DATA_DIR": str(service_dir),
             f"{prefix}MODE": "embedded",
+            f"{prefix}STREAM_REPLICAS": str(self.stream_replicas),
             "PYTHONUNBUFFERED": "1",
         })
         if self.nats_permissions:
             user = NATS_USERS[name]
             env.update({f"{prefix}NATS_USER": user, f"{prefix}NATS_PASSWORD": nats_passwords(self.data_dir)[user]})
         if name == "api":
-            env.update({f"{prefix}PORT": str(self.api_port), f"{prefix}HOST": self.api_host})
+            env.update({f"{prefix}PORT": str(self._api_port(index)), f"{prefix}HOST": self.api_host})
         elif name == "tracker":
             env[f"{prefix}TRACKING_URI"] = self.tracking_uri
         elif name == "storage":
@@ -315,16 +401,16 @@ class EmbeddedStack:
         env.update(self.extra_env)
         return env
 
-    def _spawn(self, name: str, *, label: str, runner_index: int = 1) -> ServiceProcess:
+    def _spawn(self, name: str, *, label: str, index: int = 1) -> ServiceProcess:
         log_path = self.logs_dir / f"{label}.log"
-        service = ServiceProcess(name=label, process=self._launch(name, label=label, runner_index=runner_index),
-                                 log_path=log_path, kind=name, runner_index=runner_index,
+        service = ServiceProcess(name=label, process=self._launch(name, label=label, index=index),
+                                 log_path=log_path, kind=name, index=index,
                                  record=RestartRecord(policy=self.restart_policy))
         service.record.started(time.monotonic())
         self.services.append(service)
         return service
 
-    def _launch(self, kind: str, *, label: str, runner_index: int) -> subprocess.Popen[bytes]:
+    def _launch(self, kind: str, *, label: str, index: int) -> subprocess.Popen[bytes]:
         """Start one process of `kind`, appending to its log; it dies when this process dies."""
         log_path = self.logs_dir / f"{label}.log"
         if kind == "mlflow-ui":
@@ -336,7 +422,7 @@ class EmbeddedStack:
             # it; killed outright it would leave that server orphaned.
             argv, preexec = dying_with_parent(command, signal_name="TERM")
         else:
-            env = self._env_for(kind, runner_index=runner_index)
+            env = self._env_for(kind, index=index)
             command = _resolve(self.service_commands[kind])
             # SIGKILL: every service is built to survive a kill -9 without losing data. A service's own
             # children are its business (the runner gives each trainer a death signal of its own).
@@ -351,7 +437,7 @@ class EmbeddedStack:
     def _start_mlflow_ui(self) -> None:
         assert self.mlflow_ui_port is not None
         ensure_port_free(self.mlflow_ui_port, what="MLflow UI")
-        process = self._launch("mlflow-ui", label="mlflow-ui", runner_index=1)
+        process = self._launch("mlflow-ui", label="mlflow-ui", index=1)
         self.mlflow_ui = ServiceProcess(name="mlflow-ui", process=process, log_path=self.logs_dir / "mlflow-ui.log",
                                         kind="mlflow-ui", record=RestartRecord(policy=self.restart_policy))
         self.mlflow_ui.record.started(time.monotonic())
@@ -360,26 +446,45 @@ class EmbeddedStack:
         """Services whose process has exited."""
         return [service for service in self.services if service.process.poll() is not None]
 
-    def _wait_ready(self) -> None:
+    def _wait_ready(self, api_urls: Sequence[str]) -> None:
         deadline = time.monotonic() + self.ready_timeout
+        waiting = list(api_urls)
         with httpx.Client(timeout=2.0) as http:
             while True:
                 dead = self.dead_services()
                 if dead:
                     raise StackError(self.describe_exit(dead[0]))
                 try:
-                    ready = http.get(f"{self.api_url}/health/ready").status_code == 200
+                    waiting = [url for url in waiting if http.get(f"{url}/health/ready").status_code != 200]
                 except httpx.HTTPError:
-                    ready = False
+                    pass
                 # Re-check after readiness: a service that died meanwhile must not be reported as up.
-                if ready and not self.dead_services():
+                if not waiting and not self.dead_services():
                     return
                 if time.monotonic() > deadline:
+                    log_name = f"{self.label('api', api_urls.index(waiting[0]) + 1)}.log"
                     raise StackError(
-                        f"the API at {self.api_url} was not ready after {self.ready_timeout:.0f}s; "
-                        f"logs are in {self.logs_dir}\n--- api.log (tail) ---\n"
-                        f"{log_tail(self.logs_dir / 'api.log')}"
+                        f"the API at {waiting[0]} was not ready after {self.ready_timeout:.0f}s; "
+                        f"logs are in {self.logs_dir}\n--- {log_name} (tail) ---\n"
+                        f"{log_tail(self.logs_dir / log_name)}"
                     )
+                time.sleep(0.2)
+
+    def _wait_mlflow_server(self) -> None:
+        assert self.mlflow_ui is not None
+        deadline = time.monotonic() + self.ready_timeout
+        with httpx.Client(timeout=2.0) as http:
+            while True:
+                if self.mlflow_ui.process.poll() is not None:
+                    raise StackError(self.describe_exit(self.mlflow_ui))
+                try:
+                    if http.get(f"{self.tracking_uri}/health").status_code == 200:
+                        return
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise StackError(f"the MLflow server at {self.tracking_uri} did not answer after "
+                                     f"{self.ready_timeout:.0f}s\n{log_tail(self.mlflow_ui.log_path)}")
                 time.sleep(0.2)
 
     def describe_exit(self, service: ServiceProcess) -> str:
@@ -388,10 +493,9 @@ class EmbeddedStack:
                 f"last lines of {service.log_path}:\n{log_tail(service.log_path)}")
 
     def stop(self) -> None:
-        """Stop services in reverse start order, then nats-server; idempotent."""
-        owned = list(self.services)
-        if self.mlflow_ui is not None:
-            owned.append(self.mlflow_ui)
+        """Stop services in reverse start order, then the MLflow UI/server and nats-server; idempotent."""
+        # The MLflow server goes after the services: several trackers write through it until they stop.
+        owned = [*([self.mlflow_ui] if self.mlflow_ui is not None else []), *self.services]
         for service in reversed(owned):
             self.echo(f"stopping {service.name}")
             _stop_group(service.process, timeout=self.stop_timeout)
@@ -404,13 +508,17 @@ class EmbeddedStack:
             self.echo("stopping nats-server")
             self.nats.stop()
             self.nats = None
+        if self.nats_cluster is not None:
+            self.echo("stopping the NATS cluster")
+            self.nats_cluster.stop()
+            self.nats_cluster = None
         if self._state_written:
             self.state_file.unlink(missing_ok=True)
             self._state_written = False
 
     # Supervision
     def service(self, label: str) -> ServiceProcess:
-        """The service named `label` (`api`, `tracker`, `storage`, `runner` or `runner-N`)."""
+        """The service named `label` (`api`, `tracker`, `storage`, `runner`, or `<kind>-N` for replicas)."""
         for service in self.services:
             if service.name == label:
                 return service
@@ -450,7 +558,7 @@ class EmbeddedStack:
                 # The leader is gone; whatever it left in its group must not run beside its successor.
                 _stop_group(service.process, timeout=self.stop_timeout)
                 record.restarting(now)
-                service.process = self._launch(service.kind, label=service.name, runner_index=service.runner_index)
+                service.process = self._launch(service.kind, label=service.name, index=service.index)
                 changed = True
             else:
                 assert record.restart_at is not None
@@ -507,7 +615,8 @@ class EmbeddedStack:
             processes.append(self._process_state(service.name, service.process, service.record, service.log_path))
         return StackState(
             pid=os.getpid(), start_ticks=process_start_ticks(os.getpid()), started_at=self.started_at,
-            data_dir=str(self.data_dir), api_url=self.api_url, nats_url=self.nats.url if self.nats else "",
+            data_dir=str(self.data_dir), api_url=self.api_url,
+            nats_url=self.nats_url if self.nats or self.nats_cluster else "",
             tracking_uri=self.tracking_uri, logs_dir=str(self.logs_dir), processes=processes,
         )
 
@@ -535,6 +644,8 @@ class EmbeddedStack:
             found.append(self.mlflow_ui.pid)
         if self.nats is not None and self.nats.process is not None:
             found.append(self.nats.process.pid)
+        if self.nats_cluster is not None:
+            found += self.nats_cluster.pids()
         return found
 
 

@@ -143,6 +143,9 @@ class Bus:
         self._nuid = NUID()
         # How long each standing pull request of a consume loop lives (tests shorten it).
         self.pull_expires = PULL_EXPIRES
+        # The replicas `ensure_topology` declared with: a KV bucket or the object store created later, on
+        # first use, gets the same (on a cluster, an R1 bucket would die with its one node).
+        self.replicas = 1
 
     @classmethod
     async def connect(cls, url: str, *, service: str, user: str | None = None, password: str | None = None,
@@ -192,6 +195,7 @@ class Bus:
         """
         if ack_waits is None:
             ack_waits = TopologySettings().ack_waits
+        self.replicas = replicas
         access = self.access
         # A permissioned user declares only its part; the owner of each piece declares it (any may start first).
         declared = permissions.declared_streams(access) if access else streams.STREAMS
@@ -232,19 +236,19 @@ class Bus:
         info = await self.js.consumer_info(spec.stream, spec.durable)
         return float(info.config.ack_wait or spec.ack_wait)
 
-    async def kv(self, bucket: str, *, replicas: int = 1) -> KeyValue:
-        """A KV bucket, created on first use."""
+    async def kv(self, bucket: str, *, replicas: int | None = None) -> KeyValue:
+        """A KV bucket, created on first use (with `replicas`, default the topology's)."""
         if bucket not in self._kv:
             try:
                 self._kv[bucket] = await self.js.key_value(bucket)
             except Exception:
                 self._kv[bucket] = await self.js.create_key_value(
-                    api.KeyValueConfig(bucket=bucket, history=1, replicas=replicas)
+                    api.KeyValueConfig(bucket=bucket, history=1, replicas=replicas or self.replicas)
                 )
         return self._kv[bucket]
 
-    async def object_store(self, *, replicas: int = 1) -> ObjectStore:
-        """The staging object store, created on first use."""
+    async def object_store(self, *, replicas: int | None = None) -> ObjectStore:
+        """The staging object store, created on first use (with `replicas`, default the topology's)."""
         if self._object_store is None:
             try:
                 self._object_store = await self.js.object_store(streams.OBJECT_STAGING)
@@ -254,7 +258,7 @@ class Bus:
                     config=api.ObjectStoreConfig(
                         ttl=streams.OBJECT_STAGING_TTL,
                         storage=api.StorageType.FILE,
-                        replicas=replicas,
+                        replicas=replicas or self.replicas,
                     ),
                 )
         return self._object_store
