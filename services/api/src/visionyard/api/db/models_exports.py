@@ -105,4 +105,10 @@ class InferenceUpload(Base):
     unique_filename: Mapped[str] = mapped_column(Text)
     uri: Mapped[str] = mapped_column(Text, unique=True)
     key: Mapped[str] = mapped_column(Text)
+    # The user who uploaded it (migration 0005): only they (or an admin) may delete their session's images.
+    uploaded_by: Mapped[int | None] = mapped_column(Integer, nullable=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+# Registers the deployment and per-image validation tables (migration 0005_frontend_calls), which refer to these.
+from visionyard.api.db import models_deployments as _models_deployments  # noqa: E402,F401
