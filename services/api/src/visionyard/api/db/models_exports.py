@@ -25,6 +25,8 @@ class ExportJob(Base):
     export_format: Mapped[str] = mapped_column(String(32))
     checkpoint_kind: Mapped[str] = mapped_column(String(32))
     checkpoint_path: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # The exported checkpoint's bytes (migration 0005): a deployment serves only that checkpoint.
+    checkpoint_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
     export_config: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     validation_config: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     version: Mapped[int] = mapped_column(Integer)

@@ -1,4 +1,4 @@
-"""deployments, per-image validation results, who uploaded an inference image
+"""deployments, per-image validation results, who uploaded an inference image, what an export was made from
 
 Revision ID: 0005_frontend_calls
 Revises: 0004_access
@@ -57,10 +57,13 @@ def upgrade() -> None:
     )
     op.create_index('ix_validation_image_results_job_epoch', 'validation_image_results', ['job_id', 'epoch'])
     op.add_column('inference_uploads', sa.Column('uploaded_by', sa.Integer(), nullable=True))
+    op.add_column('export_jobs', sa.Column('checkpoint_sha256', sa.String(64), nullable=True))
 
 
 def downgrade() -> None:
     """Revert this revision."""
+    with op.batch_alter_table('export_jobs') as batch:
+        batch.drop_column('checkpoint_sha256')
     with op.batch_alter_table('inference_uploads') as batch:
         batch.drop_column('uploaded_by')
     op.drop_index('ix_validation_image_results_job_epoch', table_name='validation_image_results')
