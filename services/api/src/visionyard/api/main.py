@@ -203,7 +203,10 @@ def _install_error_handlers(app: FastAPI) -> None:
         assert isinstance(error, RequestValidationError)
         problems = []
         for item in error.errors():
-            location = [str(part) for part in item.get("loc", ()) if part not in ("body", "query", "path", "header")]
+            location = [str(part) for part in item.get("loc", ())]
+            # Only the first element says where (body, query, ...): a field may itself be called "path".
+            if location and location[0] in ("body", "query", "path", "header", "cookie"):
+                location = location[1:]
             problems.append(f"{'.'.join(location) or 'body'}: {item.get('msg', 'invalid')}")
         return JSONResponse(
             status_code=422,
