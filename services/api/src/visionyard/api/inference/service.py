@@ -126,7 +126,9 @@ class InferenceService:
                                             unique_filename=item.unique_filename, uri=item.s3_uri, key=item.s3_key,
                                             uploaded_by=uploaded_by))
 
-    def release_session(self, session_id: str, *, uploaded_by: int | None, any_uploader: bool) -> schemas.SessionDeleted:
+    def release_session(
+        self, session_id: str, *, uploaded_by: int | None, any_uploader: bool
+    ) -> schemas.SessionDeleted:
         """Forget a session's uploaded images and have storage delete them (the caller's own, or all for an admin).
 
         Idempotent: an unknown or already released session releases nothing and says so (the original
@@ -152,7 +154,8 @@ class InferenceService:
         """Classify one image the caller uploaded with `upload-image`, waiting for the runner's answer."""
         with self._uow.read() as session:
             upload = session.scalars(select(InferenceUpload).where(InferenceUpload.uri == request.image_path)).first()
-            mine = upload is not None and (any_uploader or (uploaded_by is not None and upload.uploaded_by == uploaded_by))
+            own = uploaded_by is not None and upload is not None and upload.uploaded_by == uploaded_by
+            mine = upload is not None and (any_uploader or own)
             if not mine:
                 raise InvalidInput("image_path", "name an image you uploaded with upload-image (its server_path)")
         create = schemas.CreateInferenceRequest(

@@ -61,7 +61,8 @@ def _rows(report: Any) -> list[dict[str, Any]]:
     if len(images) > MAX_IMAGES_PER_EPOCH:
         raise ValueError(f"image_results lists {len(images)} images; at most {MAX_IMAGES_PER_EPOCH} are kept per epoch")
     rows = []
-    for position, (path, true_id, predicted_id, score) in enumerate(zip(images, true, predicted, confidence, strict=True)):
+    columns_by_image = zip(images, true, predicted, confidence, strict=True)
+    for position, (path, true_id, predicted_id, score) in enumerate(columns_by_image):
         if not isinstance(path, str) or not path or path.startswith("/") or ".." in path.split("/"):
             raise ValueError(f"images[{position}] is not a path inside the dataset: {path!r}")
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in (true_id, predicted_id)):
