@@ -228,3 +228,19 @@ def test_a_capped_report_keeps_the_misclassified_and_says_how_many_were_validate
     assert code == 0, stderr
     report = next(line["data"] for line in lines if line["type"] == "log" and line["event_type"] == "validation_result")
     assert "image_results" not in report and report["confusion_matrix"]
+
+
+def test_a_report_of_many_long_paths_stays_small_enough_for_one_event() -> None:
+    from visionyard.trainers.classifier.train import IMAGE_RESULTS_BYTES, Evaluation, image_results
+
+    count = 10_000
+    paths = [f"val/class_{i % 7}/{'x' * 90}-{i:05d}.png" for i in range(count)]
+    labels = [i % 7 for i in range(count)]
+    predictions = [label if i % 10 else (label + 1) % 7 for i, label in enumerate(labels)]  # every tenth wrong
+    evaluation = Evaluation(loss=0.1, accuracy=0.9, confusion=[], predictions=predictions,
+                            confidences=[0.5] * count)
+    report = image_results(paths, labels, evaluation, limit=count)
+    assert report["total"] == count and 0 < len(report["images"]) < count
+    assert len(json.dumps(report)) <= IMAGE_RESULTS_BYTES  # under the broker's 1 MB with room to spare
+    listed_wrong = [t != p for t, p in zip(report["true"], report["predicted"], strict=True)]
+    assert all(listed_wrong[: count // 10]) or all(listed_wrong)  # the misclassified come first

@@ -30,6 +30,8 @@ from visionyard.trainers.classifier.models import BACKBONES, MODEL_NAMES, build_
 
 EXIT_USER_ERROR = 2
 EXIT_TERMINATED = 143
+# The per-image part of one epoch's validation report: well under NATS's default 1 MB message limit.
+IMAGE_RESULTS_BYTES = 256 * 1024
 
 
 class StopRequested:
@@ -103,8 +105,8 @@ class Hyperparameters:
             raise DatasetError(f"advanced_config.val_split must be within [0, 1), got {params.val_split}")
         if params.weight_decay < 0:
             raise DatasetError(f"advanced_config.weight_decay must be >= 0, got {params.weight_decay}")
-        if not 0 <= params.validation_images <= 20_000:
-            raise DatasetError(f"advanced_config.validation_images_per_epoch must be within 0..20000, "
+        if not 0 <= params.validation_images <= 10_000:
+            raise DatasetError(f"advanced_config.validation_images_per_epoch must be within 0..10000, "
                                f"got {params.validation_images}")
         if params.lr_schedule not in ("constant", "cosine"):
             raise DatasetError(f"advanced_config.lr_schedule must be constant or cosine, got {params.lr_schedule!r}")
@@ -168,10 +170,17 @@ def image_results(
 ) -> dict[str, Any]:
     """Each validation image's true and predicted class and confidence, as aligned arrays (compact on the wire).
 
-    At most `limit` images are listed: the misclassified ones first (what a reviewer looks for), then the
-    rest in dataset order; `total` says how many were validated.
+    At most `limit` images are listed, and no more than fit in IMAGE_RESULTS_BYTES (the report travels in one
+    event, under the broker's message size): the misclassified ones first (what a reviewer looks for), then
+    the rest in dataset order; `total` says how many were validated.
     """
-    order = sorted(range(len(paths)), key=lambda i: (labels[i] == evaluation.predictions[i], i))[: max(limit, 0)]
+    order: list[int] = []
+    budget = IMAGE_RESULTS_BYTES
+    for index in sorted(range(len(paths)), key=lambda i: (labels[i] == evaluation.predictions[i], i))[: max(limit, 0)]:
+        budget -= len(paths[index].encode()) + 32  # the path, quoted, and its three numbers
+        if budget < 0:
+            break
+        order.append(index)
     return {
         "total": len(paths),
         "images": [paths[i] for i in order],
