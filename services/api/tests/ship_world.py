@@ -19,7 +19,7 @@ from visionyard.shared import streams, subjects
 from nats.aio.msg import Msg
 
 from visionyard.shared.bus import Bus
-from visionyard.shared.commands import StartInference
+from visionyard.shared.commands import DeleteUploads, StartInference
 from visionyard.shared.events import (
     ArtifactStored,
     CheckpointStaged,
@@ -132,6 +132,18 @@ async def stream_messages(bus: Bus, stream: str, subject_prefix: str) -> list[tu
         if msg.subject.startswith(subject_prefix) and msg.data is not None:
             found.append((msg.subject, msg.data))
     return found
+
+
+async def released_uploads(bus: Bus, count: int) -> list[DeleteUploads]:
+    """The `cmd.upload.delete` commands in the stream, once there are `count` (the relay publishes after commit)."""
+
+    async def published() -> list[DeleteUploads] | None:
+        found = [DeleteUploads.model_validate_json(data)
+                 for _, data in await stream_messages(bus, streams.COMMANDS.name, subjects.CMD_UPLOAD_DELETE)]
+        return found if len(found) >= count else None
+
+    result: list[DeleteUploads] = await until(published)
+    return result
 
 
 async def kv_cancel_entry(bus: Bus, key: int | str) -> dict[str, Any] | None:

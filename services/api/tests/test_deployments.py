@@ -19,14 +19,12 @@ from sqlalchemy import func, select
 
 from visionyard.api.config import ApiSettings
 from visionyard.api.db.models_exports import InferenceJob, InferenceUpload
-from visionyard.shared import streams, subjects
 from visionyard.shared.bus import Bus
-from visionyard.shared.commands import DeleteUploads
 from visionyard.shared.events import ArtifactStored, CheckpointStaged, JobCompleted, JobStarted, KeepUploadRequest
 
 from .access_world import API, PNG, World, cheap_password_hashing, export_job, mark_export_completed, world_of
 from .conftest import until
-from .ship_world import classify_as, runner_answering, serve_keep_upload, stream_messages
+from .ship_world import classify_as, released_uploads, runner_answering, serve_keep_upload
 
 pytestmark = pytest.mark.integration
 
@@ -114,8 +112,7 @@ async def test_an_answer_counts_in_usage_and_leaves_no_uploaded_image(world: Wor
     # Each request's image was kept for the runner, then released: no row left, storage told to delete it.
     kept: list[KeepUploadRequest] = world.ids["kept"]
     assert len(kept) == 2 and _count(world, InferenceUpload) == 0
-    released = [DeleteUploads.model_validate_json(data)
-                for _, data in await stream_messages(world.bus, streams.COMMANDS.name, subjects.CMD_UPLOAD_DELETE)]
+    released = await released_uploads(world.bus, 2)
     assert sorted(command.session_id for command in released) == sorted(request.session_id for request in kept)
     assert all(len(command.keys) == 1 and command.keys[0].startswith(f"uploads/{command.session_id}/")
                for command in released)

@@ -14,13 +14,11 @@ from sqlalchemy import select
 
 from visionyard.api.config import ApiSettings
 from visionyard.api.db.models_exports import InferenceUpload
-from visionyard.shared import streams, subjects
 from visionyard.shared.bus import Bus
-from visionyard.shared.commands import DeleteUploads
 from visionyard.shared.events import KeepUploadRequest
 
 from .access_world import API, PNG, World, cheap_password_hashing, world_of
-from .ship_world import classify_as, runner_answering, serve_keep_upload, stream_messages
+from .ship_world import classify_as, released_uploads, runner_answering, serve_keep_upload
 
 pytestmark = pytest.mark.integration
 
@@ -80,8 +78,7 @@ async def test_a_sessions_images_are_their_uploaders(world: World, tmp_path: Pat
     assert by_member.status_code == 200 and by_member.json()["deleted_files"] == 2
     with world.app.state.session_factory() as db:
         assert db.scalars(select(InferenceUpload).where(InferenceUpload.session_id == session)).all() == []
-    released = [DeleteUploads.model_validate_json(data)
-                for _, data in await stream_messages(world.bus, streams.COMMANDS.name, subjects.CMD_UPLOAD_DELETE)]
+    released = await released_uploads(world.bus, 2)
     assert [(c.session_id, len(c.keys)) for c in released] == [(session, 1), (session, 2)]
     assert released[0].keys == [theirs["s3_key"]] and mine["s3_key"] in released[1].keys
 
