@@ -141,6 +141,24 @@ async def ready_dataset(world: World, role: str, *, name: str, project_id: int |
     return dataset_id
 
 
+# Epoch 1's validation as the classifier reports it: 15 images, one "1" taken for a "0" (listed first).
+VALIDATION_CONFUSION = [[5, 0, 0], [1, 4, 0], [0, 0, 5]]
+VALIDATION_IMAGES = [("1/img5.png", 1, 0, 0.61)] + [
+    (f"{true}/img{index}.png", true, true, 0.9) for true, index in
+    [(0, 0), (0, 1), (0, 2), (0, 3), (0, 4), (1, 6), (1, 7), (1, 8), (1, 9), (2, 10), (2, 11), (2, 12), (2, 13), (2, 14)]
+]
+
+
+def validation_report(epoch: int) -> dict[str, Any]:
+    """The data of a `validation_result` log event: per-class metrics, confusion matrix and each image's prediction."""
+    return {"epoch": epoch, "class_names": ["0", "1", "2"], "confusion_matrix": VALIDATION_CONFUSION,
+            "per_class_metrics": [{"class_name": str(i), "precision": 0.9, "recall": 0.9, "f1": 0.9} for i in range(3)],
+            "image_results": {"total": len(VALIDATION_IMAGES), "images": [row[0] for row in VALIDATION_IMAGES],
+                              "true": [row[1] for row in VALIDATION_IMAGES],
+                              "predicted": [row[2] for row in VALIDATION_IMAGES],
+                              "confidence": [row[3] for row in VALIDATION_IMAGES]}}
+
+
 async def completed_job(world: World, role: str, *, dataset_id: str, project_id: int | None, name: str) -> int:
     """A training job driven to `completed` by a runner's events, in the classifier trainer's order: each
     epoch reports progress, then its `last` checkpoint (and `best` when it improved) is stored; logs and a
@@ -176,11 +194,7 @@ async def completed_job(world: World, role: str, *, dataset_id: str, project_id:
         *stored("best", 1),
         LogEmitted(job_id=key, attempt=1, seq=next(seq), message="epoch 1 done", event_type="stdout"),
         LogEmitted(job_id=key, attempt=1, seq=next(seq), message="validation of epoch 1",
-                   event_type="validation_result",
-                   data={"epoch": 1, "class_names": ["0", "1", "2"],
-                         "confusion_matrix": [[5, 0, 0], [1, 4, 0], [0, 0, 5]],
-                         "per_class_metrics": [{"class_name": str(i), "precision": 0.9, "recall": 0.9,
-                                                "f1": 0.9} for i in range(3)]}),
+                   event_type="validation_result", data=validation_report(1)),
         ProgressReported(job_id=key, attempt=1, seq=next(seq), epoch=2, total_epochs=2,
                          metrics={"loss": 0.4, "accuracy": 0.9, "learning_rate": 0.01}),
         *stored("last", 2),
@@ -258,6 +272,18 @@ async def populate(world: World) -> None:
                                            name=f"{MARKER}-spare")
     ids["export"] = await export_job(world, "owner", ids["job"])
     await asyncio.to_thread(mark_export_completed, world, ids["export"])
+    # Deployments of the completed export: the endpoint every read and switch acts on, and one per caller
+    # whose delete may succeed.
+    for name in ("deployment", "deployment_member", "deployment_owner"):
+        made = await world.call("owner", "POST", f"{API}/export/deployments", json={
+            "export_job_id": ids["export"], "deployment_type": "platform_endpoint",
+            "deployment_config": {"auto_activate": True}})
+        assert made.status_code == 201, made.text
+        ids[name] = made.json()["id"]
+        ids[f"{name}_key"] = made.json()["deployment_config"]["api_key"]
+    images = await world.call("owner", "GET", f"{API}/validation/jobs/{ids['job']}/results/1/images")
+    assert images.status_code == 200, images.text
+    ids["validation_image"] = images.json()["images"][0]["id"]
     inference = await world.call("owner", "POST", f"{API}/test_inference/inference/jobs",
                                  json={"training_job_id": ids["job"], "inference_type": "dataset",
                                        "input_data": {"dataset_split": "val"}})

@@ -4,7 +4,10 @@ a fake storage answering `storage.keep_upload`, and readers of the database and 
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -13,11 +16,18 @@ from sqlalchemy import func, select
 
 from visionyard.api.db.models_exports import ExportJob, InferenceJob, InferenceUpload
 from visionyard.shared import streams, subjects
+from nats.aio.msg import Msg
+
 from visionyard.shared.bus import Bus
+from visionyard.shared.commands import DeleteUploads, StartInference
 from visionyard.shared.events import (
     ArtifactStored,
     CheckpointStaged,
     DatasetReady,
+    FailureReason,
+    InferenceCompleted,
+    InferenceFailed,
+    InferenceStarted,
     JobCompleted,
     JobStarted,
     KeepUploadReply,
@@ -124,6 +134,18 @@ async def stream_messages(bus: Bus, stream: str, subject_prefix: str) -> list[tu
     return found
 
 
+async def released_uploads(bus: Bus, count: int) -> list[DeleteUploads]:
+    """The `cmd.upload.delete` commands in the stream, once there are `count` (the relay publishes after commit)."""
+
+    async def published() -> list[DeleteUploads] | None:
+        found = [DeleteUploads.model_validate_json(data)
+                 for _, data in await stream_messages(bus, streams.COMMANDS.name, subjects.CMD_UPLOAD_DELETE)]
+        return found if len(found) >= count else None
+
+    result: list[DeleteUploads] = await until(published)
+    return result
+
+
 async def kv_cancel_entry(bus: Bus, key: int | str) -> dict[str, Any] | None:
     """The `job_cancellations` entry for job `key` (keyed by the internal id, the decimal string), if any."""
     kv = await bus.kv(streams.KV_CANCELLATIONS)
@@ -144,3 +166,46 @@ async def stage_results(bus: Bus, tmp_path: Path, rows: list[dict[str, Any]], *,
     path.write_text(json.dumps(document))
     sha256, _ = await bus.put_file(name, path)
     return name, sha256
+
+
+def classify_as(label: str, label_id: int, confidence: float = 0.8) -> Callable[[StartInference], list[dict[str, Any]]]:
+    """A predictor's answer: every image of the command classified as `label`."""
+
+    def answer(command: StartInference) -> list[dict[str, Any]]:
+        return [{"image_name": uri.rsplit("/", 1)[-1], "predicted_label": label, "predicted_label_id": label_id,
+                 "confidence": confidence, "top5_predictions": [{"label": label, "label_id": label_id,
+                                                                 "confidence": confidence}],
+                 "predicted_boxes": None, "inference_time_ms": 3.5} for uri in command.image_uris]
+
+    return answer
+
+
+@asynccontextmanager
+async def runner_answering(bus: Bus, tmp_path: Path, answer: Callable[[StartInference], list[dict[str, Any]]] | None,
+                           *, fail: str | None = None) -> AsyncIterator[list[StartInference]]:
+    """A runner's inference part: pulls `cmd.infer` from the runners' consumer and publishes what a predictor's run
+    publishes (started, results staged in the object store, completed; or failed). Yields the commands it ran."""
+    ran: list[StartInference] = []
+    stop = asyncio.Event()
+
+    async def on_command(msg: Msg) -> None:
+        if msg.subject != subjects.CMD_INFER:
+            return  # a training or export command of the same consumer: not this runner's part
+        command = StartInference.model_validate_json(msg.data)
+        ran.append(command)
+        stamp = {"job_id": command.job_id, "attempt": command.attempt, "training_job_id": command.training_job_id}
+        await bus.publish(InferenceStarted(**stamp, seq=1, runner_id="fake-runner"))
+        if fail is not None or answer is None:
+            await bus.publish(InferenceFailed(**stamp, seq=2, reason=FailureReason.TRAINER_CRASH,
+                                              error_message=fail or "no answer"))
+            return
+        name, sha256 = await stage_results(bus, tmp_path, answer(command),
+                                           name=f"results/{command.job_id}/{command.attempt}/results.json")
+        await bus.publish(InferenceCompleted(**stamp, seq=2, results={}, results_object=name, results_sha256=sha256))
+
+    consuming = asyncio.create_task(bus.consume(streams.RUNNER, on_command, stop=stop, batch=1))
+    try:
+        yield ran
+    finally:
+        stop.set()
+        await asyncio.wait_for(consuming, timeout=30)

@@ -44,6 +44,7 @@ READ = "project-read"  # members of the object's project, viewers included
 WRITE = "project-write"  # members and owners of the object's project, not viewers
 OWNER = "project-owner"  # the project's owners only
 LIVE = "websocket"  # the live socket: walked by test_websocket_subscription_needs_project_access
+KEY = "deployment-key"  # a deployment's endpoint: its own key only, never a user's credential (test_deployments.py)
 
 CALLERS = ("anonymous", "stranger", "viewer", "member", "owner")
 MISSING_JOB = 987_654
@@ -156,6 +157,8 @@ TABLE: list[Case] = [
          files=lambda world, role: {"file": ("d.zip", _zip(), "application/zip"),
                                     "project_id": (None, str(world.ids["project"]))}),
     Case("GET", f"{API}/datasets/available", SELF, lists_objects=True),
+    # The path names a dataset of the caller's projects (never a host path): another project's is not found.
+    Case("POST", f"{API}/datasets/analyze", READ, json=lambda world, role: {"path": world.ids["dataset"]}),
     Case("GET", f"{API}/datasets/{{dataset_id}}", READ),
     Case("DELETE", f"{API}/datasets/{{dataset_id}}", WRITE, objects={"dataset_id": "empty_dataset_{role}"}),
     Case("POST", f"{API}/datasets/{{dataset_id}}/split", WRITE, json=_const({"method": "auto"})),
@@ -181,11 +184,28 @@ TABLE: list[Case] = [
     Case("POST", f"{API}/export/jobs/{{export_job_id}}/cancel", WRITE),
     Case("GET", f"{API}/export/{{export_job_id}}/download", READ),
     Case("GET", f"{API}/export/{{export_job_id}}/package", READ),
+    # -- deployments ---------------------------------------------------------------------------------
+    Case("GET", f"{API}/export/deployments", SELF, lists_objects=True),
+    Case("GET", f"{API}/export/deployments", READ, params={"training_job_id": "{job}"}),
+    Case("POST", f"{API}/export/deployments", WRITE,
+         json=lambda world, role: {"export_job_id": world.ids["export"], "deployment_type": "download"}),
+    Case("PATCH", f"{API}/export/deployments/{{deployment_id}}/deactivate", WRITE),
+    Case("PATCH", f"{API}/export/deployments/{{deployment_id}}/activate", WRITE),
+    Case("DELETE", f"{API}/export/deployments/{{deployment_id}}", WRITE, objects={"deployment_id": "deployment_{role}"}),
+    Case("GET", f"{API}/deployments/{{deployment_id}}", READ),
+    Case("POST", f"{API}/deployments/{{deployment_id}}/predict", KEY,
+         json=_const({"image": "iVBORw0KGgo="})),
     # -- test inference ------------------------------------------------------------------------------
     Case("POST", f"{API}/test_inference/inference/upload-images", WRITE, params={"training_job_id": "{job}"},
          files=_const([("files", ("a.png", PNG, "image/png"))])),
     Case("POST", f"{API}/test_inference/inference/upload-images", SELF,
          files=_const([("files", ("a.png", PNG, "image/png"))])),
+    Case("POST", f"{API}/test_inference/inference/upload-image", SELF, params={"session_id": "walk-session"},
+         files=_const({"file": ("a.png", PNG, "image/png")})),
+    # Past the access check the image is refused (422 naming image_path): no upload of the caller's is named.
+    Case("POST", f"{API}/test_inference/inference/quick", WRITE,
+         params={"training_job_id": "{job}", "image_path": "file:///store/inference/none.png"}),
+    Case("DELETE", f"{API}/test_inference/inference/session/{{session_id}}", SELF),
     Case("POST", f"{API}/test_inference/inference/jobs", WRITE,
          json=lambda world, role: {"training_job_id": world.ids["job"], "inference_type": "dataset",
                                    "input_data": {"dataset_split": "val"}}),
@@ -196,6 +216,8 @@ TABLE: list[Case] = [
     # -- validation views ----------------------------------------------------------------------------
     Case("GET", f"{API}/validation/jobs/{{job_id}}/summary", READ),
     Case("GET", f"{API}/validation/jobs/{{job_id}}/results/{{epoch}}", READ),
+    Case("GET", f"{API}/validation/jobs/{{job_id}}/results/{{epoch}}/images", READ),
+    Case("GET", f"{API}/validation/images/{{image_id}}", READ),
     # -- live ----------------------------------------------------------------------------------------
     Case("WS", f"{API}/ws/training", LIVE),
     Case("GET", f"{API}/ws/stats", SELF),
@@ -265,7 +287,8 @@ def _object(world: World, name: str, role: str, case: Case) -> Any:
         # Refused callers touch the owner's copy: had they been let through, the owner's call shows it.
         return world.ids[chosen.format(role=role if role in ("member", "owner") else "owner")]
     defaults = {"project_id": "project", "job_id": "job", "dataset_id": "dataset", "export_job_id": "export",
-                "inference_job_id": "inference", "training_job_id": "job"}
+                "inference_job_id": "inference", "training_job_id": "job", "deployment_id": "deployment",
+                "image_id": "validation_image"}
     if name in defaults:
         return world.ids[defaults[name]]
     if name == "user_id":
@@ -280,6 +303,8 @@ def _object(world: World, name: str, role: str, case: Case) -> Any:
         return "simple_cnn"
     if name == "epoch":
         return 1
+    if name == "session_id":
+        return "walk-session"
     raise AssertionError(f"{case.method} {case.path}: no object for path parameter {name!r}")
 
 
@@ -316,6 +341,9 @@ def _passed(answer: httpx.Response) -> bool:
 def _expectation(case: Case, role: str) -> tuple[str, Callable[[httpx.Response], bool]]:
     if case.access == PUBLIC:
         return "2xx", lambda answer: answer.is_success
+    if case.access == KEY:
+        # No user's token (the owner's included) opens a deployment's endpoint.
+        return "401", lambda answer: answer.status_code == 401 and MARKER not in answer.text
     if role == "anonymous":
         return "401", lambda answer: answer.status_code == 401
     refused = {"stranger": "404"}
@@ -354,7 +382,8 @@ async def test_every_route_refuses_strangers_and_viewer_writes_and_lets_members_
 async def test_a_stranger_cannot_tell_another_projects_object_from_a_missing_one(world: World) -> None:
     missing = {"project": MISSING_JOB, "job": MISSING_JOB, "spare_job": MISSING_JOB, "export": MISSING_JOB,
                "inference": MISSING_JOB, "dataset": MISSING_DATASET, "upload_dataset": MISSING_DATASET,
-               "empty_dataset_owner": MISSING_DATASET, "cancelled_export_owner": MISSING_JOB}
+               "empty_dataset_owner": MISSING_DATASET, "cancelled_export_owner": MISSING_JOB,
+               "deployment": MISSING_JOB, "deployment_owner": MISSING_JOB, "validation_image": MISSING_JOB}
     nowhere = World(app=world.app, base_url=world.base_url, http=world.http, bus=world.bus, users=world.users,
                     ids={**world.ids, **missing})
     problems: list[str] = []

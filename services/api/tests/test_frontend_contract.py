@@ -10,6 +10,7 @@ which in embedded mode act as the admin. A wrong type here is a crash or a false
 from __future__ import annotations
 
 import asyncio
+import base64
 import io
 import json
 import zipfile
@@ -32,6 +33,8 @@ from visionyard.shared.events import (
     ListImagesReply,
     LogEmitted,
     ProgressReported,
+    ReadImageReply,
+    ReadImageRequest,
 )
 
 from .access_world import (
@@ -50,7 +53,7 @@ from .access_world import (
     world_of,
 )
 from .conftest import until
-from .ship_world import install_shipping_manifest, serve_keep_upload, stage_results
+from .ship_world import classify_as, install_shipping_manifest, runner_answering, serve_keep_upload, stage_results
 
 pytestmark = pytest.mark.integration
 
@@ -415,11 +418,83 @@ async def test_restart_then_start_resume_from_a_checkpoint_and_cancel(ui: World)
     assert shape(resumed.json(), TRAINING_JOB, "start?resume=true")["status"] in ("queued", "resuming")
 
 
-@pytest.mark.xfail(strict=True, reason="not implemented: deployments (GET /export/deployments, /deployments/{id}); "
-                                       "the export tab shows 'Failed to load deployments'")
-async def test_deployments_list(ui: World) -> None:
-    answer = await ui.call(UI, "GET", f"{API}/export/deployments", params={"training_job_id": ui.ids["job"]})
-    assert answer.status_code == 200 and isinstance(answer.json()["deployments"], list)
+DEPLOYMENT = {"id": "int", "export_job_id": "int", "deployment_type": "str", "status": "str",
+              "deployment_config": "dict", "created_at": "time", "activated_at": "time?", "deactivated_at": "time?",
+              "usage_stats": "dict?", "error_message": "str?"}
+# DeploymentCard formats these unguarded once `usage_stats` is there: request_count, avg_latency_ms.toFixed,
+# total_inference_time_ms / 1000 .toFixed.
+USAGE = {"request_count": "int", "total_inference_time_ms": "num", "avg_latency_ms": "num", "last_request_at": "time?"}
+
+
+def _card(deployment: Any, where: str) -> dict[str, Any]:
+    shape(deployment, DEPLOYMENT, where)
+    if deployment.get("usage_stats") is not None:
+        shape(deployment["usage_stats"], USAGE, f"{where} usage_stats")
+    return deployment
+
+
+async def test_deployments_list_create_test_switch_and_delete(ui: World, tmp_path: Path) -> None:
+    """The export tab's deployments (DeploymentList, CreateDeploymentModal, DeploymentCard), the Test button
+    (TrainingPanel.tsx:1180 reads `deployment_config.api_key/endpoint_url`) and InferenceTestPanel's call."""
+    job_id = ui.ids["job"]
+    await serve_keep_upload(ui.bus, [])
+    export_id = await export_job(ui, UI, job_id)
+    await asyncio.to_thread(mark_export_completed, ui, export_id)
+    listed = await ui.call(UI, "GET", f"{API}/export/deployments", params={"training_job_id": job_id})
+    assert listed.status_code == 200 and listed.json()["deployments"] == []  # "No deployments yet"
+
+    created = await ui.call(UI, "POST", f"{API}/export/deployments", json={
+        "export_job_id": export_id, "deployment_type": "platform_endpoint", "deployment_config": {"auto_activate": True}})
+    assert created.status_code in (200, 201), created.text
+    deployment = _card(created.json(), "POST /export/deployments")
+    assert deployment["status"] == "active"
+    listed = (await ui.call(UI, "GET", f"{API}/export/deployments", params={"training_job_id": job_id})).json()
+    cards = [_card(item, "GET /export/deployments deployments[]") for item in listed["deployments"]]
+    assert [card["id"] for card in cards] == [deployment["id"]]
+
+    detail = await ui.call(UI, "GET", f"{API}/deployments/{deployment['id']}")  # what the Test button reads
+    assert detail.status_code == 200, detail.text
+    config = shape(_card(detail.json(), "GET /deployments/{id}")["deployment_config"],
+                   {"endpoint_url": "str", "api_key": "str"}, "deployment_config")
+    assert config["endpoint_url"].startswith("http")  # fetched from the page's own origin: must be absolute
+
+    # InferenceTestPanel: POST endpoint_url, `Authorization: Bearer <api_key>`, JSON with a base64 image.
+    body = {"image": base64.b64encode(PNG).decode(), "confidence_threshold": 0.25, "iou_threshold": 0.45,
+            "max_detections": 100}
+    async with runner_answering(ui.bus, tmp_path, classify_as("2", 2, 0.93)):
+        answer = await ui.http.post(config["endpoint_url"], json=body,
+                                    headers={"Authorization": f"Bearer {config['api_key']}"})
+    assert answer.status_code == 200, answer.text
+    result = shape(answer.json(), {"deployment_id": "int", "task_type": "str", "inference_time_ms": "num",
+                                   "detections": "list?", "classification_result": "dict?"}, "POST endpoint_url")
+    top = shape(result["classification_result"], {"class_id": "int", "class_name": "str", "confidence": "num"},
+                "classification_result")
+    assert (top["class_name"], top["confidence"]) == ("2", 0.93)
+    refused = await ui.http.post(config["endpoint_url"], json=body, headers={"Authorization": "Bearer vyd_1_nope"})
+    assert refused.status_code == 401 and isinstance(refused.json()["detail"], str)
+    used = (await ui.call(UI, "GET", f"{API}/deployments/{deployment['id']}")).json()["usage_stats"]
+    assert used["request_count"] == 1 and used["avg_latency_ms"] > 0
+
+    off = await ui.call(UI, "PATCH", f"{API}/export/deployments/{deployment['id']}/deactivate")
+    assert off.status_code == 200 and _card(off.json(), "deactivate")["status"] == "inactive"
+    closed = await ui.http.post(config["endpoint_url"], json=body, headers={"Authorization": f"Bearer {config['api_key']}"})
+    assert closed.status_code == 409 and "inactive" in closed.json()["detail"]  # the panel shows `detail`
+    on = await ui.call(UI, "PATCH", f"{API}/export/deployments/{deployment['id']}/activate")
+    assert on.status_code == 200 and on.json()["status"] == "active"
+
+    download = await ui.call(UI, "POST", f"{API}/export/deployments", json={
+        "export_job_id": export_id, "deployment_type": "download", "deployment_config": {}})
+    assert download.status_code in (200, 201), download.text
+    assert _card(download.json(), "download")["deployment_config"]["download_url"].startswith("http")
+    container = await ui.call(UI, "POST", f"{API}/export/deployments", json={
+        "export_job_id": export_id, "deployment_type": "container",
+        "deployment_config": {"registry": "docker.io", "image_name": "x", "include_runtime": True}})
+    assert container.status_code == 422 and "deployment_type" in container.json()["detail"]  # shown as the error
+
+    for made in (deployment["id"], download.json()["id"]):
+        assert (await ui.call(UI, "DELETE", f"{API}/export/deployments/{made}")).status_code == 200
+    assert (await ui.call(UI, "GET", f"{API}/export/deployments", params={"training_job_id": job_id})).json()[
+        "deployments"] == []
 
 
 # -- the WebSocket (hooks/useTrainingMonitor.ts) ----------------------------------------------------
@@ -749,28 +824,85 @@ async def test_the_original_e2e_inference_scripts_calls(ui: World, tmp_path: Pat
     assert [(p["class_name"], p["confidence"]) for p in results["results"][0]["predictions"]] == [("2", 0.7)]
 
 
-@pytest.mark.xfail(strict=True, reason="not implemented: the single-image path of the test-inference panel "
-                                       "(upload-image?session_id=, inference/quick, DELETE inference/session/{sid})")
-async def test_single_image_inference_path(ui: World) -> None:
-    session = uuid.uuid4().hex
+async def test_single_image_inference_path(ui: World, tmp_path: Path) -> None:
+    """TestInferencePanel's single-image path: upload-image (multipart `file`, ?session_id=) → `server_path`,
+    quick (query parameters) → the result the panel logs, and the session's release when the panel closes."""
+    job_id = ui.ids["job"]
+    await serve_keep_upload(ui.bus, [])
+    session = str(uuid.uuid4())  # crypto.randomUUID()
     uploaded = await ui.call(NOAUTH, "POST", f"{API}/test_inference/inference/upload-image",
                              params={"session_id": session}, files={"file": ("cat.png", PNG, "image/png")})
-    assert uploaded.status_code == 200
-    assert (await ui.call(NOAUTH, "DELETE", f"{API}/test_inference/inference/session/{session}")).is_success
+    assert uploaded.status_code == 200, uploaded.text
+    server_path = shape(uploaded.json(), {"server_path": "str"}, "upload-image")["server_path"]
+    summary = (await ui.call(NOAUTH, "GET", f"{API}/validation/jobs/{job_id}/summary")).json()
+    checkpoint = next(e["checkpoint_path"] for e in summary["epoch_metrics"] if e["epoch"] == summary["best_epoch"])
+    params = {"training_job_id": job_id, "image_path": server_path, "confidence_threshold": 0.25,
+              "iou_threshold": 0.45, "max_detections": 100, "top_k": 5, "checkpoint_path": checkpoint}
+    async with runner_answering(ui.bus, tmp_path, classify_as("1", 1, 0.7)) as ran:
+        answer = await ui.call(NOAUTH, "POST", f"{API}/test_inference/inference/quick", params=params)
+    assert answer.status_code == 200, answer.text
+    result = shape(answer.json(), {"task_type": "str", "inference_time_ms": "num", "top5_predictions": "list",
+                                   "predicted_boxes": "list?", "num_detections": "int?"}, "quick")
+    assert result["task_type"] == "image_classification"  # the panel's spelling
+    assert result["top5_predictions"][0]["label"] == "1" and result["top5_predictions"][0]["confidence"] == 0.7
+    assert ran[0].image_uris == [server_path] and ran[0].checkpoint.uri == checkpoint
+    released = await ui.call(NOAUTH, "DELETE", f"{API}/test_inference/inference/session/{session}")
+    assert released.status_code == 200 and released.json()["deleted_files"] == 1
+    # On every unmount, uploaded or not: an unknown session is released as well (nothing to delete).
+    again = await ui.call(NOAUTH, "DELETE", f"{API}/test_inference/inference/session/{session}")
+    assert again.status_code == 200 and again.json()["deleted_files"] == 0
+    gone = await ui.call(NOAUTH, "POST", f"{API}/test_inference/inference/quick", params=params)
+    assert gone.status_code == 422 and "image_path" in gone.json()["detail"]
 
 
-@pytest.mark.xfail(strict=True, reason="not implemented: the validation tab's per-image views "
-                                       "(/validation/jobs/{id}/results/{epoch}/images, /validation/images/{id})")
+IMAGE_ROW = {"id": "int", "job_id": "int", "epoch": "int", "image_path": "str", "image_name": "str",
+             "image_index": "int", "true_label": "str", "true_label_id": "int", "predicted_label": "str",
+             "predicted_label_id": "int", "confidence": "num", "is_correct": "bool"}
+
+
 async def test_validation_images(ui: World) -> None:
-    answer = await ui.call(NOAUTH, "GET", f"{API}/validation/jobs/{ui.ids['job']}/results/1/images")
-    assert answer.status_code == 200
+    """The validation tab's ImageViewer: one confusion-matrix cell's images, then each image by id."""
+    job_id = ui.ids["job"]
+    cell = await ui.call(NOAUTH, "GET", f"{API}/validation/jobs/{job_id}/results/1/images",
+                         params={"true_label_id": 1, "predicted_label_id": 0, "skip": 0, "limit": 20})
+    assert cell.status_code == 200, cell.text
+    body = shape(cell.json(), {"images": "list", "total_count": "int"}, "…/results/{epoch}/images")
+    rows = array_of(body["images"], IMAGE_ROW, "images")
+    assert body["total_count"] == 1 and rows[0]["image_path"] == "1/img5.png" and rows[0]["is_correct"] is False
+    every = (await ui.call(NOAUTH, "GET", f"{API}/validation/jobs/{job_id}/results/1/images",
+                           params={"limit": 1000})).json()
+    assert every["total_count"] == 15 and sum(not row["is_correct"] for row in every["images"]) == 1
+
+    async def storage_lists(data: bytes) -> bytes:
+        return ListImagesReply(ok=True, total_images=1, images=[ImageEntry(filename="1/img5.png", size=len(PNG))]
+                               ).model_dump_json().encode()
+
+    async def storage_reads(data: bytes) -> bytes:
+        asked = ReadImageRequest.model_validate_json(data)
+        assert (asked.filename, asked.content_hash) == ("1/img5.png", "hash-1")  # the job's pinned version
+        return ReadImageReply(ok=True, content_b64=base64.b64encode(PNG).decode(), content_type="image/png",
+                              size=len(PNG)).model_dump_json().encode()
+
+    await ui.bus.serve(subjects.STORAGE_LIST_IMAGES, storage_lists, queue="storage")
+    await ui.bus.serve(subjects.STORAGE_READ_IMAGE, storage_reads, queue="storage")
+    picture = await ui.http.get(f"{API}/validation/images/{rows[0]['id']}")  # an <img src>: no header
+    assert picture.status_code == 200 and picture.content == PNG
+    assert picture.headers["content-type"] == "image/png"
 
 
-@pytest.mark.xfail(strict=True, reason="not implemented: POST /datasets/analyze (the wizard's legacy dataset-path "
-                                       "UI, TrainingConfigPanel.tsx:313)")
 async def test_dataset_analyze(ui: World) -> None:
-    answer = await ui.call(UI, "POST", f"{API}/datasets/analyze", json={"path": "/data/digits", "format_hint": None})
-    assert answer.status_code == 200 and isinstance(answer.json()["status"], str)
+    """The wizard's legacy dataset-path field (TrainingConfigPanel.tsx:313, no token): `status`,
+    `dataset_info.format`; refusals are shown from `message`."""
+    answer = await ui.call(NOAUTH, "POST", f"{API}/datasets/analyze",
+                           json={"path": ui.ids["dataset"], "format_hint": None})
+    assert answer.status_code == 200, answer.text
+    body = shape(answer.json(), {"status": "str", "dataset_info": "dict"}, "POST /datasets/analyze")
+    assert body["status"] == "success" and body["dataset_info"]["format"] == "imagefolder"
+    by_name = (await ui.call(NOAUTH, "POST", f"{API}/datasets/analyze", json={"path": "digits", "format_hint": None})).json()
+    assert by_name["dataset_info"]["dataset_id"] == ui.ids["dataset"]
+    host = await ui.call(NOAUTH, "POST", f"{API}/datasets/analyze", json={"path": "/data/digits", "format_hint": None})
+    assert host.status_code == 422 and host.json()["status"] != "success"
+    assert host.json()["message"].startswith("path:")
 
 
 # -- CORS (every browser call) ----------------------------------------------------------------------

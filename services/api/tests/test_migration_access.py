@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 from alembic import command
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, insert, select
 
 from visionyard.api.auth.service import AuthService
 from visionyard.api.db.migrate import alembic_config, upgrade_to_head
-from visionyard.api.db.models import Checkpoint, Dataset, TrainingJob, TrainingLog, TrainingMetric
+from visionyard.api.db.models import Checkpoint, Dataset, TrainingJob, TrainingLog, TrainingMetric, utcnow
 from visionyard.api.db.models_access import Project, ProjectMember
 from visionyard.api.db.models_exports import ExportJob, InferenceJob, InferenceResult
 from visionyard.api.db.session import UnitOfWork, make_engine, make_session_factory
@@ -69,9 +69,11 @@ def test_existing_rows_get_projects_and_integer_ids(kind: str, tmp_path: Path) -
             session.add(TrainingMetric(job_id="a" * 32, attempt=1, seq=1, epoch=1, extra_metrics={}))
             session.add(TrainingLog(job_id="a" * 32, attempt=1, seq=2, level="INFO", event_type="log", message="m"))
             session.add(Checkpoint(job_id="a" * 32, kind="best", attempt=1, status="stored", uri="file:///b.pt"))
-            session.add(ExportJob(id="e" * 32, project_id="default", training_job_id="a" * 32, export_format="onnx",
-                                  checkpoint_kind="best", export_config={}, validation_config={}, version=1,
-                                  is_default=True, status="completed", exporter_done=True, attempt=1))
+            # Core insert of the columns revision 0003 has: the head model has more (0005's checkpoint_sha256).
+            session.execute(insert(ExportJob.__table__).values(
+                id="e" * 32, project_id="default", training_job_id="a" * 32, export_format="onnx",
+                checkpoint_kind="best", export_config={}, validation_config={}, version=1, is_default=True,
+                status="completed", exporter_done=True, attempt=1, created_at=utcnow()))
             session.add(InferenceJob(id="i" * 32, project_id="team-x", training_job_id="b" * 32,
                                      checkpoint_kind="best", inference_type="batch", input_data={},
                                      task_type="image_classification", status="completed", attempt=1))

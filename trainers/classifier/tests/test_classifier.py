@@ -183,3 +183,64 @@ def test_manifest_describes_the_trainer_without_importing_torch() -> None:
     fields = {field["name"] for field in manifest["config_schema"]["fields"]}
     assert fields >= {"image_size", "optimizer", "weight_decay", "val_split", "seed", "augment", "lr_schedule"}
     assert manifest["task_types"][0]["name"] == "image_classification" and manifest["dataset_formats"][0]["name"] == "imagefolder"
+
+
+def test_each_epoch_reports_every_validation_image_consistent_with_its_confusion_matrix(
+    tmp_path: Path, digits: Path
+) -> None:
+    code, lines, stderr, job = run_trainer(tmp_path, digits, epochs=2)
+    assert code == 0, stderr
+    reports = [line["data"] for line in lines if line["type"] == "log" and line["event_type"] == "validation_result"]
+    assert [report["epoch"] for report in reports] == [1, 2]
+    classes = reports[0]["class_names"]
+    for report in reports:
+        images = report["image_results"]
+        count = sum(map(sum, report["confusion_matrix"]))
+        # Every validation image, once, each a real file of the dataset named relative to it.
+        assert images["total"] == count == len(images["images"]) == len(set(images["images"]))
+        assert all((job.dataset_dir / path).is_file() for path in images["images"])
+        # The true class is the image's folder; rebuilt from the rows, the confusion matrix is the reported one.
+        assert all(path.split("/")[0] == classes[true] for path, true in zip(images["images"], images["true"]))
+        rebuilt = [[0] * len(classes) for _ in classes]
+        for true, predicted in zip(images["true"], images["predicted"], strict=True):
+            rebuilt[true][predicted] += 1
+        assert rebuilt == report["confusion_matrix"]
+        assert all(0.0 < c <= 1.0 for c in images["confidence"])
+        # The misclassified come first.
+        wrong = [t != p for t, p in zip(images["true"], images["predicted"], strict=True)]
+        assert wrong == sorted(wrong, reverse=True)
+
+
+def test_a_capped_report_keeps_the_misclassified_and_says_how_many_were_validated(
+    tmp_path: Path, digits: Path
+) -> None:
+    code, lines, stderr, _ = run_trainer(tmp_path, digits, epochs=1, advanced={"validation_images_per_epoch": 5})
+    assert code == 0, stderr
+    report = next(line["data"] for line in lines if line["type"] == "log" and line["event_type"] == "validation_result")
+    images = report["image_results"]
+    wrong = sum(map(sum, report["confusion_matrix"])) - sum(report["confusion_matrix"][i][i]
+                                                           for i in range(len(report["class_names"])))
+    assert len(images["images"]) == 5 and images["total"] == sum(map(sum, report["confusion_matrix"]))
+    listed_wrong = sum(t != p for t, p in zip(images["true"], images["predicted"], strict=True))
+    assert listed_wrong == min(wrong, 5)
+    code, lines, stderr, _ = run_trainer(tmp_path, digits, name="none", epochs=1,
+                                         advanced={"validation_images_per_epoch": 0})
+    assert code == 0, stderr
+    report = next(line["data"] for line in lines if line["type"] == "log" and line["event_type"] == "validation_result")
+    assert "image_results" not in report and report["confusion_matrix"]
+
+
+def test_a_report_of_many_long_paths_stays_small_enough_for_one_event() -> None:
+    from visionyard.trainers.classifier.train import IMAGE_RESULTS_BYTES, Evaluation, image_results
+
+    count = 10_000
+    paths = [f"val/class_{i % 7}/{'x' * 90}-{i:05d}.png" for i in range(count)]
+    labels = [i % 7 for i in range(count)]
+    predictions = [label if i % 10 else (label + 1) % 7 for i, label in enumerate(labels)]  # every tenth wrong
+    evaluation = Evaluation(loss=0.1, accuracy=0.9, confusion=[], predictions=predictions,
+                            confidences=[0.5] * count)
+    report = image_results(paths, labels, evaluation, limit=count)
+    assert report["total"] == count and 0 < len(report["images"]) < count
+    assert len(json.dumps(report)) <= IMAGE_RESULTS_BYTES  # under the broker's 1 MB with room to spare
+    listed_wrong = [t != p for t, p in zip(report["true"], report["predicted"], strict=True)]
+    assert all(listed_wrong[: count // 10]) or all(listed_wrong)  # the misclassified come first

@@ -18,6 +18,7 @@ _COMMANDS: dict[str, type[BaseModel]] = {
     subjects.CMD_TRAIN: commands.StartTraining,
     subjects.CMD_DATASET_INGEST: commands.IngestDataset,
     subjects.CMD_DATASET_DELETE: commands.DeleteDataset,
+    subjects.CMD_UPLOAD_DELETE: commands.DeleteUploads,
     subjects.CMD_EXPORT: commands.StartExport,
     subjects.CMD_INFER: commands.StartInference,
 }

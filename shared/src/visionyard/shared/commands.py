@@ -81,6 +81,15 @@ class DeleteDataset(Message):
     keep_hashes: list[str] = Field(default_factory=list)
 
 
+class DeleteUploads(Message):
+    """Delete uploaded inference images of one session from the bucket (keys as storage issued them)."""
+
+    subject: ClassVar[str] = subjects.CMD_UPLOAD_DELETE
+
+    session_id: str
+    keys: list[str] = Field(default_factory=list)
+
+
 # -- shipping what was trained: export and inference ---------------------------------------------
 
 

@@ -69,7 +69,7 @@ API = ServiceAccess(
     user="api",
     publishes=(
         commands.StartTraining, commands.StartExport, commands.StartInference, commands.IngestDataset,
-        commands.DeleteDataset,
+        commands.DeleteDataset, commands.DeleteUploads,
         events.JobQueued, events.JobCancelRequested, events.JobCancelled, events.ExportStatusChanged,
         # The HTTP callback ingress of the original trainers turns their reports into these.
         events.ProgressReported, events.LogEmitted, events.JobCompleted, events.JobFailed,
@@ -112,7 +112,7 @@ STORAGE = ServiceAccess(
     publishes=(events.ArtifactStored, events.DatasetReady, events.DatasetRejected, events.DatasetDeleted,
                events.ExportPackageStored, events.InferenceResultsStored),
     consumers=(streams.STORAGE_ARTIFACTS, streams.STORAGE_INGEST, streams.STORAGE_SHIPPED,
-               streams.STORAGE_DATASET_DELETE),
+               streams.STORAGE_DATASET_DELETE, streams.STORAGE_UPLOAD_DELETE),
     serves=(subjects.STORAGE_STAGE, subjects.STORAGE_PRESIGN, subjects.STORAGE_LIST_IMAGES,
             subjects.STORAGE_READ_IMAGE, subjects.STORAGE_STAGE_OBJECT, subjects.STORAGE_KEEP_UPLOAD),
     listens=(subjects.STORAGE_CHECKPOINT_INCOMING,),

@@ -136,6 +136,15 @@ STORAGE_DATASET_DELETE = ConsumerSpec(
     ack_wait=120.0,
     max_deliver=20,
 )
+# Storage deletes uploaded inference images the API released (its own consumer: small and quick, never
+# behind an ingest or a dataset delete).
+STORAGE_UPLOAD_DELETE = ConsumerSpec(
+    stream=COMMANDS.name,
+    durable="storage-upload-delete",
+    filter_subjects=(subjects.CMD_UPLOAD_DELETE,),
+    ack_wait=60.0,
+    max_deliver=20,
+)
 CONSUMERS: tuple[ConsumerSpec, ...] = (
     API_PROJECTOR,
     TRACKER,
@@ -144,6 +153,7 @@ CONSUMERS: tuple[ConsumerSpec, ...] = (
     RUNNER,
     STORAGE_SHIPPED,
     STORAGE_DATASET_DELETE,
+    STORAGE_UPLOAD_DELETE,
 )
 
 # KV: a cancel is recorded here (durably) so a runner that claims a job later still sees it.

@@ -15,6 +15,9 @@ CMD_EXPORT = "cmd.export"
 CMD_DATASET_INGEST = "cmd.dataset.ingest"
 # Storage deletes a deleted dataset's stored versions, except those finished jobs pinned.
 CMD_DATASET_DELETE = "cmd.dataset.delete"
+# Storage deletes uploaded inference images the API no longer needs (a closed test session, a
+# deployment request that was answered).
+CMD_UPLOAD_DELETE = "cmd.upload.delete"
 
 
 

@@ -27,6 +27,9 @@ class ApiSettings(ServiceSettings):
     outbox_poll_seconds: float = 2.0
     outbox_batch: int = 200
     projector_batch: int = 500
+    # How long a request that waits for an inference job (the test panel's quick path, a deployment's
+    # endpoint) waits for a runner to answer before it cancels the job and answers 504.
+    inference_wait_seconds: float = Field(default=120.0, gt=0)
     # Attempts a job gets in all when infrastructure loses them (only those failures are retried).
     max_attempts: int = Field(default=3, ge=1)
     # uvicorn's `--loop`: "auto" runs on uvloop when it is installed (it is, with uvicorn[standard]).

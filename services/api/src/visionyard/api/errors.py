@@ -38,3 +38,11 @@ class Unauthorized(Exception):
 
 class BadRequest(Exception):
     """The request cannot be carried out as asked (400), e.g. a duplicate name the frontend reports as such."""
+
+
+class GatewayTimeout(Exception):
+    """A job the request waits for did not finish in time (504); it was cancelled."""
+
+
+class UpstreamFailed(Exception):
+    """A job the request waited for failed (502); the message carries its reason."""

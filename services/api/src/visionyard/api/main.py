@@ -31,16 +31,22 @@ from visionyard.api.datasets.service import DatasetService
 from visionyard.api.datasets.versions import DatasetVersionService
 from visionyard.api.db.migrate import upgrade_to_head
 from visionyard.api.db.repositories import JobRepository
+from visionyard.api.deployments.endpoints import manage as deployments_manage_router
+from visionyard.api.deployments.endpoints import router as deployments_router
+from visionyard.api.deployments.keys import DeploymentKeys
+from visionyard.api.deployments.service import DeploymentService
 from visionyard.api.db.session import UnitOfWork, make_engine, make_session_factory
 from visionyard.api.errors import (
     BadRequest,
     Conflict,
     Forbidden,
+    GatewayTimeout,
     InvalidInput,
     NotFound,
     TooLarge,
     Unauthorized,
     Unavailable,
+    UpstreamFailed,
 )
 from visionyard.api.adapters.storage_client import BusStorageClient
 from visionyard.api.db import models_exports  # noqa: F401  (registers the export/inference tables)
@@ -79,8 +85,9 @@ def create_app(settings: ApiSettings | None = None, *, bus: Bus | None = None) -
     session_factory = make_session_factory(engine)
     metrics = ApiMetrics()
     account_uow = UnitOfWork(session_factory)
+    secret = settings.jwt_secret or tokens.embedded_secret(settings.data_dir)
     auth = AuthService(
-        uow=account_uow, secret=settings.jwt_secret or tokens.embedded_secret(settings.data_dir),
+        uow=account_uow, secret=secret,
         access_minutes=settings.access_token_minutes, refresh_days=settings.refresh_token_days,
         settings_keys=settings.api_keys, anonymous_as_admin=bool(settings.anonymous_as_admin),
     )
@@ -115,6 +122,8 @@ def create_app(settings: ApiSettings | None = None, *, bus: Bus | None = None) -
         storage_client = BusStorageClient(connected, timeout=settings.request_timeout)
         app.state.exports = ExportService(uow=uow, capabilities=capabilities, storage=storage_client)
         app.state.inference = InferenceService(uow=uow, storage=storage_client)
+        app.state.deployments = DeploymentService(uow=uow, keys=DeploymentKeys(secret), inference=app.state.inference,
+                                                  package_ticket=auth.download_ticket)
         app.state.datasets = DatasetService(uow=uow, staging=connected)
         app.state.dataset_versions = DatasetVersionService(
             uow=uow, storage=BusDatasetStorage(connected, timeout=settings.request_timeout),
@@ -167,6 +176,9 @@ def create_app(settings: ApiSettings | None = None, *, bus: Bus | None = None) -
     app.include_router(training_router)
     app.include_router(models_router)
     app.include_router(datasets_router)
+    # Before the export routes: `/export/deployments` must not be read as an export id.
+    app.include_router(deployments_manage_router)
+    app.include_router(deployments_router)
     app.include_router(exports_router)
     app.include_router(inference_router)
     app.include_router(validation_router)
@@ -178,7 +190,7 @@ def create_app(settings: ApiSettings | None = None, *, bus: Bus | None = None) -
 def _install_error_handlers(app: FastAPI) -> None:
     statuses: dict[type[Exception], int] = {
         NotFound: 404, Conflict: 409, InvalidInput: 422, TooLarge: 413, Unavailable: 503, Forbidden: 403,
-        Unauthorized: 401, BadRequest: 400,
+        Unauthorized: 401, BadRequest: 400, GatewayTimeout: 504, UpstreamFailed: 502,
     }
     for error_type, status in statuses.items():
 
@@ -191,7 +203,10 @@ def _install_error_handlers(app: FastAPI) -> None:
         assert isinstance(error, RequestValidationError)
         problems = []
         for item in error.errors():
-            location = [str(part) for part in item.get("loc", ()) if part not in ("body", "query", "path", "header")]
+            location = [str(part) for part in item.get("loc", ())]
+            # Only the first element says where (body, query, ...): a field may itself be called "path".
+            if location and location[0] in ("body", "query", "path", "header", "cookie"):
+                location = location[1:]
             problems.append(f"{'.'.join(location) or 'body'}: {item.get('msg', 'invalid')}")
         return JSONResponse(
             status_code=422,

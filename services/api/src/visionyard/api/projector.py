@@ -50,6 +50,7 @@ from visionyard.shared.events import (
 from visionyard.shared.events import ShipEvent
 from visionyard.shared.messages import Message
 from visionyard.api.ship_projector import apply_ship_event
+from visionyard.api.validation.projection import VALIDATION_EVENT, record_validation_images, split_image_results
 
 log = logging.getLogger("visionyard.api.projector")
 
@@ -221,13 +222,20 @@ def apply_job_event(
     elif isinstance(event, ProgressReported):
         record_progress(batch.rows, job, event)
     elif isinstance(event, LogEmitted):
-        batch.rows.add_log_once(
+        data, images = event.data, None
+        if event.event_type == VALIDATION_EVENT:
+            data, images = split_image_results(event.data)
+        added = batch.rows.add_log_once(
             {
                 "job_id": job.id, "attempt": event.attempt, "seq": event.seq, "level": event.level,
-                "event_type": event.event_type, "message": event.message, "data": event.data,
+                "event_type": event.event_type, "message": event.message, "data": data,
                 "created_at": event.occurred_at,
             }
         )
+        epoch = (data or {}).get("epoch")
+        if added and images is not None and isinstance(epoch, int):
+            # Only with a new log row: a redelivered event keeps the rows (and the ids pages hold).
+            record_validation_images(session, job_id=job.id, attempt=event.attempt, epoch=epoch, rows=images)
     elif isinstance(event, CheckpointStaged):
         declare_checkpoint(jobs, job, event)
     elif isinstance(event, ArtifactStored):

@@ -1,5 +1,6 @@
 """Storage's part in shipping models: keep export packages and inference results the runners staged,
-keep inference images the API staged, and stage any stored object by URI.
+keep inference images the API staged (and delete them when the API releases them), and stage any
+stored object by URI.
 
 Additive to the storage service: it reuses the service's backend, staging area, publisher and
 buckets. Packages and results go to the internal bucket (`exports/<export_id>/package.zip`,
@@ -23,6 +24,7 @@ from pydantic import ValidationError
 
 from visionyard.shared import streams, subjects
 from visionyard.shared.bus import Bus, PermanentError
+from visionyard.shared.commands import DeleteUploads
 from visionyard.shared.events import (
     ExportPackageStaged,
     ExportPackageStored,
@@ -133,6 +135,27 @@ class ShippingStore:
                           uri=request.uri)
 
 
+    async def delete_uploads(self, command: DeleteUploads) -> int:
+        """Delete a session's uploaded images; how many keys were named. Idempotent (a missing key is fine).
+
+        Only keys of that session in the external bucket are deleted: a key outside
+        `inference/<session_id>/` is refused, never guessed at.
+        """
+        if not _SAFE_ID.match(command.session_id):
+            raise PermanentError(f"session_id {command.session_id!r} is not usable as a storage key")
+        prefix = f"inference/{command.session_id}/"
+        for index, key in enumerate(command.keys):
+            name = key[len(prefix):] if key.startswith(prefix) else ""
+            if not name or "/" in name or name in (".", "..") or "\\" in name:
+                raise PermanentError(f"keys[{index}] {key!r} is not an image of session {command.session_id}")
+        bucket = self.service.buckets.external
+        for key in command.keys:
+            # The key is a whole object name (uuid hex + suffix): as a prefix it names that object only.
+            await asyncio.to_thread(self.service.backend.delete_prefix, bucket, key)
+        log.info("deleted %d uploaded image(s) of session %s", len(command.keys), command.session_id)
+        return len(command.keys)
+
+
 def _image_problem(path: Path) -> str | None:
     try:
         with Image.open(path) as image:
@@ -169,12 +192,22 @@ async def serve_shipping(bus: Bus, service: StorageService, *, stop: asyncio.Eve
             raise PermanentError(f"{msg.subject} is not a staged package/results event")
         await store.keep_staged(event)
 
+    async def on_delete_uploads(msg: Msg) -> None:
+        try:
+            command = DeleteUploads.model_validate_json(msg.data)
+        except ValidationError as error:
+            raise PermanentError(f"undecodable upload delete: {error}") from error
+        await store.delete_uploads(command)
+
     subscriptions = [
         await bus.serve(subjects.STORAGE_KEEP_UPLOAD, on_keep_upload, queue="storage"),
         await bus.serve(subjects.STORAGE_STAGE_OBJECT, on_stage_object, queue="storage"),
     ]
     try:
-        await bus.consume(streams.STORAGE_SHIPPED, on_staged, stop=stop, batch=1)
+        await asyncio.gather(
+            bus.consume(streams.STORAGE_SHIPPED, on_staged, stop=stop, batch=1),
+            bus.consume(streams.STORAGE_UPLOAD_DELETE, on_delete_uploads, stop=stop, batch=10),
+        )
     finally:
         for subscription in subscriptions:
             await subscription.unsubscribe()

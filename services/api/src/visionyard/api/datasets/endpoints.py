@@ -10,7 +10,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import ValidationError
-from fastapi.responses import FileResponse, RedirectResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
@@ -21,7 +21,7 @@ from visionyard.api.config import ApiSettings
 from visionyard.api.datasets import schemas
 from visionyard.api.datasets.service import DatasetService
 from visionyard.api.datasets.versions import DatasetVersionService
-from visionyard.api.errors import InvalidInput, TooLarge
+from visionyard.api.errors import Conflict, InvalidInput, NotFound, TooLarge
 
 router = APIRouter(prefix="/api/v1/datasets", tags=["datasets"])
 
@@ -50,6 +50,19 @@ Versions = Annotated[DatasetVersionService, Depends(version_service)]
 # A folder upload may name this many files (the storage limit on archive entries still applies).
 MAX_FOLDER_FILES = 50_000
 ANNOTATION_FIELDS = ("annotations", "annotations.json")
+
+
+@router.post("/analyze", response_model=schemas.AnalyzeResponse)
+async def analyze(body: schemas.AnalyzeRequest, service: Service, principal: CurrentPrincipal) -> Any:
+    """Describe a dataset of the caller's projects named by `path` (its id, name or stored URI, never a host path).
+
+    Errors carry `message` beside `detail`: the wizard shows `message`.
+    """
+    try:
+        return await run_in_threadpool(service.analyze, principal, body)
+    except (InvalidInput, NotFound, Conflict) as error:
+        status = 422 if isinstance(error, InvalidInput) else 404 if isinstance(error, NotFound) else 409
+        return JSONResponse(status_code=status, content={"status": "error", "detail": str(error), "message": str(error)})
 
 
 @router.post("", response_model=schemas.CreateDatasetResponse, status_code=201)

@@ -156,3 +156,21 @@ class DeleteResponse(BaseModel):
     # Versions whose files storage is deleting (asynchronously: `evt.dataset.<id>.deleted` says when).
     deleted_versions: list[str] = []
     message: str
+
+
+class AnalyzeRequest(BaseModel):
+    """`POST /datasets/analyze` (the training wizard's legacy dataset-path field)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    path: str = Field(min_length=1, max_length=2048, description="a dataset of the caller's projects: its id, its "
+                      "name, or its stored s3:// URI (never a path on the API host)")
+    format_hint: str | None = Field(default=None, max_length=32)
+
+
+class AnalyzeResponse(BaseModel):
+    """What the wizard reads: `status`, and `dataset_info.format` to fill in the format."""
+
+    status: str
+    message: str
+    dataset_info: dict[str, Any]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import uuid
 from pathlib import Path
 from typing import Protocol
@@ -13,7 +14,7 @@ from visionyard.api.db.models import Dataset, utcnow
 from visionyard.api.db.repositories import DatasetRepository, OutboxRepository
 from visionyard.api.db.session import UnitOfWork
 from visionyard.api.datasets import schemas
-from visionyard.api.errors import InvalidInput, NotFound
+from visionyard.api.errors import Conflict, InvalidInput, NotFound
 from visionyard.shared.commands import IngestDataset
 
 # Where a dataset's files came from, in the original platform's terms: every Visionyard dataset is uploaded.
@@ -46,6 +47,13 @@ def to_response(dataset: Dataset) -> schemas.DatasetResponse:
         visibility=dataset.visibility, status=dataset.status, content_hash=dataset.content_hash,
         rejection_reason=dataset.rejection_reason, created_at=dataset.created_at,
     )
+
+
+# What `POST /datasets/analyze` refuses to read as a dataset reference: anything that names a file of a host.
+_HOST_PATH = re.compile(r"^(/|~|\\|\.{1,2}[/\\]|[A-Za-z]:[/\\]|file:)|\\|(^|/)\.\.(/|$)")
+_URI = re.compile(r"^([a-z][a-z0-9+.-]*)://(.*)$", re.IGNORECASE)
+_STORED = re.compile(r"(^|/)datasets/([A-Za-z0-9][A-Za-z0-9_-]{0,63})(/|$)")
+FORMAT_ALIASES = {"image_folder": "imagefolder", "imagenet": "imagefolder", "ultralytics": "yolo"}
 
 
 def check_zip_magic(path: Path) -> None:
@@ -98,6 +106,57 @@ class DatasetService:
                 raise NotFound(missing)
             require_project_role(session, principal, dataset.project_id, need, not_found=missing)
             return to_response(dataset)
+
+    def analyze(self, principal: Principal, request: schemas.AnalyzeRequest) -> schemas.AnalyzeResponse:
+        """Describe a dataset the caller may read, named by `path`: its id, its name, or its stored (S3) URI.
+
+        `path` never names a file or folder of the API host: the API reads no filesystem on a caller's
+        behalf (that would hand out the host's files), and every dataset lives in storage anyway. Such a
+        path is refused with 422 naming `path` and what it may be instead.
+        """
+        wanted = request.path.strip()
+        if not wanted or _HOST_PATH.search(wanted):
+            raise InvalidInput("path", "the API does not read paths on its host; name a dataset of your projects by "
+                                       "its id or name, or (on S3) by its stored s3:// URI; upload a folder or zip to make one")
+        with self._uow.read() as session:
+            visible = project_filter(session, principal)
+            rows = [row for row in DatasetRepository(session).list() if visible is None or row.project_id in visible]
+            uri = _URI.match(wanted)
+            if uri:
+                stored = _STORED.search(uri.group(2))
+                chosen = [row for row in rows if stored and row.id == stored.group(2) and row.uri
+                          and row.uri.split("://", 1)[0].lower() == uri.group(1).lower()
+                          and row.uri.split("://", 1)[1].split("/", 1)[0] == uri.group(2).split("/", 1)[0]]
+                if not chosen:
+                    raise NotFound(f"path: {wanted} is not the stored URI of a dataset in your projects")
+            else:
+                chosen = [row for row in rows if row.id == wanted] or [row for row in rows if row.name == wanted]
+                if not chosen:
+                    raise NotFound(f"path: no dataset with the id or name {wanted!r} in your projects")
+                if len(chosen) > 1:
+                    ids = ", ".join(row.id for row in chosen[:5])
+                    raise InvalidInput("path", f"{len(chosen)} datasets are named {wanted!r}; give the id ({ids})")
+            dataset = chosen[0]
+            require_project_role(session, principal, dataset.project_id, Role.VIEWER,
+                                 not_found=f"path: no dataset with the id or name {wanted!r} in your projects")
+            if dataset.status != "ready" or not dataset.format:
+                reason = f" ({dataset.rejection_reason})" if dataset.rejection_reason else ""
+                raise Conflict(f"path: dataset {dataset.id} is {dataset.status}{reason}; it can be analysed once an "
+                               "upload of it is stored")
+            if request.format_hint:
+                hint = request.format_hint.strip().lower()
+                if FORMAT_ALIASES.get(hint, hint) != dataset.format.lower():
+                    raise InvalidInput("format_hint", f"dataset {dataset.id} is {dataset.format}, not {request.format_hint}")
+            view = to_response(dataset)
+        info = {
+            "dataset_id": view.id, "path": wanted, "name": view.name, "format": view.format, "labeled": view.labeled,
+            "num_images": view.num_images, "num_classes": view.num_classes, "class_names": view.class_names,
+            "class_counts": view.class_counts, "splits": view.splits, "task_types": view.task_types,
+            "size_mb": view.size_mb, "content_hash": view.content_hash, "uri": dataset.uri,
+        }
+        return schemas.AnalyzeResponse(status="success", dataset_info=info,
+                                       message=f"dataset {view.name!r}: {view.format}, {view.num_images} images, "
+                                               f"{view.num_classes} classes")
 
     def get_dataset(self, dataset_id: str) -> schemas.DatasetResponse:
         """One dataset."""

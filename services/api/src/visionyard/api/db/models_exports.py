@@ -25,6 +25,8 @@ class ExportJob(Base):
     export_format: Mapped[str] = mapped_column(String(32))
     checkpoint_kind: Mapped[str] = mapped_column(String(32))
     checkpoint_path: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # The exported checkpoint's bytes (migration 0005): a deployment serves only that checkpoint.
+    checkpoint_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
     export_config: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     validation_config: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     version: Mapped[int] = mapped_column(Integer)
@@ -105,4 +107,10 @@ class InferenceUpload(Base):
     unique_filename: Mapped[str] = mapped_column(Text)
     uri: Mapped[str] = mapped_column(Text, unique=True)
     key: Mapped[str] = mapped_column(Text)
+    # The user who uploaded it (migration 0005): only they (or an admin) may delete their session's images.
+    uploaded_by: Mapped[int | None] = mapped_column(Integer, nullable=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+# Registers the deployment and per-image validation tables (migration 0005_frontend_calls), which refer to these.
+from visionyard.api.db import models_deployments as _models_deployments  # noqa: E402,F401

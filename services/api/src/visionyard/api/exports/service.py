@@ -13,6 +13,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from visionyard.api.db.models import Checkpoint, TrainingJob, utcnow
+from visionyard.api.db.models_deployments import Deployment
 from visionyard.api.db.models_exports import ExportJob, InferenceJob
 from visionyard.api.db.repositories import OutboxRepository
 from visionyard.api.db.numbers import next_job_id
@@ -180,7 +181,8 @@ class ExportService:
             export = ExportJob(
                 id=next_job_id(session, "export"), project_id=job.project_id, training_job_id=job.id,
                 export_format=request.export_format, checkpoint_kind=checkpoint.kind, checkpoint_path=checkpoint.uri,
-                export_config=request.export_config.model_dump(), validation_config=request.validation_config.model_dump(),
+                checkpoint_sha256=checkpoint.sha256, export_config=request.export_config.model_dump(),
+                validation_config=request.validation_config.model_dump(),
                 version=version, is_default=request.set_as_default or not has_default, status="pending",
                 exporter_done=False, attempt=1, created_at=utcnow(),
             )
@@ -226,6 +228,10 @@ class ExportService:
             export = self._export(session, export_id)
             if export.status not in ("completed", "failed", "cancelled"):
                 raise Conflict(f"export_job_id: export {export_id} is {export.status}; cancel it first")
+            deployed = session.scalar(select(func.count()).select_from(Deployment)
+                                      .where(Deployment.export_job_id == export.id)) or 0
+            if deployed:
+                raise Conflict(f"export_job_id: export {export_id} has {deployed} deployment(s); delete them first")
             was_default = export.is_default
             training_job_id = export.training_job_id
             session.delete(export)

@@ -31,6 +31,18 @@ def inference_service(request: Request) -> InferenceService:
 Service = Annotated[InferenceService, Depends(inference_service)]
 
 
+async def spool_upload(upload: UploadFile, path: Path, *, field: str, index: int = 0) -> ReceivedFile:
+    """Write an uploaded file to `path` in chunks, refusing one over the size limit (413 naming `field`)."""
+    name = Path(upload.filename or f"image-{index}").name
+    size = 0
+    with path.open("wb") as sink:
+        while chunk := await upload.read(1 << 20):
+            size += len(chunk)
+            if size > MAX_FILE_BYTES:
+                raise TooLarge(f"{field}: {name} is larger than {MAX_FILE_BYTES} bytes")
+            sink.write(chunk)
+    return ReceivedFile(filename=name, path=path)
+
 
 @router.post("/inference/upload-images", response_model=schemas.UploadResponse)
 async def upload_images(
@@ -44,23 +56,45 @@ async def upload_images(
         raise InvalidInput("files", f"at most {MAX_FILES} files per upload")
     scratch = Path(tempfile.mkdtemp(prefix="vy-infer-upload-"))
     try:
-        received: list[ReceivedFile] = []
-        for index, upload in enumerate(files):
-            name = Path(upload.filename or f"image-{index}").name
-            path = scratch / f"{index:05d}"
-            size = 0
-            with path.open("wb") as sink:
-                while chunk := await upload.read(1 << 20):
-                    size += len(chunk)
-                    if size > MAX_FILE_BYTES:
-                        raise TooLarge(f"files: {name} is larger than {MAX_FILE_BYTES} bytes")
-                    sink.write(chunk)
-            received.append(ReceivedFile(filename=name, path=path))
+        received = [await spool_upload(upload, scratch / f"{index:05d}", field="files", index=index)
+                    for index, upload in enumerate(files)]
         return await service.upload_images(
-            received, training_job_id=None if training_job_id is None else str(training_job_id)
+            received, training_job_id=None if training_job_id is None else str(training_job_id),
+            uploaded_by=principal.user_id,
         )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+@router.post("/inference/upload-image", response_model=schemas.SingleUploadResponse)
+async def upload_image(
+    service: Service, principal: CurrentPrincipal, file: UploadFile, session_id: Annotated[str, Query()],
+) -> Any:
+    """Upload one image (multipart `file`) into the caller's test session; `server_path` names it to `quick`."""
+    scratch = Path(tempfile.mkdtemp(prefix="vy-infer-upload-"))
+    try:
+        received = await spool_upload(file, scratch / "image", field="file")
+        return await service.upload_image(received, session_id=session_id, uploaded_by=principal.user_id)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+@router.post("/inference/quick", response_model=schemas.QuickInferenceResponse)
+async def quick_inference(
+    request: Request, service: Service, principal: CurrentPrincipal,
+    query: Annotated[schemas.QuickInferenceRequest, Query()],
+) -> Any:
+    """Classify one uploaded image with a stored checkpoint and answer when the runner is done (504 past the wait)."""
+    await require_object(request, principal, "training", query.training_job_id, Role.MEMBER, field="training_job_id")
+    return await service.quick(query, uploaded_by=principal.user_id, any_uploader=principal.is_admin,
+                               timeout=request.app.state.settings.inference_wait_seconds)
+
+
+@router.delete("/inference/session/{session_id}", response_model=schemas.SessionDeleted)
+async def delete_session(session_id: str, service: Service, principal: CurrentPrincipal) -> Any:
+    """Release the caller's images of a test session (storage deletes them); an unknown session releases none."""
+    return await run_in_threadpool(service.release_session, session_id, uploaded_by=principal.user_id,
+                                   any_uploader=principal.is_admin)
 
 
 @router.post("/inference/jobs", response_model=schemas.InferenceJobResponse, status_code=201)

@@ -27,6 +27,28 @@ class UploadResponse(BaseModel):
     total_files: int
 
 
+class SingleUploadResponse(BaseModel):
+    """`POST /inference/upload-image?session_id=`: the kept image; `server_path` is what `quick` takes."""
+
+    status: str
+    session_id: str
+    server_path: str
+    filename: str
+    original_filename: str
+    unique_filename: str
+    s3_uri: str
+    s3_key: str
+
+
+class SessionDeleted(BaseModel):
+    """`DELETE /inference/session/{session_id}`."""
+
+    status: str
+    session_id: str
+    deleted_files: int
+    message: str
+
+
 class InputData(BaseModel):
     """What to classify and how."""
 
@@ -116,3 +138,25 @@ class ResultsResponse(BaseModel):
     limit: int
     avg_inference_time_ms: float | None
     results: list[ResultRow]
+
+
+class QuickInferenceRequest(BaseModel):
+    """`POST /inference/quick` (query parameters, as the original panel sends them)."""
+
+    training_job_id: int = Field(ge=1)
+    image_path: str = Field(min_length=1)
+    checkpoint_path: str | None = None
+    confidence_threshold: float = Field(default=0.25, ge=0.0, le=1.0)
+    iou_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
+    max_detections: int | None = Field(default=None, ge=1)
+    top_k: int = Field(default=5, ge=1, le=100)
+
+
+class QuickInferenceResponse(ResultRow):
+    """One image's prediction, answered when the runner is done (the panel reads `task_type`,
+    `inference_time_ms`, `top5_predictions`, `predicted_boxes`, `num_detections`)."""
+
+    inference_job_id: int
+    training_job_id: int
+    checkpoint_path: str | None
+    image_path: str

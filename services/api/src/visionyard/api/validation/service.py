@@ -1,20 +1,33 @@
-"""Validation views of a training job: per-epoch metrics with their checkpoints, and one epoch's per-class results.
+"""Validation views of a training job: per-epoch metrics with their checkpoints, one epoch's per-class
+results, and one epoch's per-image results with each image.
 
 Fed by what trainers report: `progress` metrics per epoch, and a `validation_result` log event whose data
-holds the epoch's class names, confusion matrix and per-class precision/recall/F1.
+holds the epoch's class names, confusion matrix and per-class precision/recall/F1, and (the built-in
+classifier) each validation image's prediction (projected into rows by validation/projection.py). An
+image is the one in the job's pinned dataset version, read through storage like the dataset gallery's.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from visionyard.api.db.models import Checkpoint, TrainingJob, TrainingLog, TrainingMetric
+from visionyard.api.db.models_deployments import ValidationImageResult
 from visionyard.api.db.session import UnitOfWork
-from visionyard.api.errors import NotFound
+from visionyard.api.errors import Conflict, NotFound
+from visionyard.api.validation.projection import IMAGE_RESULTS, VALIDATION_EVENT
 
-VALIDATION_EVENT = "validation_result"
+
+@dataclass(frozen=True)
+class ImageSource:
+    """Where a validation image lives: a file of a stored dataset version."""
+
+    dataset_id: str
+    content_hash: str
+    filename: str
 
 
 class ValidationService:
@@ -88,6 +101,86 @@ class ValidationService:
                         "per_class_metrics": row.data.get("per_class_metrics", []),
                     }
             raise NotFound(f"epoch: job {job_id} has no validation result for epoch {epoch}")
+
+    def images(self, job_id: str, epoch: int, *, true_label_id: int | None, predicted_label_id: int | None,
+               correct: bool | None, skip: int, limit: int, base_url: str) -> dict[str, Any]:
+        """A page of one epoch's per-image results (newest attempt that reported the epoch), filtered by a
+        confusion-matrix cell or by correctness; 404 naming `epoch` when the trainer reported none."""
+        with self._uow.read() as session:
+            job = _job(session, job_id)
+            attempt = session.scalar(select(func.max(ValidationImageResult.attempt)).where(
+                ValidationImageResult.job_id == job.id, ValidationImageResult.epoch == epoch))
+            report = self._validation_log(session, job.id, epoch, attempt)
+            if attempt is None:
+                if report is None:
+                    raise NotFound(f"epoch: job {job_id} has no validation result for epoch {epoch}")
+                raise NotFound(f"epoch: the trainer of job {job_id} reported no per-image results for epoch {epoch} "
+                               "(only its confusion matrix and per-class metrics)")
+            rows = select(ValidationImageResult).where(
+                ValidationImageResult.job_id == job.id, ValidationImageResult.epoch == epoch,
+                ValidationImageResult.attempt == attempt)
+            if true_label_id is not None:
+                rows = rows.where(ValidationImageResult.true_label_id == true_label_id)
+            if predicted_label_id is not None:
+                rows = rows.where(ValidationImageResult.predicted_label_id == predicted_label_id)
+            if correct is not None:
+                same = ValidationImageResult.true_label_id == ValidationImageResult.predicted_label_id
+                rows = rows.where(same if correct else ~same)
+            total = session.scalar(select(func.count()).select_from(rows.subquery())) or 0
+            page = session.scalars(rows.order_by(ValidationImageResult.position).offset(skip).limit(limit)).all()
+            data = report.data if report is not None and isinstance(report.data, dict) else {}
+            names = list(data.get("class_names") or [])
+            counts = data.get(IMAGE_RESULTS) if isinstance(data.get(IMAGE_RESULTS), dict) else {}
+            reported = session.scalar(select(func.count()).select_from(ValidationImageResult).where(
+                ValidationImageResult.job_id == job.id, ValidationImageResult.epoch == epoch,
+                ValidationImageResult.attempt == attempt)) or 0
+            validated = counts.get("total") if isinstance(counts.get("total"), int) else reported
+            base = base_url.rstrip("/")
+
+            def label(index: int) -> str:
+                return names[index] if 0 <= index < len(names) else str(index)
+
+            return {
+                "job_id": _wire_id(job.id), "epoch": epoch, "attempt": attempt, "total_count": total, "skip": skip,
+                "limit": limit, "class_names": names, "reported_images": reported, "validated_images": validated,
+                "complete": reported >= validated,
+                "images": [{
+                    "id": row.id, "validation_result_id": report.id if report is not None else None,
+                    "job_id": _wire_id(job.id), "epoch": epoch, "image_path": row.image_path,
+                    "image_name": row.image_path.rsplit("/", 1)[-1], "image_index": row.position,
+                    "true_label": label(row.true_label_id), "true_label_id": row.true_label_id,
+                    "predicted_label": label(row.predicted_label_id), "predicted_label_id": row.predicted_label_id,
+                    "confidence": row.confidence, "top5_predictions": None,
+                    "is_correct": row.true_label_id == row.predicted_label_id,
+                    "image_url": f"{base}/api/v1/validation/images/{row.id}",
+                } for row in page],
+            }
+
+    def image_source(self, image_id: int) -> ImageSource:
+        """The dataset file a validation image row names (the job's pinned version)."""
+        with self._uow.read() as session:
+            row = session.get(ValidationImageResult, image_id)
+            if row is None:
+                raise NotFound(f"image_id: validation image {image_id} not found")
+            job = _job(session, row.job_id)
+            if not job.dataset_snapshot_id:
+                raise Conflict(f"image_id: training job {job.id} has no pinned dataset version")
+            return ImageSource(dataset_id=job.dataset_id, content_hash=job.dataset_snapshot_id,
+                               filename=row.image_path)
+
+    @staticmethod
+    def _validation_log(session: Any, job_id: str, epoch: int, attempt: int | None) -> TrainingLog | None:
+        query = select(TrainingLog).where(TrainingLog.job_id == job_id, TrainingLog.event_type == VALIDATION_EVENT)
+        if attempt is not None:
+            query = query.where(TrainingLog.attempt == attempt)
+        for row in session.scalars(query.order_by(TrainingLog.attempt.desc(), TrainingLog.seq.desc())):
+            if isinstance(row.data, dict) and row.data.get("epoch") == epoch:
+                return row
+        return None
+
+
+def _wire_id(job_id: str) -> int | str:
+    return int(job_id) if job_id.isdigit() else job_id
 
 
 def _job(session: Any, job_id: str) -> TrainingJob:

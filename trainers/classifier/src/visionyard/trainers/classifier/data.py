@@ -18,10 +18,16 @@ class DatasetError(Exception):
 
 @dataclass(frozen=True)
 class Split:
-    """Images (N, H, W, C) uint8 and their integer labels."""
+    """Images (N, H, W, C) uint8, their integer labels and the files they were read from (in the same order)."""
 
     images: np.ndarray
     labels: np.ndarray
+    paths: tuple[Path, ...] = ()
+
+    def subset(self, indices: np.ndarray) -> Split:
+        """The images at `indices`, with their labels and files."""
+        return Split(self.images[indices], self.labels[indices],
+                     tuple(self.paths[int(i)] for i in indices) if self.paths else ())
 
 
 @dataclass(frozen=True)
@@ -81,6 +87,7 @@ def _read_image(path: Path, *, image_size: int) -> np.ndarray:
 def _read_split(files: dict[str, list[Path]], class_names: list[str], *, image_size: int) -> Split:
     images: list[np.ndarray] = []
     labels: list[int] = []
+    read: list[Path] = []
     index = {name: i for i, name in enumerate(class_names)}
     for name, paths in files.items():
         if name not in index:
@@ -88,9 +95,10 @@ def _read_split(files: dict[str, list[Path]], class_names: list[str], *, image_s
         for path in paths:
             images.append(_read_image(path, image_size=image_size))
             labels.append(index[name])
+            read.append(path)
     if not images:
         return Split(np.zeros((0, image_size, image_size, 3), np.uint8), np.zeros((0,), np.int64))
-    return Split(np.stack(images), np.asarray(labels, dtype=np.int64))
+    return Split(np.stack(images), np.asarray(labels, dtype=np.int64), tuple(read))
 
 
 def stratified_split(labels: np.ndarray, *, val_split: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -158,8 +166,8 @@ def load_imagefolder(
         val = _read_split(val_files, class_names, image_size=image_size)
     else:
         train_idx, val_idx = stratified_split(train.labels, val_split=val_split, seed=seed)
-        val = Split(train.images[val_idx], train.labels[val_idx])
-        train = Split(train.images[train_idx], train.labels[train_idx])
+        val = train.subset(val_idx)
+        train = train.subset(train_idx)
     channels = in_channels or _channels_needed(train.images)
     return LoadedDataset(
         train=train, val=val, class_names=class_names, in_channels=channels, val_from_folder=val_dir is not None

@@ -30,6 +30,8 @@ from visionyard.trainers.classifier.models import BACKBONES, MODEL_NAMES, build_
 
 EXIT_USER_ERROR = 2
 EXIT_TERMINATED = 143
+# The per-image part of one epoch's validation report: well under NATS's default 1 MB message limit.
+IMAGE_RESULTS_BYTES = 256 * 1024
 
 
 class StopRequested:
@@ -65,6 +67,8 @@ class Hyperparameters:
     lr_schedule: str
     hflip: bool = False
     pretrained: bool | None = None
+    # Per-image validation results reported per epoch (the validation tab's image views); 0 reports none.
+    validation_images: int = 2000
 
     @classmethod
     def from_job(cls, job: TrainerJob) -> Hyperparameters:
@@ -87,6 +91,7 @@ class Hyperparameters:
                 lr_schedule=str(advanced.get("lr_schedule", "cosine")).lower(),
                 hflip=bool(advanced.get("hflip", False)),
                 pretrained=None if advanced.get("pretrained") is None else bool(advanced["pretrained"]),
+                validation_images=int(advanced.get("validation_images_per_epoch", 2000)),
             )
         except (TypeError, ValueError) as error:
             raise DatasetError(f"advanced_config: {error}") from error
@@ -100,6 +105,9 @@ class Hyperparameters:
             raise DatasetError(f"advanced_config.val_split must be within [0, 1), got {params.val_split}")
         if params.weight_decay < 0:
             raise DatasetError(f"advanced_config.weight_decay must be >= 0, got {params.weight_decay}")
+        if not 0 <= params.validation_images <= 10_000:
+            raise DatasetError(f"advanced_config.validation_images_per_epoch must be within 0..10000, "
+                               f"got {params.validation_images}")
         if params.lr_schedule not in ("constant", "cosine"):
             raise DatasetError(f"advanced_config.lr_schedule must be constant or cosine, got {params.lr_schedule!r}")
         return params
@@ -121,24 +129,65 @@ def _shift_augment(batch: torch.Tensor, generator: torch.Generator) -> torch.Ten
 
 def _evaluate(
     model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int, num_classes: int
-) -> tuple[float, float, list[list[int]]]:
-    """Validation loss, accuracy and the confusion matrix (rows: true class, columns: predicted)."""
+) -> Evaluation:
+    """Validation loss, accuracy, the confusion matrix (rows: true class, columns: predicted) and each
+    image's predicted class and its softmax confidence."""
     model.eval()
     criterion = nn.CrossEntropyLoss(reduction="sum")
     total_loss, correct = 0.0, 0
     confusion = torch.zeros((num_classes, num_classes), dtype=torch.long)
+    predictions: list[int] = []
+    confidences: list[float] = []
     with torch.no_grad():
         for start in range(0, len(labels), batch_size):
             logits = model(images[start : start + batch_size])
             target = labels[start : start + batch_size]
             total_loss += float(criterion(logits, target))
-            predicted = logits.argmax(1)
+            scores, predicted = torch.softmax(logits, dim=1).max(dim=1)
             correct += int((predicted == target).sum())
             confusion += torch.bincount(target * num_classes + predicted, minlength=num_classes**2).view(
                 num_classes, num_classes
             )
+            predictions += predicted.tolist()
+            confidences += scores.tolist()
     count = max(len(labels), 1)
-    return total_loss / count, correct / count, confusion.tolist()
+    return Evaluation(total_loss / count, correct / count, confusion.tolist(), predictions, confidences)
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """One pass over the validation images."""
+
+    loss: float
+    accuracy: float
+    confusion: list[list[int]]
+    predictions: list[int]
+    confidences: list[float]
+
+
+def image_results(
+    paths: list[str], labels: list[int], evaluation: Evaluation, *, limit: int
+) -> dict[str, Any]:
+    """Each validation image's true and predicted class and confidence, as aligned arrays (compact on the wire).
+
+    At most `limit` images are listed, and no more than fit in IMAGE_RESULTS_BYTES (the report travels in one
+    event, under the broker's message size): the misclassified ones first (what a reviewer looks for), then
+    the rest in dataset order; `total` says how many were validated.
+    """
+    order: list[int] = []
+    budget = IMAGE_RESULTS_BYTES
+    for index in sorted(range(len(paths)), key=lambda i: (labels[i] == evaluation.predictions[i], i))[: max(limit, 0)]:
+        budget -= len(paths[index].encode()) + 32  # the path, quoted, and its three numbers
+        if budget < 0:
+            break
+        order.append(index)
+    return {
+        "total": len(paths),
+        "images": [paths[i] for i in order],
+        "true": [labels[i] for i in order],
+        "predicted": [evaluation.predictions[i] for i in order],
+        "confidence": [round(evaluation.confidences[i], 5) for i in order],
+    }
 
 
 def validation_result(epoch: int, class_names: list[str], confusion: list[list[int]]) -> dict[str, Any]:
@@ -211,10 +260,13 @@ def train(job: TrainerJob, reporter: Reporter, stop: StopRequested) -> int:
     val_x = (val_x - mean_t) / std_t
     train_y = torch.from_numpy(dataset.train.labels)
     val_y = torch.from_numpy(dataset.val.labels)
+    val_files = dataset.val.paths
     if len(val_y) == 0:
         # No held-out images (val_split=0 or tiny classes): validate on the training set, and say so.
         reporter.log("no validation images; validation metrics are computed on the training set", level="WARNING")
-        val_x, val_y = train_x, train_y
+        val_x, val_y, val_files = train_x, train_y, dataset.train.paths
+    # Paths inside the dataset version (what storage indexes its files by), for the per-image views.
+    val_paths = [Path(path).relative_to(job.dataset_dir).as_posix() for path in val_files]
 
     model = build_model(params.model_name, in_channels=dataset.in_channels, num_classes=num_classes)
     if weights is not None:
@@ -314,10 +366,15 @@ def train(job: TrainerJob, reporter: Reporter, stop: StopRequested) -> int:
             correct += int((logits.argmax(1) == target).sum())
             if stop.requested:
                 return save_last_and_stop()
-        val_loss, val_accuracy, confusion = _evaluate(model, val_x, val_y, max(params.batch_size, 256), num_classes)
+        evaluation = _evaluate(model, val_x, val_y, max(params.batch_size, 256), num_classes)
+        val_loss, val_accuracy = evaluation.loss, evaluation.accuracy
         names = list(dataset.class_names) + [f"class_{index}" for index in range(len(dataset.class_names), num_classes)]
+        result = validation_result(epoch, names, evaluation.confusion)
+        if params.validation_images and len(val_paths) == len(evaluation.predictions):
+            result["image_results"] = image_results(val_paths, val_y.tolist(), evaluation,
+                                                    limit=params.validation_images)
         reporter.log(f"epoch {epoch}: validation accuracy {val_accuracy:.4f}", event_type="validation_result",
-                     data=validation_result(epoch, names, confusion))
+                     data=result)
         last_metrics = {
             "loss": val_loss,
             "accuracy": val_accuracy,

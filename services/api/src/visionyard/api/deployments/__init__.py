@@ -1,0 +1,1 @@
+"""Deployments of completed exports: inference endpoints with their own keys, and package links."""
