@@ -239,7 +239,7 @@ class Bus:
                 self._kv[bucket] = await self.js.key_value(bucket)
             except Exception:
                 self._kv[bucket] = await self.js.create_key_value(
-                    api.KeyValueConfig(bucket=bucket, history=1, replicas=replicas)
+                    api.KeyValueConfig(bucket=bucket, history=1, replicas=replicas, ttl=streams.KV_TTLS.get(bucket))
                 )
         return self._kv[bucket]
 

@@ -102,7 +102,8 @@ STORAGE_INGEST = ConsumerSpec(
 RUNNER = ConsumerSpec(
     stream=COMMANDS.name,
     durable="runner",
-    filter_subjects=(subjects.CMD_TRAIN, subjects.CMD_EXPORT, subjects.CMD_INFER),
+    # `cmd.train` itself: commands published straight to the runners (tests, tools, older outbox rows).
+    filter_subjects=(subjects.CMD_TRAIN, subjects.CMD_TRAIN_JOBS, subjects.CMD_EXPORT, subjects.CMD_INFER),
     ack_wait=30.0,
     max_deliver=5,
     max_ack_pending=10_000,
@@ -116,7 +117,8 @@ def runner_gpu(count: int) -> ConsumerSpec:
     the consumers of counts `<= k`, and a job needing more stays unclaimed in the stream (not
     redelivered, so waiting costs it no delivery and no attempt). Runners declare the ones they serve.
     """
-    return replace(RUNNER, durable=f"runner-gpu-{count}", filter_subjects=(subjects.train_gpu(count),))
+    return replace(RUNNER, durable=f"runner-gpu-{count}",
+                   filter_subjects=(subjects.train_gpu(count), subjects.train_gpu_jobs(count)))
 
 
 # Storage keeps staged export packages and inference results.
@@ -136,6 +138,17 @@ STORAGE_DATASET_DELETE = ConsumerSpec(
     ack_wait=120.0,
     max_deliver=20,
 )
+# The elected scheduler (an API replica) learns from these events when an admitted attempt starts and
+# when it ends (its slot and quota are free again). A short ack wait: a replica that lost the lease (or
+# died) hands the events it held to the next leader within seconds.
+API_SCHEDULER = ConsumerSpec(
+    stream=EVENTS.name,
+    durable="api-scheduler",
+    filter_subjects=(subjects.job_event("*", "started"), subjects.job_event("*", "completed"),
+                     subjects.job_event("*", "failed"), subjects.job_event("*", "cancelled")),
+    ack_wait=10.0,
+    max_deliver=50,
+)
 CONSUMERS: tuple[ConsumerSpec, ...] = (
     API_PROJECTOR,
     TRACKER,
@@ -144,6 +157,7 @@ CONSUMERS: tuple[ConsumerSpec, ...] = (
     RUNNER,
     STORAGE_SHIPPED,
     STORAGE_DATASET_DELETE,
+    API_SCHEDULER,
 )
 
 # KV: a cancel is recorded here (durably) so a runner that claims a job later still sees it.
@@ -155,7 +169,22 @@ KV_CAPABILITIES = "trainer_capabilities"
 KV_JOB_TERMINAL = "job_terminal"
 # KV: each runner advertises its devices (cpu slots, GPUs, which GPUs are free) under its runner id.
 KV_RUNNER_DEVICES = "runner_devices"
-KV_BUCKETS: tuple[str, ...] = (KV_CANCELLATIONS, KV_CAPABILITIES, KV_JOB_TERMINAL, KV_RUNNER_DEVICES)
+# KV, scheduling (shared/scheduling.py, docs/scheduling.md): queued attempts (the API writes), admitted
+# attempts (only the elected scheduler writes, revision-checked), project weights and quotas (the API
+# writes), the scheduler's lease, and where each waiting job stands (the scheduler writes).
+KV_SCHED_REQUESTS = "sched_requests"
+KV_SCHED_JOBS = "sched_jobs"
+KV_SCHED_PROJECTS = "sched_projects"
+KV_SCHED_LEADER = "sched_leader"
+KV_SCHED_STATUS = "sched_status"
+# The lease expires this long after its holder last renewed it (the bucket's TTL); the holder renews it
+# three times per period and stops deciding once a period has passed without a renewal.
+SCHED_LEASE_SECONDS = 6.0
+KV_BUCKETS: tuple[str, ...] = (KV_CANCELLATIONS, KV_CAPABILITIES, KV_JOB_TERMINAL, KV_RUNNER_DEVICES,
+                               KV_SCHED_REQUESTS, KV_SCHED_JOBS, KV_SCHED_PROJECTS, KV_SCHED_LEADER,
+                               KV_SCHED_STATUS)
+# Buckets whose entries expire (seconds); the others keep their entries until deleted.
+KV_TTLS: dict[str, float] = {KV_SCHED_LEADER: SCHED_LEASE_SECONDS}
 
 # Object store: files cross service boundaries here, never inside events.
 OBJECT_STAGING = "staging"

@@ -32,6 +32,8 @@ class ApiSettings(ServiceSettings):
     # uvicorn's `--loop`: "auto" runs on uvloop when it is installed (it is, with uvicorn[standard]).
     # Measured on the event pipeline (alternating runs): ~9 % less API CPU per event than asyncio's loop.
     event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
+    # Whether this replica stands for the scheduler lease (docs/scheduling.md); at least one replica must.
+    scheduler: bool = True
 
     # -- who may call (auth/) ------------------------------------------------------------------------
     # Calls without credentials act as the admin: only for the one-person embedded install, whose

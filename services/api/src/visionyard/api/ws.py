@@ -46,6 +46,7 @@ from visionyard.api.jobstate import TERMINAL
 from visionyard.api.live import LiveConnection, LiveStats
 from visionyard.api.livebatch import parse_batch_ms
 from visionyard.api.livehub import FeedHub
+from visionyard.api.scheduling.feed import QueuePositionsFeed
 from visionyard.shared import streams
 
 router = APIRouter()
@@ -76,6 +77,14 @@ def _hub(app: Any) -> FeedHub:
         app.state.live_hub = FeedHub(bus=app.state.bus, gate=_projection_gate(app))
     hub: FeedHub = app.state.live_hub
     return hub
+
+
+def _positions(app: Any) -> QueuePositionsFeed | None:
+    # One watch of the scheduler's position shards per API instance, started by the first subscriber.
+    if getattr(app.state, "queue_positions", None) is None and getattr(app.state, "bus", None) is not None:
+        app.state.queue_positions = QueuePositionsFeed(app.state.bus)
+    feed: QueuePositionsFeed | None = getattr(app.state, "queue_positions", None)
+    return feed
 
 
 def _projection_gate(app: Any) -> Any:
@@ -207,7 +216,7 @@ async def training_socket(
     await websocket.accept()
     session = session_id or uuid.uuid4().hex
     connection = LiveConnection(bus=app.state.bus, write=websocket.send_json, stats=_stats(app), hub=_hub(app),
-                                write_text=websocket.send_text, gate=_projection_gate(app))
+                                write_text=websocket.send_text, gate=_projection_gate(app), positions=_positions(app))
     # Everything after accept goes through the connection's single writer, so messages never interleave.
     await connection.enqueue({"type": "connected", "session_id": session, "timestamp": _now()})
     # The query's batch_ms is the connection's default for every subscription; a bad one subscribes nothing.
