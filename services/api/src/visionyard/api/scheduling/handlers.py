@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import socket
@@ -23,6 +24,7 @@ from visionyard.api.scheduling.lease import Lease
 from visionyard.api.scheduling.scheduler import (
     PURGE_EVERY_SECONDS,
     STATUS_REFRESH_SECONDS,
+    CommandSender,
     RunnerEvent,
     Scheduler,
 )
@@ -47,8 +49,9 @@ class SchedulerRuntime:
     """Stands for the scheduler lease until stopped; leads while it holds it."""
 
     def __init__(self, bus: Bus, *, scheduler_id: str | None = None, lease_seconds: float = streams.SCHED_LEASE_SECONDS,
-                 batch: int = 200) -> None:
+                 batch: int = 200, sender: CommandSender | None = None) -> None:
         self._bus = bus
+        self._sender = sender or BusCommandSender(bus)
         self.scheduler_id = scheduler_id or default_scheduler_id()
         self.lease = Lease(KvLeaseStore(bus), holder=self.scheduler_id, ttl=lease_seconds)
         self._batch = batch
@@ -77,7 +80,7 @@ class SchedulerRuntime:
 
     async def _lead(self, stop: asyncio.Event) -> None:
         store = KvSchedulerStore(self._bus)
-        scheduler = Scheduler(store=store, sender=BusCommandSender(self._bus), scheduler_id=self.scheduler_id)
+        scheduler = Scheduler(store=store, sender=self._sender, scheduler_id=self.scheduler_id)
         term_over = asyncio.Event()
         try:
             initial = await store.open()
@@ -157,8 +160,6 @@ class SchedulerRuntime:
 
 
 def _runner_event(msg: Msg) -> RunnerEvent | None:
-    import json
-
     kind = msg.subject.rsplit(".", 1)[-1]
     if kind not in ("started", "completed", "failed", "cancelled"):
         return None

@@ -341,14 +341,21 @@ class QueueBook:
                                              done_at=now)
             return Ended(job_id=job_id, attempt=max(attempt, admitted.attempt), project_id=admitted.project_id,
                          gpus=admitted.gpus, record_revision=admitted.revision, request_revision=None)
-        waiting = self.waiting.get(job_id)
-        if waiting is None or waiting.attempt > attempt:
-            return None
-        self.withdraw(job_id)
         previous = self.finished.get(job_id)
+        if previous is not None and previous.attempt >= attempt:
+            return None
+        waiting = self.waiting.get(job_id)
+        if waiting is not None and waiting.attempt > attempt:
+            return None
+        if waiting is not None:
+            self.withdraw(job_id)
+        # Also for a job not seen waiting yet: its end (a cancel) can overtake its request, which arrives
+        # through another stream; the record then fences that request when it comes.
         self.finished[job_id] = Finished(attempt=attempt, revision=previous.revision if previous else 0, done_at=now)
-        return Ended(job_id=job_id, attempt=attempt, project_id=waiting.project_id, gpus=waiting.gpus,
-                     record_revision=previous.revision if previous else None, request_revision=waiting.revision)
+        return Ended(job_id=job_id, attempt=attempt, project_id=waiting.project_id if waiting else "",
+                     gpus=waiting.gpus if waiting else 0,
+                     record_revision=previous.revision if previous and previous.revision else None,
+                     request_revision=waiting.revision if waiting else None)
 
     def record_written(self, job_id: str, *, revision: int) -> None:
         """The `sched_jobs` record of a job now has `revision` (the next write of it checks it)."""
