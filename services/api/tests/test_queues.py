@@ -18,6 +18,9 @@ from visionyard.api.config import ApiSettings
 from visionyard.shared import streams
 from visionyard.shared.bus import Bus
 
+from visionyard.cli.client import ApiClient
+from visionyard.cli.queues import show_job, show_queues
+
 from .access_world import served
 from .conftest import CLASSIFIER, until
 from .test_api import _job_body, _ready_dataset
@@ -153,3 +156,20 @@ async def test_the_websocket_tells_a_waiting_job_where_it_stands(bus: Bus, setti
             while moved["position"] != 2:
                 moved = await next_position()
             assert (moved["reason"], moved["jobs_ahead"]) == ("priority", 1)
+
+        # `visionyard queue` prints the same, from the same routes.
+        with ApiClient(base_url) as cli:
+            table = await asyncio.to_thread(show_queues, cli)
+            where = await asyncio.to_thread(show_job, cli, str(waiting))
+        lines = table.splitlines()
+        assert lines[0].startswith("scheduler api-") and "slots 0 free of 1" in lines[0]
+        assert lines[1].split() == ["QUEUE", "PROJECT", "PRIORITY", "WAITING", "RUNNING", "WEIGHT", "QUOTA"]
+        assert lines[2].split()[:6] == ["cpu", str(projects(lines)), "Uncategorized", "high", "1", "1"]
+        assert lines[3].split() == ["normal", "1"]
+        assert where.startswith(f"job {waiting} (normal priority) is queued: position 2 in cpu (1 ahead); waits on "
+                                "priority")
+
+
+def projects(lines: list[str]) -> int:
+    """The project id in the first row of `visionyard queue`'s table."""
+    return int(lines[2].split()[1])
