@@ -91,6 +91,7 @@ class SchedulerRuntime:
                 asyncio.create_task(self._follow(store, scheduler), name="sched-follow"),
                 asyncio.create_task(self._consume_events(scheduler, term_over), name="sched-events"),
                 asyncio.create_task(self._admit(scheduler), name="sched-admit"),
+                asyncio.create_task(scheduler.delete_requests(), name="sched-delete-requests"),
                 asyncio.create_task(self._report(scheduler), name="sched-status"),
                 asyncio.create_task(self._housekeep(scheduler, store), name="sched-housekeeping"),
                 asyncio.create_task(stop.wait(), name="sched-stop"),

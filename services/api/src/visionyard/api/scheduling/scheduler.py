@@ -38,7 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from visionyard.api.scheduling.policy import QueueBook, RunnerView, Waiting
+from visionyard.api.scheduling.policy import Ended, QueueBook, RunnerView, Waiting
 from visionyard.shared import subjects, tracing
 from visionyard.shared.scheduling import (
     POSITION_SHARDS,
@@ -52,9 +52,14 @@ from visionyard.shared.scheduling import (
 
 log = logging.getLogger("visionyard.api.scheduling")
 
-# A done record is kept this long after the API recorded the attempt's end in `job_terminal` (which then
-# fences any late request of that attempt), then deleted so a new leader reads only recent records.
-DONE_RECORD_GRACE_SECONDS = 300.0
+# A done record is kept at least this long (and until the API recorded the attempt's end in `job_terminal`),
+# then deleted so a new leader reads only recent records. A request queued more recently than this cannot be
+# of an attempt whose record is gone, so only older ones are checked against `job_terminal` when admitted.
+DONE_RECORD_GRACE_SECONDS = 3600.0
+# At most this many jobs are admitted together (records written, then commands published, concurrently).
+ADMISSION_BATCH = 64
+# Requests up to this size are kept in memory as the watch delivers them, so admitting one reads nothing.
+CACHED_REQUEST_BYTES = 64 * 1024
 # Delete markers older than this are purged from the scheduler's buckets (hourly).
 PURGE_EVERY_SECONDS = 3600.0
 # The summary is rewritten at least this often, so a reader can tell a live scheduler from a gone one.
@@ -195,6 +200,9 @@ class Scheduler:
         self.status_changed = asyncio.Event()
         self._written_status: dict[str, bytes] = {}
         self.admitted_total = 0
+        # The latest value of each waiting request (revision, bytes): admitting needs no read of it.
+        self._requests: dict[str, tuple[int, bytes]] = {}
+        self._deletions: asyncio.Queue[tuple[str, int]] = asyncio.Queue()
 
     # -- taking over ------------------------------------------------------------------------------
 
@@ -212,7 +220,11 @@ class Scheduler:
             if change.value is None:
                 continue
             job = parse_request(change)
-            if job is not None and not self.book.offer(job):
+            if job is None:
+                continue
+            if self.book.offer(job):
+                self._remember(change)
+            else:
                 stale[job.job_id] = job
         for admitted in list(self.book.admitted.values()):
             seen = await self._store.last_runner_events(admitted.job_id)
@@ -244,17 +256,26 @@ class Scheduler:
         if change.kind == "request":
             if change.value is None:
                 self.book.withdraw(change.key)
+                self._requests.pop(change.key, None)
             else:
                 job = parse_request(change)
-                if job is not None and not self.book.offer(job):
+                if job is not None and self.book.offer(job):
+                    self._remember(change)
+                elif job is not None:
                     # Its attempt was admitted (or ended) already: a late put, e.g. a priority change.
-                    await self._store.delete_request(job.job_id, expected=job.revision)
+                    self._deletions.put_nowait((job.job_id, job.revision))
         elif change.kind == "policy":
             self._apply_policy(change)
         else:
             self.book.set_runner(change.key, parse_runner(change, now=self._clock(), initial=False))
         self.wake.set()
         self.status_changed.set()
+
+    def _remember(self, change: Change) -> None:
+        if change.value is not None and len(change.value) <= CACHED_REQUEST_BYTES:
+            self._requests[change.key] = (change.revision, change.value)
+        else:
+            self._requests.pop(change.key, None)  # a big one (a long split) is read when admitted
 
     def _apply_policy(self, change: Change) -> None:
         policy = None
@@ -266,74 +287,122 @@ class Scheduler:
         self.book.set_policy(change.key, policy)
 
     async def on_events(self, events: list[RunnerEvent]) -> None:
-        """Admitted attempts started or ended; an end frees the slot once the record says `done`."""
+        """Admitted attempts started or ended; an end frees the slot at once, and the record says `done` before
+        the events are acknowledged (a scheduler that dies first gets them again: the write is redone)."""
         now = self._clock()
+        writes = []
         for event in events:
             if event.kind == "started":
                 self.book.started(event.job_id, event.attempt)
                 continue
             ended = self.book.ended(event.job_id, event.attempt, now=now)
-            if ended is None:
-                continue
-            record = AdmissionRecord(job_id=ended.job_id, attempt=ended.attempt, project_id=ended.project_id,
-                                     gpus=ended.gpus, state="done", admitted_at=now, done_at=now, scheduler=self._id)
-            revision = await self._store.write_record(record, expected=ended.record_revision)
-            self.book.record_written(ended.job_id, revision=revision)
-            if ended.request_revision is not None:
-                await self._store.delete_request(ended.job_id, expected=ended.request_revision)
+            if ended is not None:
+                writes.append(ended)
+        # The freed slots are offered before the records are written: admitting never waits on that write.
         self.wake.set()
         self.status_changed.set()
+        await asyncio.gather(*(self._record_end(ended, now=now) for ended in writes))
+
+    async def _record_end(self, ended: Ended, *, now: float) -> None:
+        record = AdmissionRecord(job_id=ended.job_id, attempt=ended.attempt, project_id=ended.project_id,
+                                 gpus=ended.gpus, state="done", admitted_at=now, done_at=now, scheduler=self._id)
+        revision = await self._store.write_record(record, expected=ended.record_revision)
+        self.book.record_written(ended.job_id, revision=revision)
+        if ended.request_revision is not None:
+            await self._store.delete_request(ended.job_id, expected=ended.request_revision)
 
     # -- admitting ---------------------------------------------------------------------------------
 
     async def admit_ready(self, *, may_decide: Callable[[], bool]) -> int:
-        """Admit jobs while slots are free and this scheduler still holds the lease; how many."""
+        """Admit jobs while slots are free and this scheduler still holds the lease; how many.
+
+        The jobs a round of free slots takes are chosen one by one (each choice sees the previous ones'
+        slots, quotas and passes taken), then admitted together: their records written concurrently, then
+        their commands published concurrently — two broker round trips per round, not per job.
+        """
         admitted = 0
         while may_decide():
-            job = self.book.next_admission(self._clock())
-            if job is None:
+            now = self._clock()
+            chosen: list[tuple[Waiting, QueueRequest, int, int | None]] = []
+            while len(chosen) < ADMISSION_BATCH:
+                job = self.book.next_admission(now)
+                if job is None:
+                    break
+                request = await self._current_request(job)
+                if request is None:
+                    continue
+                # The record's revision as read (None: it has none), checked by the write that admits it.
+                expected = self.book.record_revision(job.job_id)
+                self.book.admit(job, revision=0, now=now)  # holds its slot, quota and pass from now on
+                chosen.append((job, *request, expected))
+            if not chosen:
                 break
-            if await self._admit(job):
-                admitted += 1
+            await self._admit(chosen, now=now)
+            admitted += len(chosen)
         if admitted:
             self.status_changed.set()
         return admitted
 
-    async def _admit(self, job: Waiting) -> bool:
-        fetched = await self._store.request(job.job_id)
-        if fetched is None:
-            self.book.withdraw(job.job_id, attempt=job.attempt)  # deleted meanwhile; the watch confirms
-            return False
-        request, revision = fetched
+    async def _current_request(self, job: Waiting) -> tuple[QueueRequest, int] | None:
+        """The job's request with its command, if it still stands as the book has it (else the book is corrected)."""
+        cached = self._requests.get(job.job_id)
+        if cached is not None and cached[0] == job.revision:
+            request, revision = QueueRequest.model_validate_json(cached[1]), job.revision
+        else:
+            fetched = await self._store.request(job.job_id)
+            if fetched is None:
+                self.book.withdraw(job.job_id, attempt=job.attempt)  # deleted meanwhile; the watch confirms
+                return None
+            request, revision = fetched
         if (request.attempt, request.priority, request.project_id, request.gpus) != (
                 job.attempt, job.priority, job.project_id, job.gpus):
             # Put again since the watch delivered it (a priority change): decide on the newer one.
             self.book.offer(Waiting(job_id=request.job_id, attempt=request.attempt, project_id=request.project_id,
                                     priority=request.priority, queued_at=request.queued_at, gpus=request.gpus,
                                     revision=revision))
-            return False
-        if self.book.record_revision(job.job_id) is None and job.job_id not in self.book.finished:
-            # No record: the attempt is new here, or its record was collected after the API recorded the
-            # job's end. `job_terminal` fences a request of a finished attempt put again late.
+            return None
+        if (self.book.record_revision(job.job_id) is None and job.job_id not in self.book.finished
+                and request.queued_at < self._clock() - DONE_RECORD_GRACE_SECONDS):
+            # No record, and queued long ago: its record may have been collected after the API recorded the
+            # job's end. `job_terminal` fences such a late request (a younger one cannot be: see the grace).
             terminal = await self._store.terminal_attempt(job.job_id)
             if terminal is not None and terminal >= job.attempt:
                 self.book.withdraw(job.job_id)
-                await self._store.delete_request(job.job_id, expected=revision)
-                return False
-        now = self._clock()
-        subject = subjects.admitted_train(job.job_id, job.attempt, gpus=job.gpus)
-        record = AdmissionRecord(job_id=job.job_id, attempt=job.attempt, project_id=job.project_id, gpus=job.gpus,
-                                 priority=job.priority, state="admitted", admitted_at=now, subject=subject,
-                                 scheduler=self._id)
-        with tracing.span("scheduler admit", headers=request.trace or None, job_id=job.job_id, attempt=job.attempt):
-            record_revision = await self._store.write_record(record, expected=self.book.record_revision(job.job_id))
-            self.book.admit(job, revision=record_revision, now=now)
-            await self._send(request)
-        await self._store.delete_request(job.job_id, expected=revision)
-        self.admitted_total += 1
-        log.debug("admitted", extra={"job_id": job.job_id, "attempt": job.attempt, "project_id": job.project_id,
-                                     "priority": job.priority})
-        return True
+                self._deletions.put_nowait((job.job_id, revision))
+                return None
+        return request, revision
+
+    async def _admit(self, chosen: list[tuple[Waiting, QueueRequest, int, int | None]], *, now: float) -> None:
+        records = [
+            AdmissionRecord(job_id=job.job_id, attempt=job.attempt, project_id=job.project_id, gpus=job.gpus,
+                            priority=job.priority, state="admitted", admitted_at=now,
+                            subject=subjects.admitted_train(job.job_id, job.attempt, gpus=job.gpus), scheduler=self._id)
+            for job, _, _, _ in chosen
+        ]
+        # 1. the decisions, durably (revision-checked: a conflict means another scheduler decides; step down) ...
+        revisions = await asyncio.gather(*(self._store.write_record(record, expected=expected)
+                                           for record, (_, _, _, expected) in zip(records, chosen, strict=True)))
+        for (job, _, _, _), revision in zip(chosen, revisions, strict=True):
+            self.book.record_written(job.job_id, revision=revision)
+        # 2. ... then the commands, at most one stored copy per attempt ...
+        await asyncio.gather(*(self._send_traced(request) for _, request, _, _ in chosen))
+        # 3. ... and the requests go (off the admission path; a new scheduler deletes what is left).
+        for job, _, revision, _ in chosen:
+            self._requests.pop(job.job_id, None)
+            self._deletions.put_nowait((job.job_id, revision))
+        self.admitted_total += len(chosen)
+
+    async def _send_traced(self, request: QueueRequest) -> bool:
+        # Continues the trace of the request that queued the job (its REST call).
+        with tracing.span("scheduler admit", headers=request.trace or None, job_id=request.job_id,
+                          attempt=request.attempt):
+            return await self._send(request)
+
+    async def delete_requests(self) -> None:
+        """Delete admitted (or stale) requests, revision-checked, as they come (runs beside the admissions)."""
+        while True:
+            job_id, revision = await self._deletions.get()
+            await self._store.delete_request(job_id, expected=revision)
 
     async def _send(self, request: QueueRequest) -> bool:
         subject = subjects.admitted_train(request.job_id, request.attempt, gpus=request.gpus)
