@@ -196,3 +196,33 @@ def test_queue_summary_counts_waiting_jobs_by_queue_project_and_priority() -> No
     assert (by_queue["cpu"].waiting, by_queue["cpu"].running) == (1, 1)
     assert cpu["1"].by_priority == {"50": 1} and cpu["1"].running == 1
     assert by_queue["gpu-1"].waiting == 1 and summary.capacity.free_slots == 0
+
+
+def test_lookahead_admits_ahead_of_free_slots_only_while_slots_turn_over_fast() -> None:
+    book = book_with(slots=1, runners=2)  # two runners of one slot
+    book.start(NOW - 10)
+    for index in range(1, 40):
+        book.offer(job(index))
+    for _ in range(2):  # both slots taken
+        chosen = book.next_admission(NOW)
+        assert chosen is not None
+        book.admit(chosen, revision=1, now=NOW)
+    assert book.lookahead(NOW) == 0 and book.next_admission(NOW) is None  # nothing ended yet: strict
+    # Short jobs: 30 attempts ended in the last 10 s (3/s): half a second of turnover is one job ahead.
+    for index in range(30):
+        book._ends.append(NOW - index * 0.3)
+    assert book.lookahead(NOW) == 1
+    ahead = book.next_admission(NOW)
+    assert ahead is not None
+    book.admit(ahead, revision=1, now=NOW)
+    assert book.next_admission(NOW) is None  # one ahead at most at this turnover
+    # Faster turnover, but never more than one per live runner.
+    for index in range(200):
+        book._ends.append(NOW - index * 0.01)
+    assert book.lookahead(NOW) == 2
+    # Long jobs (under 2 ends per second over the window): strict again.
+    slow = book_with(slots=1)
+    slow.start(NOW - 10)
+    for index in range(15):
+        slow._ends.append(NOW - index * 0.6)
+    assert slow.lookahead(NOW) == 0

@@ -34,6 +34,9 @@ class ApiSettings(ServiceSettings):
     event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
     # Whether this replica stands for the scheduler lease (docs/scheduling.md); at least one replica must.
     scheduler: bool = True
+    # While slots turn over fast (short jobs), admit up to this many seconds of turnover ahead of a free slot
+    # (at most one job per runner), so runners do not wait a scheduler round trip between jobs; 0: never.
+    scheduler_lookahead_seconds: float = Field(default=0.5, ge=0, le=10)
 
     # -- who may call (auth/) ------------------------------------------------------------------------
     # Calls without credentials act as the admin: only for the one-person embedded install, whose

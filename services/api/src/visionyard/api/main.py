@@ -137,7 +137,8 @@ def create_app(settings: ApiSettings | None = None, *, bus: Bus | None = None) -
         ]
         if settings.scheduler:
             # Every replica stands for the scheduler lease; the one holding it admits jobs (docs/scheduling.md).
-            app.state.scheduler = SchedulerRuntime(connected)
+            app.state.scheduler = SchedulerRuntime(
+                connected, lookahead_seconds=settings.scheduler_lookahead_seconds)
             workers.append(asyncio.create_task(app.state.scheduler.run(stop), name="scheduler"))
         log.info("api started", extra={"service": "api"})
         try:

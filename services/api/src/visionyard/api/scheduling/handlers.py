@@ -49,8 +49,9 @@ class SchedulerRuntime:
     """Stands for the scheduler lease until stopped; leads while it holds it."""
 
     def __init__(self, bus: Bus, *, scheduler_id: str | None = None, lease_seconds: float = streams.SCHED_LEASE_SECONDS,
-                 batch: int = 200, sender: CommandSender | None = None) -> None:
+                 batch: int = 200, sender: CommandSender | None = None, lookahead_seconds: float = 0.5) -> None:
         self._bus = bus
+        self._lookahead_seconds = lookahead_seconds
         self._sender = sender or BusCommandSender(bus)
         self.scheduler_id = scheduler_id or default_scheduler_id()
         self.lease = Lease(KvLeaseStore(bus), holder=self.scheduler_id, ttl=lease_seconds)
@@ -80,7 +81,8 @@ class SchedulerRuntime:
 
     async def _lead(self, stop: asyncio.Event) -> None:
         store = KvSchedulerStore(self._bus)
-        scheduler = Scheduler(store=store, sender=self._sender, scheduler_id=self.scheduler_id)
+        scheduler = Scheduler(store=store, sender=self._sender, scheduler_id=self.scheduler_id,
+                              lookahead_seconds=self._lookahead_seconds)
         term_over = asyncio.Event()
         try:
             initial = await store.open()

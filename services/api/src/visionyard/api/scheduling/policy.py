@@ -35,7 +35,7 @@ import heapq
 import itertools
 from collections import Counter, deque
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from visionyard.shared.scheduling import (
     AdmissionRecord,
@@ -55,6 +55,8 @@ LIVENESS_PERIODS = 4.0
 STALE_ADVERTISEMENT_SECONDS = 60.0
 # The admission rate behind the start estimates is counted over this window.
 RATE_WINDOW_SECONDS = 60.0
+# Slot turnover (admitted attempts ending per second) is counted over this window for the lookahead.
+TURNOVER_WINDOW_SECONDS = 10.0
 DEFAULT_POLICY = ProjectPolicy()
 
 
@@ -179,7 +181,12 @@ class QueueBook:
     _usage: dict[str, _Usage] = field(default_factory=dict)
     _reserved_gpus: int = 0
     _admissions: deque[float] = field(default_factory=deque)
+    _ends: deque[float] = field(default_factory=deque)
     _since: float | None = None
+    # Lookahead: while slots turn over fast, admit up to this many seconds of turnover (at most one job per
+    # live runner) ahead of a slot actually being free, so a runner finishing a job finds the next command
+    # already queued instead of waiting a scheduler round trip for it. 0: admit only into free slots.
+    lookahead_seconds: float = 0.5
 
     # -- mirroring the durable state --------------------------------------------------------------
 
@@ -267,9 +274,29 @@ class QueueBook:
                     free_gpus=free_gpus, largest_runner_gpus=max((runner.gpus for runner in live), default=0),
                     largest_free_gpus=largest_free)
 
+    def lookahead(self, now: float) -> int:
+        """How many jobs to admit beyond the free slots now: `lookahead_seconds` of the recent slot turnover,
+        at most one per live runner; 0 unless at least 1 / `lookahead_seconds` slots free per second.
+
+        What it costs: a job queued now may start after up to this many jobs admitted just before it, which at
+        that turnover start within about `lookahead_seconds`. With long jobs (slow turnover) it is 0, and a free
+        slot always takes the highest-priority eligible job.
+        """
+        while self._ends and self._ends[0] < now - TURNOVER_WINDOW_SECONDS:
+            self._ends.popleft()
+        if self.lookahead_seconds <= 0 or not self._ends:
+            return 0
+        span = min(TURNOVER_WINDOW_SECONDS, max(now - (self._since if self._since is not None else now), 1.0))
+        turnover = len(self._ends) / span
+        runners = sum(1 for runner in self.runners.values() if runner.alive(now))
+        return min(runners, int(turnover * self.lookahead_seconds))
+
     def next_admission(self, now: float) -> Waiting | None:
-        """The job the next free slot takes, or None (no free slot, or nothing eligible)."""
+        """The job the next free slot takes (or, with the lookahead, the slot about to free), or None."""
         room = self.room(now)
+        ahead = self.lookahead(now)
+        if ahead:
+            room = replace(room, free_slots=room.free_slots + ahead)
         if room.free_slots <= 0:
             return None
         best: Waiting | None = None
@@ -337,6 +364,7 @@ class QueueBook:
             if attempt < admitted.attempt:
                 return None
             self._release(admitted)
+            self._ends.append(now)
             self.finished[job_id] = Finished(attempt=max(attempt, admitted.attempt), revision=admitted.revision,
                                              done_at=now)
             return Ended(job_id=job_id, attempt=max(attempt, admitted.attempt), project_id=admitted.project_id,
@@ -407,6 +435,10 @@ class QueueBook:
         return None
 
     # -- reporting --------------------------------------------------------------------------------
+
+    def start(self, now: float) -> None:
+        """This scheduler's term began at `now` (rates are counted from then at the earliest)."""
+        self._since = now
 
     def admission_rate(self, now: float) -> float:
         """Admissions per second over the last minute (or since this scheduler took over, if later)."""

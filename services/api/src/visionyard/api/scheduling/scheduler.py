@@ -190,8 +190,8 @@ class Scheduler:
     """The leader's state and decisions; one instance per term of leadership."""
 
     def __init__(self, *, store: QueueStore, sender: CommandSender, scheduler_id: str,
-                 clock: Callable[[], float] = time.time) -> None:
-        self.book = QueueBook()
+                 clock: Callable[[], float] = time.time, lookahead_seconds: float = 0.5) -> None:
+        self.book = QueueBook(lookahead_seconds=lookahead_seconds)
         self._store = store
         self._sender = sender
         self._id = scheduler_id
@@ -209,6 +209,7 @@ class Scheduler:
     async def take_over(self, initial: Initial) -> None:
         """Rebuild the book from KV, then finish what the previous scheduler left half done."""
         now = self._clock()
+        self.book.start(now)
         for record, revision in initial.records:
             self.book.load_record(record, revision=revision)
         for change in initial.policies:
