@@ -43,6 +43,8 @@ class ConsumerSpec:
     backoff_base: float = 0.5
     backoff_cap: float = 30.0
     extra: dict[str, object] = field(default_factory=dict)
+    # Where a newly created consumer starts: the whole stream, or only what is published from then on.
+    deliver_new: bool = False
 
 
 COMMANDS = StreamSpec(
@@ -148,6 +150,8 @@ API_SCHEDULER = ConsumerSpec(
                      subjects.job_event("*", "failed"), subjects.job_event("*", "cancelled")),
     ack_wait=10.0,
     max_deliver=50,
+    # Created in an existing deployment, it need not replay days of events of jobs no scheduler admitted.
+    deliver_new=True,
 )
 CONSUMERS: tuple[ConsumerSpec, ...] = (
     API_PROJECTOR,
@@ -215,7 +219,7 @@ def consumer_config(spec: ConsumerSpec) -> api.ConsumerConfig:
     return api.ConsumerConfig(
         durable_name=spec.durable,
         ack_policy=api.AckPolicy.EXPLICIT,
-        deliver_policy=api.DeliverPolicy.ALL,
+        deliver_policy=api.DeliverPolicy.NEW if spec.deliver_new else api.DeliverPolicy.ALL,
         ack_wait=spec.ack_wait,
         max_deliver=spec.max_deliver,
         max_ack_pending=spec.max_ack_pending,

@@ -118,15 +118,26 @@ class SchedulerRuntime:
             await scheduler.apply(await store.next_change())
 
     async def _consume_events(self, scheduler: Scheduler, term_over: asyncio.Event) -> None:
+        failed: list[Exception] = []
+
         async def handle(messages: list[Msg]) -> None:
             events = []
             for msg in messages:
                 parsed = _runner_event(msg)
                 if parsed is not None:
                     events.append(parsed)
-            await scheduler.on_events(events)
+            try:
+                await scheduler.on_events(events)
+            except Exception as error:
+                # The book has moved on but KV may not have (a record left `admitted`): end the term, so the
+                # events come back (nak'ed) to a scheduler that rebuilt its book from KV.
+                failed.append(error)
+                term_over.set()
+                raise
 
         await self._bus.consume_batches(streams.API_SCHEDULER, handle, stop=term_over, batch=self._batch)
+        if failed:
+            raise failed[0]
 
     async def _admit(self, scheduler: Scheduler) -> None:
         while True:
