@@ -127,6 +127,7 @@ TABLE: list[Case] = [
     Case("GET", f"{API}/projects/{{project_id}}/scheduling", READ),
     Case("PUT", f"{API}/projects/{{project_id}}/scheduling", OWNER, json=_const({"weight": 2, "max_running_jobs": 8})),
     Case("GET", f"{API}/queues", SELF, lists_objects=True),
+    Case("GET", f"{API}/queues/depth", PUBLIC),  # totals only, for autoscalers (like /metrics)
     # -- training ------------------------------------------------------------------------------------
     Case("POST", f"{API}/training/jobs", WRITE, json=_job_body),
     Case("GET", f"{API}/training/jobs", SELF, lists_objects=True),

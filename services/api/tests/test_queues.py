@@ -94,6 +94,8 @@ async def test_priorities_positions_reasons_and_queue_depths_through_rest(client
 
     queues = (await client.get("/api/v1/queues")).json()
     assert queues["stale"] is False and queues["capacity"]["slots"] == 1 and queues["capacity"]["free_slots"] == 0
+    depth = (await client.get("/api/v1/queues/depth")).json()  # what KEDA scales runners on
+    assert (depth["waiting"], depth["running"], depth["slots"], depth["stale"]) == (3, 1, 1, False)
     cpu = next(queue for queue in queues["queues"] if queue["queue"] == "cpu")
     assert (cpu["waiting"], cpu["running"]) == (3, 1)
     (project,) = cpu["projects"]

@@ -29,6 +29,13 @@ async def list_queues(principal: CurrentPrincipal, service: Service) -> Any:
     return await service.queues(principal)
 
 
+@router.get("/queues/depth", response_model=schemas.QueueDepthResponse, tags=["operations"])
+async def queue_depth(service: Service) -> Any:
+    """How many training jobs wait and run in all, and the runners' slots: counts only, no project's data.
+    Public like `/metrics`: what an autoscaler (KEDA's metrics-api trigger) scales runners on."""
+    return await service.depth()
+
+
 @router.get("/projects/{project_id}/scheduling", response_model=schemas.ProjectSchedulingResponse)
 async def project_scheduling(project_id: int, principal: CurrentPrincipal, service: Service) -> Any:
     """A project's fair-share weight and quotas."""

@@ -69,3 +69,14 @@ class QueuesResponse(BaseModel):
     admitted_per_second: float
     capacity: CapacityResponse
     queues: list[QueueResponse]
+
+
+class QueueDepthResponse(BaseModel):
+    """`GET /queues/depth`: totals over every project (for autoscalers; no project's data)."""
+
+    waiting: int = Field(description="queued jobs not admitted yet")
+    running: int = Field(description="admitted jobs that have not ended")
+    slots: int
+    free_slots: int
+    updated_at: datetime | None
+    stale: bool

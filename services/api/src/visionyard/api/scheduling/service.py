@@ -120,6 +120,17 @@ class QueueService:
             capacity=schemas.CapacityResponse(**summary.capacity.model_dump()), queues=queues,
         )
 
+    async def depth(self) -> schemas.QueueDepthResponse:
+        """Waiting and running jobs over every queue and project, and the slots."""
+        summary = await self._status.summary()
+        if summary is None:
+            return schemas.QueueDepthResponse(waiting=0, running=0, slots=0, free_slots=0, updated_at=None, stale=True)
+        return schemas.QueueDepthResponse(
+            waiting=sum(queue.waiting for queue in summary.queues), running=sum(queue.running for queue in summary.queues),
+            slots=summary.capacity.slots, free_slots=summary.capacity.free_slots,
+            updated_at=_moment(summary.updated_at), stale=_stale(summary.updated_at),
+        )
+
     def _visible_projects(self, principal: Principal, project_ids: set[str]) -> tuple[set[str] | None, dict[str, str]]:
         with self._uow.read() as session:
             visible = project_filter(session, principal)
