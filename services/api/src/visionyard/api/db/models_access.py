@@ -65,7 +65,7 @@ class Project(Base):
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     # Scheduling (docs/scheduling.md): the project's fair-share weight and quotas (None: no limit),
     # set by an owner or an admin and mirrored into the `sched_projects` KV bucket for the scheduler.
-    share_weight: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    share_weight: Mapped[int] = mapped_column(Integer, server_default="1")
     max_running_jobs: Mapped[int | None] = mapped_column(Integer, nullable=True)
     max_gpus: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
