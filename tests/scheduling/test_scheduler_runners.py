@@ -112,10 +112,11 @@ class Harness:
         if not held:
             self.release_file(job_id).touch()
         self.clock += 1.0
+        devices: dict[str, Any] = {"device": "gpu", "gpu_count": gpus} if gpus else {}
         command = StartTraining(
             message_id=f"train-{job_id}-1", job_id=job_id, attempt=1, project_id=project, experiment_name="e",
             config=TrainingConfig(framework="holder", model_name="h", task_type="detection", dataset_id="d",
-                                  advanced_config={"release_file": str(self.release_file(job_id))}),
+                                  advanced_config={"release_file": str(self.release_file(job_id)), **devices}),
             dataset=DatasetRef(dataset_id="d", content_hash=self.content_hash),
         )
         request = QueueRequest(job_id=job_id, attempt=1, project_id=project, priority=priority, queued_at=self.clock,
@@ -130,10 +131,11 @@ class Harness:
         kv = await self.bus.kv(streams.KV_SCHED_PROJECTS)
         await kv.put(project, policy.model_dump_json().encode())
 
-    def start_runner(self, name: str, *, slots: int) -> None:
+    def start_runner(self, name: str, *, slots: int, fake_gpus: int = 0) -> None:
         settings = RunnerSettings(
             nats_url=self.nats_url, data_dir=self.tmp_path / name, runner_id=name, slots=slots, heartbeat_seconds=1.0,
             cancel_grace_seconds=1.0, trainer_python=sys.executable, ack_wait=4.0, advertise_seconds=1.0,
+            fake_gpus=fake_gpus,
             trainer_base_env={"PATH": os.environ.get("PATH", ""),
                               "PYTHONPATH": os.pathsep.join([str(self.trainer_path), *sys.path])},
         )
@@ -199,7 +201,7 @@ async def harness(bus: Bus, nats_server: Any, staged: str, tmp_path: Path) -> As
     finally:
         for job_file in tmp_path.glob("release-*"):
             job_file.touch()
-        for job_id in ("a1", "a2", "a3", "b1"):
+        for job_id in ("a1", "a2", "a3", "b1", "g1", "g2", "c1"):
             made.release(job_id)
         await made.stop_all()
 
@@ -269,6 +271,42 @@ async def test_a_project_over_its_quota_waits_with_the_reason_until_its_job_ends
 
     await until(a2_started, what="a2 started once a1 ended")
     for job_id in ("a2", "b1"):
+        harness.release(job_id)
+
+
+async def test_gpu_jobs_wait_for_their_projects_gpu_quota_and_for_a_runner_with_enough_gpus(harness: Harness) -> None:
+    await harness.set_policy("1", ProjectPolicy(max_gpus=1))
+    await harness.start_scheduler("s1")
+    harness.start_runner("r1", slots=4, fake_gpus=2)
+    await harness.queue("g1", project="1", held=True, gpus=1)
+    await harness.queue("g2", project="1", held=True, gpus=1)
+    await harness.queue("big", project="2", held=True, gpus=4)
+    await harness.queue("c1", project="2", held=True)
+
+    async def started() -> set[str]:
+        return {job_id for job_id, _ in await harness.started_order()}
+
+    async def first_two() -> bool:
+        return await started() >= {"g1", "c1"}
+
+    await until(first_two, what="g1 (one GPU) and c1 (cpu) started")
+
+    async def reasons() -> tuple[str, str] | None:
+        g2, big = await harness.position("g2"), await harness.position("big")
+        found = (g2 or {}).get("reason"), (big or {}).get("reason")
+        return found if found == ("quota", "no_device") else None  # type: ignore[return-value]
+
+    await until(reasons, what="g2 held by its project's GPU quota, big by no runner with 4 GPUs")
+    assert (await harness.position("big"))["detail"] == "no runner has 4 GPUs (the most any connected runner has is 2)"  # type: ignore[index]
+    # One GPU is free, but project 1 may hold only one: g2 waits until g1 ends.
+    assert "g2" not in await started()
+    harness.release("g1")
+
+    async def g2_started() -> bool:
+        return "g2" in await started()
+
+    await until(g2_started, what="g2 started once g1 gave its GPU back")
+    for job_id in ("g2", "c1", "big"):
         harness.release(job_id)
 
 
