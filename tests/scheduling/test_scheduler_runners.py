@@ -80,7 +80,7 @@ async def staged(bus: Bus, tmp_path: Path) -> str:
     content_hash = hashlib.sha256(archive.read_bytes()).hexdigest()
 
     async def stage(data: bytes) -> bytes:
-        request = StageRequest.model_validate_json(data)
+        StageRequest.model_validate_json(data)  # a well-formed request, or the runner's call fails
         name = f"dataset/{content_hash}.zip"
         sha, size = await bus.put_file(name, archive)
         return StageReply(ok=True, object_name=name, sha256=sha, size_bytes=size).model_dump_json().encode()
