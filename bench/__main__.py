@@ -18,7 +18,17 @@ import threading
 import time
 from pathlib import Path
 
-from bench import artifacts, dispatch, event_pipeline, live_latency, scale, tracker, training_overhead, yolo_overhead
+from bench import (
+    artifacts,
+    dispatch,
+    event_pipeline,
+    live_latency,
+    scale,
+    scheduling,
+    tracker,
+    training_overhead,
+    yolo_overhead,
+)
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 FIGURES = {
@@ -29,6 +39,7 @@ FIGURES = {
     "dispatch": dispatch,
     "artifacts": artifacts,
     "scale": scale,
+    "scheduling": scheduling,
     "yolo_overhead": yolo_overhead,
 }
 

@@ -20,6 +20,7 @@ HEADLINES = {
     "dispatch": r"p50 per series, median \(min–max\) \| ([0-9.,]+) ",
     "artifacts": r"Ratio \(direct ÷ platform time\): \*\*([0-9.]+)\*\*",
     "scale": r"jobs dispatched per second \(runner spawned the trainer\) \| ([0-9.,]+) ",
+    "scheduling": r"(?s)## Scheduling.*?jobs dispatched per second \(runner spawned the trainer\) \| ([0-9.,]+) ",
     "yolo_overhead": r"Ratio \(YOLO platform ÷ standalone\): \*\*([0-9.]+)\*\*",
 }
 

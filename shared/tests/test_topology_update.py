@@ -26,7 +26,7 @@ async def test_runner_consumer_filter_is_updated_on_an_existing_server(nats_serv
         await bus.ensure_topology()
         info = await bus.js.consumer_info(streams.COMMANDS.name, "runner")
         assert set(info.config.filter_subjects or [info.config.filter_subject]) == {
-            subjects.CMD_TRAIN, subjects.CMD_EXPORT, subjects.CMD_INFER}
+            subjects.CMD_TRAIN, subjects.CMD_TRAIN_JOBS, subjects.CMD_EXPORT, subjects.CMD_INFER}
         command = StartExport(job_id="e1", attempt=1, training_job_id="t1", export_format="onnx",
                               checkpoint=CheckpointRef(kind="best", uri="file:///x", sha256="0" * 64),
                               framework="pytorch", model_name="simple_cnn", task_type="image_classification")

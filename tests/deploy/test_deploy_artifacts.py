@@ -169,15 +169,21 @@ def _keda_errors(document: dict[str, Any]) -> list[str]:
     return [f"{'/'.join(map(str, error.absolute_path))}: {error.message}" for error in validator.iter_errors(document)]
 
 
-def test_keda_scales_runners_on_the_runner_consumers_pending_commands() -> None:
+def test_keda_scales_runners_on_waiting_jobs_and_the_runner_consumers_pending_commands() -> None:
     (scaled,) = _documents(DEPLOY / "keda-runner.yaml")
     assert _keda_errors(scaled) == []
     assert scaled["spec"]["scaleTargetRef"]["name"] in _by_kind("Deployment")
     assert _by_kind("Deployment")[scaled["spec"]["scaleTargetRef"]["name"]]["spec"]["template"]["spec"][
         "containers"][0]["command"] == ["visionyard-runner"]
-    (trigger,) = scaled["spec"]["triggers"]
-    assert trigger["type"] == "nats-jetstream"
-    assert (trigger["metadata"]["stream"], trigger["metadata"]["consumer"]) == (streams.RUNNER.stream, streams.RUNNER.durable)
+    backlog, queue = scaled["spec"]["triggers"]
+    assert backlog["type"] == "nats-jetstream"
+    assert (backlog["metadata"]["stream"], backlog["metadata"]["consumer"]) == (streams.RUNNER.stream, streams.RUNNER.durable)
+    # The jobs waiting for the scheduler: the API's public depth route, through the API's Service.
+    assert queue["type"] == "metrics-api" and queue["metadata"]["valueLocation"] == "waiting"
+    url = queue["metadata"]["url"]
+    assert url.endswith("/api/v1/queues/depth") and url.startswith("http://api.visionyard.svc:8000/")
+    service = _by_kind("Service")["api"]
+    assert service["spec"]["selector"] == _by_kind("Deployment")["api"]["spec"]["selector"]["matchLabels"]
 
 
 @pytest.mark.parametrize("breakage", ["typo", "threshold", "scheme", "missing"])
@@ -192,4 +198,17 @@ def test_the_keda_schema_refuses_a_broken_trigger(breakage: str) -> None:
         metadata["natsServerMonitoringEndpoint"] = "http://nats.nats.svc:8222"
     else:
         del metadata["stream"]
+    assert _keda_errors(scaled) != []
+
+
+@pytest.mark.parametrize("breakage", ["typo", "target", "url"])
+def test_the_keda_schema_refuses_a_broken_metrics_api_trigger(breakage: str) -> None:
+    (scaled,) = _documents(DEPLOY / "keda-runner.yaml")
+    metadata = scaled["spec"]["triggers"][1]["metadata"]
+    if breakage == "typo":
+        metadata["valuePath"] = metadata.pop("valueLocation")
+    elif breakage == "target":
+        metadata["targetValue"] = 2  # a string in KEDA's metadata
+    else:
+        metadata["url"] = "api:8000/api/v1/queues/depth"
     assert _keda_errors(scaled) != []

@@ -124,6 +124,11 @@ TABLE: list[Case] = [
     Case("POST", f"{API}/projects/{{project_id}}/members", OWNER,
          json=lambda world, role: {"email": world.users["leaver"]["email"], "role": "viewer"}),
     Case("DELETE", f"{API}/projects/{{project_id}}/members/{{user_id}}", OWNER),
+    # -- queues: a project's weight and quotas are its owners' (or an admin's) to set -----------------
+    Case("GET", f"{API}/projects/{{project_id}}/scheduling", READ),
+    Case("PUT", f"{API}/projects/{{project_id}}/scheduling", OWNER, json=_const({"weight": 2, "max_running_jobs": 8})),
+    Case("GET", f"{API}/queues", SELF, lists_objects=True),
+    Case("GET", f"{API}/queues/depth", PUBLIC),  # totals only, for autoscalers (like /metrics)
     # -- training ------------------------------------------------------------------------------------
     Case("POST", f"{API}/training/jobs", WRITE, json=_job_body),
     Case("GET", f"{API}/training/jobs", SELF, lists_objects=True),
@@ -135,6 +140,7 @@ TABLE: list[Case] = [
     Case("POST", f"{API}/training/jobs/{{job_id}}/start", WRITE, objects=SPARE),
     Case("POST", f"{API}/training/jobs/{{job_id}}/cancel", WRITE, objects=SPARE),
     Case("POST", f"{API}/training/jobs/{{job_id}}/resume", WRITE, objects=SPARE),
+    Case("PATCH", f"{API}/training/jobs/{{job_id}}/priority", WRITE, objects=SPARE, json=_const({"priority": "high"})),
     Case("GET", f"{API}/training/jobs/{{job_id}}/status", READ),
     Case("GET", f"{API}/training/jobs/{{job_id}}/metrics", READ),
     Case("GET", f"{API}/training/jobs/{{job_id}}/metric-schema", READ),

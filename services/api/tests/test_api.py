@@ -15,6 +15,7 @@ from visionyard.api.main import create_app
 from visionyard.shared import streams, subjects
 from visionyard.shared.bus import Bus
 from visionyard.shared.commands import IngestDataset, StartTraining
+from visionyard.shared.scheduling import QueueRequest
 from visionyard.shared.events import (
     ArtifactStored,
     CheckpointStaged,
@@ -44,6 +45,13 @@ async def _stream_messages(bus: Bus, stream: str, subject: str) -> list[tuple[st
         if msg.subject == subject and msg.data is not None:
             found.append((msg.subject, msg.data))
     return found
+
+
+async def _queued_requests(bus: Bus, job_id: str) -> list[QueueRequest]:
+    """Every queue request the API put for a job (`sched_requests`, in order): what `start` queues for the scheduler."""
+    return [QueueRequest.model_validate_json(data)
+            for _, data in await _stream_messages(bus, f"KV_{streams.KV_SCHED_REQUESTS}",
+                                                  subjects.kv_put(streams.KV_SCHED_REQUESTS, job_id)) if data]
 
 
 async def _ready_dataset(client: httpx.AsyncClient, bus: Bus, *, content_hash: str = "hash-1") -> str:
@@ -89,11 +97,13 @@ async def test_create_list_get_start_publishes_the_command_and_the_queued_event(
     started = await client.post(f"{JOBS}/{job['id']}/start")
     assert started.status_code == 200 and started.json()["status"] == "queued"
 
-    async def command_landed() -> list[tuple[str, bytes]]:
-        return await _stream_messages(bus, "COMMANDS", subjects.CMD_TRAIN)
+    async def request_landed() -> list[QueueRequest]:
+        return await _queued_requests(bus, str(job["id"]))
 
-    commands = await until(command_landed)
-    command = StartTraining.model_validate_json(commands[0][1])
+    requests = await until(request_landed)
+    assert (requests[0].attempt, requests[0].project_id, requests[0].priority, requests[0].gpus) == (
+        1, str(job["project_id"]), 50, 0)
+    command = requests[0].command
     assert (command.job_id, command.attempt, command.dataset.content_hash) == (str(job["id"]), 1, "hash-1")
     assert command.config.task_type == "image_classification" and command.config.epochs == 2
 
@@ -109,7 +119,7 @@ async def test_create_list_get_start_publishes_the_command_and_the_queued_event(
     assert (again.json()["status"], again.json()["attempt"]) == ("queued", 1)
     relay = client.app.state.relay  # type: ignore[attr-defined]
     assert relay.count_backlog() == 0  # nothing was added to the outbox by the second start
-    assert len(await _stream_messages(bus, "COMMANDS", subjects.CMD_TRAIN)) == 1
+    assert len(await _queued_requests(bus, str(job["id"]))) == 1
 
 
 @pytest.mark.parametrize(
@@ -219,10 +229,9 @@ async def test_projector_applies_a_run_with_duplicates_and_completes_only_when_s
     assert resumed.status_code == 200 and resumed.json()["attempt"] == 2
 
     async def resume_command() -> StartTraining | None:
-        for _, data in await _stream_messages(bus, "COMMANDS", subjects.CMD_TRAIN):
-            command = StartTraining.model_validate_json(data)
-            if command.attempt == 2:
-                return command
+        for request in await _queued_requests(bus, str(job_id)):
+            if request.attempt == 2:
+                return request.command
         return None
 
     command = await until(resume_command)

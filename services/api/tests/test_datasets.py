@@ -17,14 +17,13 @@ import httpx
 import pytest
 from PIL import Image
 
-from visionyard.shared import subjects
 from visionyard.shared.bus import Bus
-from visionyard.shared.commands import StartTraining
+from visionyard.shared.scheduling import QueueRequest
 from visionyard.storage.config import StorageSettings
 from visionyard.storage.main import serve as serve_storage
 
 from .conftest import until
-from .test_api import _stream_messages
+from .test_api import _queued_requests
 
 pytestmark = pytest.mark.integration
 
@@ -141,10 +140,10 @@ async def test_folder_upload_is_ingested_then_split_snapshotted_browsed_and_dele
     started = await client.post(f"/api/v1/training/jobs/{job['id']}/start")
     assert started.status_code == 200, started.text
 
-    async def train_command() -> list[tuple[str, bytes]]:
-        return await _stream_messages(bus, "COMMANDS", subjects.CMD_TRAIN)
+    async def train_command() -> list[QueueRequest]:
+        return await _queued_requests(bus, str(job["id"]))
 
-    command = StartTraining.model_validate_json((await until(train_command))[-1][1])
+    command = (await until(train_command))[-1].command
     # The job trains on the version it pinned, with that version's split (not the new upload's).
     assert command.dataset.content_hash == version and command.dataset.split == partial["splits"]
     refused = await client.delete(f"{DATASETS}/{dataset_id}")

@@ -11,7 +11,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from visionyard.api.db.models import Checkpoint, Dataset, OutboxMessage, TrainingJob
 from visionyard.api.jobstate import JobAction, JobStatus, user_transition
 from visionyard.api.projector import Projector, RetryPolicy
+from visionyard.shared import streams, subjects
 from visionyard.shared.commands import StartTraining
+from visionyard.shared.scheduling import QueueRequest
 from visionyard.shared.events import FailureReason, JobCompleted, JobFailed, JobStarted, ProgressReported
 
 
@@ -39,6 +41,12 @@ def _outbox(session_factory: sessionmaker[Session]) -> list[OutboxMessage]:
         return list(session.scalars(select(OutboxMessage).order_by(OutboxMessage.id)).all())
 
 
+def _queued_commands(session_factory: sessionmaker[Session]) -> list[StartTraining]:
+    """The commands of the attempts queued through the outbox (each inside its `sched_requests` put)."""
+    return [QueueRequest.model_validate_json(row.payload).command for row in _outbox(session_factory)
+            if row.subject == subjects.kv_put(streams.KV_SCHED_REQUESTS, "j1")]
+
+
 def _lost(attempt: int, seq: int = 9) -> JobFailed:
     return JobFailed(job_id="j1", attempt=attempt, seq=seq, reason=FailureReason.INFRASTRUCTURE,
                      error_message="could not stage the job's inputs", retryable=True)
@@ -52,8 +60,7 @@ def test_an_infrastructure_loss_is_retried_from_the_last_checkpoint(session_fact
     Projector(session_factory, retry=RetryPolicy(max_attempts=3)).apply_batch([(0, _lost(1))])
     job = _job(session_factory)
     assert (job.status, job.attempt) == ("retrying", 2)
-    commands = [StartTraining.model_validate_json(row.payload) for row in _outbox(session_factory)
-                if row.subject == "cmd.train"]
+    commands = _queued_commands(session_factory)
     assert [c.attempt for c in commands] == [2]
     assert commands[0].resume_from is not None and commands[0].resume_from.epoch == 3
     # The new attempt's runner takes it from there.
@@ -67,7 +74,7 @@ def test_retries_stop_at_max_attempts_and_the_job_fails(session_factory: session
     job = _job(session_factory)
     assert (job.status, job.attempt) == ("failed", 3)
     assert job.error_message is not None and job.error_message.startswith("infrastructure")
-    assert not [row for row in _outbox(session_factory) if row.subject == "cmd.train"]
+    assert not _queued_commands(session_factory)
 
 
 def test_other_failures_are_not_retried(session_factory: sessionmaker[Session]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from alembic import command
@@ -46,8 +47,10 @@ def _upgrade(engine: Engine, target: str) -> None:
         command.upgrade(config, target)
 
 
-def _job(job_id: str, project: str) -> TrainingJob:
-    return TrainingJob(
+def _job(job_id: str, project: str) -> Any:
+    # A Core insert names only these columns (and those with client-side defaults): the model's later columns
+    # do not exist in this old schema.
+    return insert(TrainingJob.__table__).values(
         id=job_id, project_id=project, experiment_name="e", framework="pytorch", model_name="simple_cnn",
         task_type="image_classification", dataset_id="ds1", dataset_snapshot_id="h1", epochs=2, batch_size=8,
         learning_rate=0.01, primary_metric="accuracy", primary_metric_mode="max", status="completed", attempt=1,
@@ -63,8 +66,8 @@ def test_existing_rows_get_projects_and_integer_ids(kind: str, tmp_path: Path) -
         with factory() as session, session.begin():
             session.add(Dataset(id="ds1", project_id="default", name="d", class_names=[], class_counts={}, splits={},
                                 task_types=[]))
-            session.add(_job("a" * 32, "default"))
-            session.add(_job("b" * 32, "team-x"))
+            session.execute(_job("a" * 32, "default"))
+            session.execute(_job("b" * 32, "team-x"))
             session.flush()
             session.add(TrainingMetric(job_id="a" * 32, attempt=1, seq=1, epoch=1, extra_metrics={}))
             session.add(TrainingLog(job_id="a" * 32, attempt=1, seq=2, level="INFO", event_type="log", message="m"))

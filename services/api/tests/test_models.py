@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import time
 from typing import Any
 
 import httpx
 
-from visionyard.shared import streams
+from visionyard.shared import streams, subjects
 from visionyard.shared.bus import Bus
 from visionyard.shared.events import DatasetReady
 from visionyard.shared.manifest import TrainerManifest
@@ -193,25 +195,24 @@ async def test_device_requests_are_validated_and_a_gpu_job_is_queued_on_its_own_
                             ({"device": "gpu", "gpu_count": 0}, "config.advanced_config.gpu_count")):
         refused = await client.post(JOBS, json=body(**advanced))
         assert refused.status_code == 422 and refused.json()["detail"].startswith(field), refused.text
+    # A runner with two GPUs and free slots: the scheduler admits both jobs to it.
+    devices = await bus.kv(streams.KV_RUNNER_DEVICES)
+    await devices.put("r1", json.dumps({"runner_id": "r1", "slots": 4, "gpus": ["0", "1"], "free_gpus": ["0", "1"],
+                                        "ship_held": 0, "advertise_seconds": 60, "updated_at": time.time()}).encode())
     gpu_job = (await client.post(JOBS, json=body(device="gpu", gpu_count=2))).json()
     cpu_job = (await client.post(JOBS, json=body())).json()
     for job in (gpu_job, cpu_job):
         assert (await client.post(f"{JOBS}/{job['id']}/start")).status_code == 200
 
-    async def queued() -> dict[str, int] | None:
+    async def admitted() -> dict[str, int] | None:
         info = await bus.js.stream_info(streams.COMMANDS.name, subjects_filter="cmd.train.>")
-        subjects = info.state.subjects or {}
-        return subjects if subjects.get("cmd.train.gpu.2") == 1 else None
+        found = info.state.subjects or {}
+        return found if len(found) == 2 else None
 
-    await until(queued)
-
-    async def cpu_queued() -> dict[str, int] | None:
-        # The outbox relay publishes the two commands independently: wait for the CPU one too.
-        info = await bus.js.stream_info(streams.COMMANDS.name, subjects_filter="cmd.train")
-        subjects = info.state.subjects or {}
-        return subjects if subjects.get("cmd.train") == 1 else None
-
-    await until(cpu_queued)  # the CPU job on the CPU subject
+    # Each on its device's subject, one subject per attempt: the GPU job where only runners with 2 free GPUs pull.
+    assert await until(admitted) == {subjects.admitted_train(str(gpu_job["id"]), 1, gpus=2): 1,
+                                     subjects.admitted_train(str(cpu_job["id"]), 1, gpus=0): 1}
+    assert subjects.admitted_train(str(gpu_job["id"]), 1, gpus=2).startswith("cmd.train.gpu.2.")
 
 
 async def test_advanced_config_is_checked_against_the_declared_fields(client: httpx.AsyncClient, bus: Bus) -> None:

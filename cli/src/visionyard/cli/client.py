@@ -131,11 +131,14 @@ class ApiClient:
         return dict(self.request("GET", f"{API_PREFIX}/datasets/{dataset_id}"))
 
     # Training
-    def create_job(self, *, config: dict[str, Any], experiment_name: str | None = None) -> dict[str, Any]:
+    def create_job(self, *, config: dict[str, Any], experiment_name: str | None = None,
+                   priority: str | int | None = None) -> dict[str, Any]:
         """POST /training/jobs; the job (status pending)."""
         body: dict[str, Any] = {"config": config}
         if experiment_name:
             body["experiment_name"] = experiment_name
+        if priority is not None:
+            body["priority"] = priority
         return dict(self.request("POST", f"{API_PREFIX}/training/jobs", json=body))
 
     def start_job(self, job_id: str) -> dict[str, Any]:

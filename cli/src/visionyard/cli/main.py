@@ -68,8 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--framework", default="pytorch")
     train.add_argument("--task", default="image_classification")
     train.add_argument("--experiment-name")
+    train.add_argument("--priority", default="normal", help="low, normal, high or an integer (higher starts first)")
     train.add_argument("--no-watch", action="store_true")
     train.add_argument("--api", default=_api_default())
+
+    queue = commands.add_parser("queue", help="show the queues: waiting and running jobs by project and priority")
+    queue.add_argument("--job", help="show where this job stands instead (position, reason, estimate)")
+    queue.add_argument("--json", action="store_true", help="print the API's answer as JSON")
+    queue.add_argument("--api", default=_api_default())
 
     watch = commands.add_parser("watch", help="follow a training job's progress live")
     watch.add_argument("job_id")
@@ -253,7 +259,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                              batch_size=args.batch_size, learning_rate=args.lr, framework=args.framework,
                              task_type=args.task)
     with ApiClient(args.api) as client:
-        job = create_and_start_job(client, config, experiment_name=args.experiment_name)
+        job = create_and_start_job(client, config, experiment_name=args.experiment_name, priority=args.priority)
     job_id = str(job["id"])
     print(f"job {job_id} is {job.get('status')}", flush=True)
     if args.no_watch:
@@ -267,6 +273,19 @@ def _watch(api: str, job_id: str) -> int:
 
     outcome = asyncio.run(watch_job(websocket_url(api), job_id))
     return 0 if outcome.succeeded else 1
+
+
+def cmd_queue(args: argparse.Namespace) -> int:
+    """Print the queues (or one job's place in them)."""
+    from visionyard.cli.queues import show_job, show_queues
+
+    with ApiClient(args.api) as client:
+        if args.json:
+            path = f"/api/v1/training/jobs/{args.job}" if args.job else "/api/v1/queues"
+            print(json.dumps(client.request("GET", path), indent=2))
+        else:
+            print(show_job(client, args.job) if args.job else show_queues(client))
+    return 0
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
@@ -299,6 +318,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "status": cmd_status,
         "train": cmd_train,
         "watch": cmd_watch,
+        "queue": cmd_queue,
         "demo": cmd_demo,
         "datasets": cmd_datasets_upload,
     }

@@ -26,9 +26,9 @@ def training_config(*, dataset_id: str, model: str = "simple_cnn", epochs: int =
 
 
 def create_and_start_job(client: ApiClient, config: dict[str, Any], *,
-                         experiment_name: str | None = None) -> dict[str, Any]:
+                         experiment_name: str | None = None, priority: str | int | None = None) -> dict[str, Any]:
     """POST /jobs then /jobs/{id}/start; the started job."""
-    job = client.create_job(config=config, experiment_name=experiment_name)
+    job = client.create_job(config=config, experiment_name=experiment_name, priority=priority)
     return client.start_job(str(job["id"]))
 
 

@@ -243,7 +243,8 @@ class Bus:
                 self._kv[bucket] = await self.js.key_value(bucket)
             except Exception:
                 self._kv[bucket] = await self.js.create_key_value(
-                    api.KeyValueConfig(bucket=bucket, history=1, replicas=replicas or self.replicas)
+                    api.KeyValueConfig(bucket=bucket, history=1, replicas=replicas or self.replicas,
+                                       ttl=streams.KV_TTLS.get(bucket))
                 )
         return self._kv[bucket]
 

@@ -1,9 +1,11 @@
 """What a training job asks for (cpu, or gpu and how many) and where such a command is queued.
 
 A job asks in its config: `advanced_config.device` is `"cpu"` (the default) or `"gpu"`, and
-`advanced_config.gpu_count` how many GPUs (default 1). A CPU job is queued on `cmd.train`; a GPU job
-on `cmd.train.gpu.<count>`, which only runners with at least that many GPUs pull from, and only while
-that many are free — so a GPU job waits in the stream, unclaimed, until such a runner has them.
+`advanced_config.gpu_count` how many GPUs (default 1). The scheduler admits a CPU job's command to
+`cmd.train.job.<id>.<attempt>` and a GPU job's to `cmd.train.gpu.<count>.<id>.<attempt>` (commands sent
+straight to the runners use `cmd.train` and `cmd.train.gpu.<count>`); only runners with at least that many
+GPUs pull GPU commands, and only while that many are free — so a GPU job waits in the stream, unclaimed,
+until such a runner has them.
 The runner gives each job's process its own `CUDA_VISIBLE_DEVICES` (empty for a CPU job) and hands
 the trainer the device to use as `advanced_config.device` (`"cpu"`, or `"0"`, `"0,1"`: indices within
 the visible devices).

@@ -46,6 +46,8 @@ class ServiceAccess:
     kv_writes: tuple[str, ...] = ()
     kv_reads: tuple[str, ...] = ()
     kv_watches: tuple[str, ...] = ()
+    # Buckets whose old delete markers it purges (`KeyValue.purge_deletes`).
+    kv_purges: tuple[str, ...] = ()
     object_store: bool = False
     # Streams read directly, outside a durable consumer (an ordered consumer, a last-message lookup).
     reads_streams: tuple[streams.StreamSpec, ...] = ()
@@ -74,16 +76,25 @@ API = ServiceAccess(
         # The HTTP callback ingress of the original trainers turns their reports into these.
         events.ProgressReported, events.LogEmitted, events.JobCompleted, events.JobFailed,
     ),
-    # A GPU job's StartTraining goes to `cmd.train.gpu.<count>` (devices.py).
-    also_publishes=(f"{subjects.CMD_TRAIN_GPU_PREFIX}.*",),
-    consumers=(streams.API_PROJECTOR,),
+    # A GPU job's StartTraining goes to `cmd.train.gpu.<count>` (devices.py); the scheduler an API replica
+    # runs sends admitted attempts to `cmd.train.job.<id>.<attempt>` / `cmd.train.gpu.<count>.<id>.<attempt>`.
+    also_publishes=(f"{subjects.CMD_TRAIN_GPU_PREFIX}.*", subjects.CMD_TRAIN_JOBS,
+                    f"{subjects.CMD_TRAIN_GPU_PREFIX}.*.>"),
+    consumers=(streams.API_PROJECTOR, streams.API_SCHEDULER),
     requests=(subjects.TRACKER_METRICS, subjects.TRACKER_SUMMARY, subjects.STORAGE_PRESIGN,
               subjects.STORAGE_STAGE_OBJECT, subjects.STORAGE_KEEP_UPLOAD, subjects.STORAGE_LIST_IMAGES,
               subjects.STORAGE_READ_IMAGE),
-    kv_writes=(streams.KV_CANCELLATIONS, streams.KV_JOB_TERMINAL),
-    kv_reads=(streams.KV_CAPABILITIES,),
+    kv_writes=(streams.KV_CANCELLATIONS, streams.KV_JOB_TERMINAL, streams.KV_SCHED_REQUESTS, streams.KV_SCHED_JOBS,
+               streams.KV_SCHED_PROJECTS, streams.KV_SCHED_LEADER, streams.KV_SCHED_STATUS),
+    kv_reads=(streams.KV_CAPABILITIES, streams.KV_RUNNER_DEVICES),
+    # The scheduler mirrors the queue, the admissions, the projects' policies and the runners' devices;
+    # the WebSocket follows where waiting jobs stand.
+    kv_watches=(streams.KV_SCHED_REQUESTS, streams.KV_SCHED_JOBS, streams.KV_SCHED_PROJECTS,
+                streams.KV_RUNNER_DEVICES, streams.KV_SCHED_STATUS),
+    kv_purges=(streams.KV_SCHED_REQUESTS, streams.KV_SCHED_JOBS),
     object_store=True,
-    reads_streams=(streams.EVENTS,),  # the live WebSocket feed: an ordered consumer per job
+    # The live WebSocket feed (an ordered consumer per job); the scheduler's look-up of a job's last events.
+    reads_streams=(streams.EVENTS,),
 )
 RUNNER = ServiceAccess(
     user="runner",
@@ -251,6 +262,8 @@ def grants(access: ServiceAccess) -> Grants:
             publish.append(subjects.kv_put(bucket, ">"))
         if bucket in access.kv_watches:
             publish += _ordered_consumer(stream)
+        if bucket in access.kv_purges:
+            publish.append(f"{JS_API}.STREAM.PURGE.{stream}")
     if access.object_store:
         stream = object_stream(streams.OBJECT_STAGING)
         publish += [f"{JS_API}.STREAM.CREATE.{stream}", f"{JS_API}.STREAM.INFO.{stream}",

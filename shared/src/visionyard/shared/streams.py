@@ -43,6 +43,8 @@ class ConsumerSpec:
     backoff_base: float = 0.5
     backoff_cap: float = 30.0
     extra: dict[str, object] = field(default_factory=dict)
+    # Where a newly created consumer starts: the whole stream, or only what is published from then on.
+    deliver_new: bool = False
 
 
 COMMANDS = StreamSpec(
@@ -102,7 +104,8 @@ STORAGE_INGEST = ConsumerSpec(
 RUNNER = ConsumerSpec(
     stream=COMMANDS.name,
     durable="runner",
-    filter_subjects=(subjects.CMD_TRAIN, subjects.CMD_EXPORT, subjects.CMD_INFER),
+    # `cmd.train` itself: commands published straight to the runners (tests, tools, older outbox rows).
+    filter_subjects=(subjects.CMD_TRAIN, subjects.CMD_TRAIN_JOBS, subjects.CMD_EXPORT, subjects.CMD_INFER),
     ack_wait=30.0,
     max_deliver=5,
     max_ack_pending=10_000,
@@ -116,7 +119,8 @@ def runner_gpu(count: int) -> ConsumerSpec:
     the consumers of counts `<= k`, and a job needing more stays unclaimed in the stream (not
     redelivered, so waiting costs it no delivery and no attempt). Runners declare the ones they serve.
     """
-    return replace(RUNNER, durable=f"runner-gpu-{count}", filter_subjects=(subjects.train_gpu(count),))
+    return replace(RUNNER, durable=f"runner-gpu-{count}",
+                   filter_subjects=(subjects.train_gpu(count), subjects.train_gpu_jobs(count)))
 
 
 # Storage keeps staged export packages and inference results.
@@ -145,6 +149,19 @@ STORAGE_UPLOAD_DELETE = ConsumerSpec(
     ack_wait=60.0,
     max_deliver=20,
 )
+# The elected scheduler (an API replica) learns from these events when an admitted attempt starts and
+# when it ends (its slot and quota are free again). A short ack wait: a replica that lost the lease (or
+# died) hands the events it held to the next leader within seconds.
+API_SCHEDULER = ConsumerSpec(
+    stream=EVENTS.name,
+    durable="api-scheduler",
+    filter_subjects=(subjects.job_event("*", "started"), subjects.job_event("*", "completed"),
+                     subjects.job_event("*", "failed"), subjects.job_event("*", "cancelled")),
+    ack_wait=10.0,
+    max_deliver=50,
+    # Created in an existing deployment, it need not replay days of events of jobs no scheduler admitted.
+    deliver_new=True,
+)
 CONSUMERS: tuple[ConsumerSpec, ...] = (
     API_PROJECTOR,
     TRACKER,
@@ -154,6 +171,7 @@ CONSUMERS: tuple[ConsumerSpec, ...] = (
     STORAGE_SHIPPED,
     STORAGE_DATASET_DELETE,
     STORAGE_UPLOAD_DELETE,
+    API_SCHEDULER,
 )
 
 # KV: a cancel is recorded here (durably) so a runner that claims a job later still sees it.
@@ -165,7 +183,22 @@ KV_CAPABILITIES = "trainer_capabilities"
 KV_JOB_TERMINAL = "job_terminal"
 # KV: each runner advertises its devices (cpu slots, GPUs, which GPUs are free) under its runner id.
 KV_RUNNER_DEVICES = "runner_devices"
-KV_BUCKETS: tuple[str, ...] = (KV_CANCELLATIONS, KV_CAPABILITIES, KV_JOB_TERMINAL, KV_RUNNER_DEVICES)
+# KV, scheduling (shared/scheduling.py, docs/scheduling.md): queued attempts (the API writes), admitted
+# attempts (only the elected scheduler writes, revision-checked), project weights and quotas (the API
+# writes), the scheduler's lease, and where each waiting job stands (the scheduler writes).
+KV_SCHED_REQUESTS = "sched_requests"
+KV_SCHED_JOBS = "sched_jobs"
+KV_SCHED_PROJECTS = "sched_projects"
+KV_SCHED_LEADER = "sched_leader"
+KV_SCHED_STATUS = "sched_status"
+# The lease expires this long after its holder last renewed it (the bucket's TTL); the holder renews it
+# three times per period and stops deciding once a period has passed without a renewal.
+SCHED_LEASE_SECONDS = 6.0
+KV_BUCKETS: tuple[str, ...] = (KV_CANCELLATIONS, KV_CAPABILITIES, KV_JOB_TERMINAL, KV_RUNNER_DEVICES,
+                               KV_SCHED_REQUESTS, KV_SCHED_JOBS, KV_SCHED_PROJECTS, KV_SCHED_LEADER,
+                               KV_SCHED_STATUS)
+# Buckets whose entries expire (seconds); the others keep their entries until deleted.
+KV_TTLS: dict[str, float] = {KV_SCHED_LEADER: SCHED_LEASE_SECONDS}
 
 # Object store: files cross service boundaries here, never inside events.
 OBJECT_STAGING = "staging"
@@ -196,7 +229,7 @@ def consumer_config(spec: ConsumerSpec) -> api.ConsumerConfig:
     return api.ConsumerConfig(
         durable_name=spec.durable,
         ack_policy=api.AckPolicy.EXPLICIT,
-        deliver_policy=api.DeliverPolicy.ALL,
+        deliver_policy=api.DeliverPolicy.NEW if spec.deliver_new else api.DeliverPolicy.ALL,
         ack_wait=spec.ack_wait,
         max_deliver=spec.max_deliver,
         max_ack_pending=spec.max_ack_pending,

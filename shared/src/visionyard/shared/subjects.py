@@ -19,11 +19,26 @@ CMD_DATASET_DELETE = "cmd.dataset.delete"
 # deployment request that was answered).
 CMD_UPLOAD_DELETE = "cmd.upload.delete"
 
+# A CPU training command the scheduler admitted: `cmd.train.job.<job_id>.<attempt>` (one subject per
+# attempt, so the scheduler can publish it "only if no copy is in the stream": api/scheduling).
+CMD_TRAIN_JOB_PREFIX = "cmd.train.job"
+CMD_TRAIN_JOBS = f"{CMD_TRAIN_JOB_PREFIX}.>"
 
 
 def train_gpu(count: int) -> str:
     """Subject of a training command that needs `count` GPUs."""
     return f"{CMD_TRAIN_GPU_PREFIX}.{count}"
+
+
+def train_gpu_jobs(count: int) -> str:
+    """Wildcard over the admitted commands of jobs needing `count` GPUs."""
+    return f"{train_gpu(count)}.>"
+
+
+def admitted_train(job_id: str, attempt: int, *, gpus: int) -> str:
+    """Subject of one admitted training attempt: `cmd.train.job.<id>.<attempt>` or `cmd.train.gpu.<n>.<id>.<attempt>`."""
+    base = CMD_TRAIN_JOB_PREFIX if gpus <= 0 else train_gpu(gpus)
+    return f"{base}.{job_id}.{attempt}"
 
 
 # Events (stream EVENTS, limits retention)

@@ -35,6 +35,11 @@ class ApiSettings(ServiceSettings):
     # uvicorn's `--loop`: "auto" runs on uvloop when it is installed (it is, with uvicorn[standard]).
     # Measured on the event pipeline (alternating runs): ~9 % less API CPU per event than asyncio's loop.
     event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
+    # Whether this replica stands for the scheduler lease (docs/scheduling.md); at least one replica must.
+    scheduler: bool = True
+    # While slots turn over fast (short jobs), admit up to this many seconds of turnover ahead of a free slot
+    # (at most one job per runner), so runners do not wait a scheduler round trip between jobs; 0: never.
+    scheduler_lookahead_seconds: float = Field(default=0.5, ge=0, le=10)
 
     # -- who may call (auth/) ------------------------------------------------------------------------
     # Calls without credentials act as the admin: only for the one-person embedded install, whose

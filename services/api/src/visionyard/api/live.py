@@ -43,6 +43,7 @@ from visionyard.shared.events import (
 if TYPE_CHECKING:
     from visionyard.api.livehub import FeedHandle, FeedHub
     from visionyard.api.livepage import PageWriter
+    from visionyard.api.scheduling.feed import QueuePositionsFeed
 
 log = logging.getLogger("visionyard.api.live")
 
@@ -334,8 +335,12 @@ class LiveConnection:
         hub: FeedHub | None = None,
         write_text: Callable[[str], Awaitable[None]] | None = None,
         gate: Gate | None = None,
+        positions: QueuePositionsFeed | None = None,
     ) -> None:
         self._bus = bus
+        # A waiting job's place in the queue comes beside its events (`queue_position`, scheduling/feed.py).
+        self._positions = positions
+        self._offer_position: Callable[[WsMessage], None] = self.offer
         self._gate = gate
         self._write = write
         # Shared feeds hand over messages already encoded once for every client (see `livehub`).
@@ -393,6 +398,8 @@ class LiveConnection:
         that replaced one which stopped inside an event, see `livepage`).
         """
         await self.unsubscribe(job_id)
+        if self._positions is not None:
+            self._positions.follow(job_id, self._offer_position)
         if self._hub is not None:
             handle = await self._hub.attach(job_id, last_seq=last_seq, offer=self.offer, batch_ms=batch_ms,
                                             skip=skip)
@@ -414,6 +421,8 @@ class LiveConnection:
 
     async def unsubscribe(self, job_id: str) -> bool:
         """Stop the feed of one job; whether there was one."""
+        if self._positions is not None:
+            self._positions.unfollow(job_id, self._offer_position)
         feed = self._feeds.pop(job_id, None)
         if feed is None:
             return False

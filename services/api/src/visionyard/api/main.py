@@ -61,6 +61,10 @@ from visionyard.api.outbox import OutboxRelay
 from visionyard.api.projects.endpoints import router as projects_router
 from visionyard.api.projects.service import ProjectService
 from visionyard.api.projector import Projector, RetryPolicy
+from visionyard.api.adapters.scheduling_kv import KvQueueStatus
+from visionyard.api.scheduling.endpoints import router as queues_router
+from visionyard.api.scheduling.handlers import SchedulerRuntime
+from visionyard.api.scheduling.service import QueueService
 from visionyard.api.telemetry import ApiMetrics
 from visionyard.api.training.endpoints import router as training_router
 from visionyard.api.training.service import TrainingService
@@ -129,6 +133,7 @@ def create_app(settings: ApiSettings | None = None, *, bus: Bus | None = None) -
             uow=uow, storage=BusDatasetStorage(connected, timeout=settings.request_timeout),
             spool_dir=settings.data_dir / "tmp" / "images",
         )
+        app.state.queues = QueueService(uow=uow, status=KvQueueStatus(connected))
         stop = asyncio.Event()
         workers = [
             asyncio.create_task(relay.run(stop), name="outbox-relay"),
@@ -139,6 +144,11 @@ def create_app(settings: ApiSettings | None = None, *, bus: Bus | None = None) -
                 name="projector",
             ),
         ]
+        if settings.scheduler:
+            # Every replica stands for the scheduler lease; the one holding it admits jobs (docs/scheduling.md).
+            app.state.scheduler = SchedulerRuntime(
+                connected, lookahead_seconds=settings.scheduler_lookahead_seconds)
+            workers.append(asyncio.create_task(app.state.scheduler.run(stop), name="scheduler"))
         log.info("api started", extra={"service": "api"})
         try:
             yield
@@ -147,6 +157,9 @@ def create_app(settings: ApiSettings | None = None, *, bus: Bus | None = None) -
             hub = getattr(app.state, "live_hub", None)
             if hub is not None:
                 await hub.close()
+            positions = getattr(app.state, "queue_positions", None)
+            if positions is not None:
+                await positions.close()
             _, pending = await asyncio.wait(workers, timeout=SHUTDOWN_GRACE_SECONDS)
             for task in pending:
                 task.cancel()
@@ -182,6 +195,7 @@ def create_app(settings: ApiSettings | None = None, *, bus: Bus | None = None) -
     app.include_router(exports_router)
     app.include_router(inference_router)
     app.include_router(validation_router)
+    app.include_router(queues_router)
     app.include_router(ws.router)
     _install_operational_routes(app)
     return app

@@ -53,6 +53,7 @@ from visionyard.api.livepage import (
     PageSockets,
     PageWriter,
 )
+from visionyard.api.scheduling.feed import QueuePositionsFeed
 from visionyard.shared import streams
 
 router = APIRouter()
@@ -91,6 +92,14 @@ def _shows(row_status: str, status: str) -> bool:
     if row_status in TERMINAL_STATUSES:
         return True
     return _PROGRESS.get(row_status, 0) >= _PROGRESS.get(status, 4)
+
+
+def _positions(app: Any) -> QueuePositionsFeed | None:
+    # One watch of the scheduler's position shards per API instance, started by the first subscriber.
+    if getattr(app.state, "queue_positions", None) is None and getattr(app.state, "bus", None) is not None:
+        app.state.queue_positions = QueuePositionsFeed(app.state.bus)
+    feed: QueuePositionsFeed | None = getattr(app.state, "queue_positions", None)
+    return feed
 
 
 def _projection_gate(app: Any) -> Any:
@@ -185,7 +194,7 @@ async def training_socket(
     await websocket.accept()
     session = session_id or uuid.uuid4().hex
     connection = LiveConnection(bus=app.state.bus, write=websocket.send_json, stats=_stats(app), hub=_hub(app),
-                                write_text=websocket.send_text, gate=_projection_gate(app))
+                                write_text=websocket.send_text, gate=_projection_gate(app), positions=_positions(app))
     page = _page_key(websocket, str(job_id)) if job_id is not None and last_seq is None and not session_id else None
     if page is not None:
         # One of the page's sockets carries the job; this one writes only while it does (`livepage`).

@@ -48,6 +48,9 @@ class RunnerSettings(ServiceSettings, MetricsSettings):
     trainer_dirs: Annotated[list[Path], NoDecode] = Field(default_factory=list)
     cancel_grace_seconds: float = Field(default=10.0, ge=0)
     heartbeat_seconds: float = Field(default=5.0, gt=0)
+    # How often the runner renews its `runner_devices` advertisement; the scheduler counts a runner's slots
+    # only while it keeps renewing it (a killed runner's slots stop counting after a few periods).
+    advertise_seconds: float = Field(default=5.0, gt=0)
     trainer_base_env: dict[str, str] = Field(default_factory=_trainer_base_env)
     # How long JetStream waits for a silent runner before handing its job to another (failover time);
     # unset keeps the consumer's (30 s by default, or VISIONYARD_TOPOLOGY_ACK_WAITS' "runner").

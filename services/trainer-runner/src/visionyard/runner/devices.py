@@ -4,7 +4,8 @@ GPUs come from `VISIONYARD_RUNNER_GPUS` (`auto`: what `nvidia-smi` lists; `none`
 `0,1`), or from `VISIONYARD_RUNNER_FAKE_GPUS=N` (N pretend GPUs, for tests on machines without one:
 the runner schedules them exactly like real ones, and the trainer just sees their indices). A job holds
 the GPUs it was given until its attempt ends; the runner advertises its slots, GPUs and free GPUs in
-the `runner_devices` KV bucket under its runner id.
+the `runner_devices` KV bucket under its runner id, on every change and every `advertise_seconds`: the
+scheduler (docs/scheduling.md) counts the capacity of the runners that keep renewing it.
 """
 
 from __future__ import annotations
@@ -76,17 +77,21 @@ class GpuPool:
         returned = set(gpus) | set(self._free)
         self._free = [gpu for gpu in self.gpus if gpu in returned]
 
-    def describe(self, *, runner_id: str, slots: int) -> dict[str, object]:
-        """The advertisement: slots, every GPU, the free ones."""
+    def describe(self, *, runner_id: str, slots: int, ship_held: int = 0, every: float = 0.0) -> dict[str, object]:
+        """The advertisement: slots, every GPU, the free ones, the slots export/inference jobs hold, and how
+        often it is renewed (the scheduler takes a runner that stops renewing for gone)."""
         return {"runner_id": runner_id, "slots": slots, "cpu": True, "gpus": list(self.gpus),
-                "free_gpus": list(self._free), "fake_gpus": self.fake, "updated_at": time.time()}
+                "free_gpus": list(self._free), "fake_gpus": self.fake, "ship_held": ship_held,
+                "advertise_seconds": every, "updated_at": time.time()}
 
 
-async def advertise(bus: Bus, pool: GpuPool, *, runner_id: str, slots: int) -> None:
-    """Put this runner's devices into `runner_devices` (best effort: scheduling never waits on it)."""
+async def advertise(bus: Bus, pool: GpuPool, *, runner_id: str, slots: int, ship_held: int = 0,
+                    every: float = 0.0) -> None:
+    """Put this runner's devices into `runner_devices` (best effort: the scheduler reads it, no job waits on it)."""
     try:
         kv = await bus.kv(streams.KV_RUNNER_DEVICES)
-        await kv.put(kv_safe_name(runner_id), json.dumps(pool.describe(runner_id=runner_id, slots=slots)).encode())
+        description = pool.describe(runner_id=runner_id, slots=slots, ship_held=ship_held, every=every)
+        await kv.put(kv_safe_name(runner_id), json.dumps(description).encode())
     except Exception as error:
         log.warning("could not advertise devices: %s", error)
 

@@ -44,6 +44,7 @@ class TrainCommandConsumer:
         shipping: ShipCommandHandler | None = None,
         gpu_pool: GpuPool | None = None,
         runner_id: str = "",
+        advertise_seconds: float = 5.0,
     ) -> None:
         self._bus = bus
         self._shipping = shipping
@@ -55,6 +56,10 @@ class TrainCommandConsumer:
         self._heartbeat = heartbeat_seconds
         self._spec = spec
         self._tasks: set[asyncio.Task[None]] = set()
+        self._advertise_seconds = advertise_seconds
+        # Export and inference commands are not scheduled (they share this consumer and its slots directly):
+        # the advertisement says how many slots they hold, so the scheduler does not count those as free.
+        self._ship_held = 0
 
     async def run(self, stop: asyncio.Event) -> None:
         """Claim and run commands until `stop`; then stop held trainers and hand their commands back."""
@@ -64,6 +69,7 @@ class TrainCommandConsumer:
             for count, spec in self._gpu_specs().items()
         }
         await self._advertise()
+        renewing = asyncio.create_task(self._keep_advertising(stop))
         tracked = [self._spec, *self._gpu_specs().values()]
         for spec in tracked:
             metrics.CONSUMERS.track(self._bus, spec)
@@ -99,6 +105,7 @@ class TrainCommandConsumer:
                     self._tasks.add(task)
                     task.add_done_callback(self._job_done)
         finally:
+            renewing.cancel()
             for spec in tracked:
                 metrics.CONSUMERS.untrack(self._bus, spec)
             self._attempts.held.stop_all(StopReason.SHUTDOWN)
@@ -141,7 +148,17 @@ class TrainCommandConsumer:
         return None
 
     async def _advertise(self) -> None:
-        await advertise(self._bus, self._gpu_pool, runner_id=self._runner_id, slots=self._slot_count)
+        await advertise(self._bus, self._gpu_pool, runner_id=self._runner_id, slots=self._slot_count,
+                        ship_held=self._ship_held, every=self._advertise_seconds)
+
+    async def _keep_advertising(self, stop: asyncio.Event) -> None:
+        """Renew the advertisement: a runner that stops renewing it (killed) stops counting as capacity."""
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._advertise_seconds):
+                    await stop.wait()
+            if not stop.is_set():
+                await self._advertise()
 
     def _job_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
@@ -166,14 +183,21 @@ class TrainCommandConsumer:
         Timed as the consumer's handler call: a command is held while its job runs.
         """
         started = time.perf_counter()
+        shipping = msg.subject in SHIP_SUBJECTS
+        if shipping:
+            self._ship_held += 1
+            await self._advertise()
         try:
             # Continues the trace of the request that queued the command: the job's events carry it on.
             with tracing.span("runner hold command", headers=msg.headers, kind=SpanKind.CONSUMER, subject=msg.subject):
                 await self._hold(msg, gpus=gpus)
         finally:
             metrics.HANDLER_SECONDS.labels(self._spec.durable).observe(time.perf_counter() - started)
+            if shipping:
+                self._ship_held -= 1
             if gpus:
                 self._gpu_pool.give_back(gpus)
+            if gpus or shipping:
                 await self._advertise()
 
     async def _hold(self, msg: Msg, *, gpus: list[str] | None) -> None:

@@ -119,7 +119,7 @@ async def serve(
             bus, attempts, slots=settings.slots, heartbeat_seconds=settings.heartbeat_seconds,
             spec=consumer_spec,
             shipping=build_shipping(bus, settings, trainers, attempts),
-            gpu_pool=pool, runner_id=settings.runner_id,
+            gpu_pool=pool, runner_id=settings.runner_id, advertise_seconds=settings.advertise_seconds,
         )
         try:
             await consumer.run(stop)

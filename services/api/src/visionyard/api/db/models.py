@@ -136,6 +136,12 @@ class TrainingJob(Base):
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     # Optimistic concurrency: two writers racing on one job cannot both win.
     row_version: Mapped[int] = mapped_column(Integer, default=1)
+    # Scheduling (docs/scheduling.md): higher runs first (`low` 0, `normal` 50, `high` 100); equal
+    # priorities start in the order their current attempt was queued.
+    # Server-side defaults only, so that rows written with columns of an older schema (a migration's test
+    # data) need not name them.
+    priority: Mapped[int] = mapped_column(Integer, server_default="50")
+    queued_at: Mapped[datetime | None] = mapped_column(nullable=True)
 
     __mapper_args__ = {"version_id_col": row_version}
 

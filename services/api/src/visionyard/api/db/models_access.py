@@ -63,6 +63,11 @@ class Project(Base):
     owner_id: Mapped[int | None] = mapped_column(Integer, ForeignKey("users.id", ondelete="SET NULL"), nullable=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    # Scheduling (docs/scheduling.md): the project's fair-share weight and quotas (None: no limit),
+    # set by an owner or an admin and mirrored into the `sched_projects` KV bucket for the scheduler.
+    share_weight: Mapped[int] = mapped_column(Integer, server_default="1")
+    max_running_jobs: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    max_gpus: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 
 class ProjectMember(Base):

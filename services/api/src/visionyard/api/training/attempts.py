@@ -1,20 +1,25 @@
-"""Queueing a job attempt: the one place that turns a job row into a `cmd.train` written to the outbox.
+"""Queueing a job attempt: the one place that turns a job row into a queue request written to the outbox.
 
 Both a user's start/restart/resume (training service) and the platform's automatic retry after an
 infrastructure failure (projector) queue attempts, so both go through here: the new attempt number,
-the command and its `queued` event are written in the caller's transaction.
+the queue request (KV `sched_requests`, holding the attempt's `StartTraining`) and its `queued` event
+are written in the caller's transaction. The elected scheduler admits the request when its turn comes
+and only then publishes the command to the runners (docs/scheduling.md).
 """
 
 from __future__ import annotations
 
+import uuid
+
 from visionyard.api.datasets.versions import split_for_version
-from visionyard.api.db.models import TrainingJob
+from visionyard.api.db.models import TrainingJob, utcnow
 from visionyard.api.db.repositories import JobRepository, OutboxRepository
 from visionyard.api.errors import Conflict, InvalidInput
-from visionyard.shared import streams
+from visionyard.shared import streams, tracing
 from visionyard.shared.commands import CheckpointRef, DatasetRef, StartTraining, TrainingConfig
 from visionyard.shared.devices import device_request
 from visionyard.shared.events import JobQueued
+from visionyard.shared.scheduling import QueueRequest
 
 
 def begin_new_attempt(job: TrainingJob) -> None:
@@ -65,24 +70,35 @@ def training_config(job: TrainingJob) -> TrainingConfig:
 
 
 def queue_attempt(outbox: OutboxRepository, job: TrainingJob, *, resume_from: CheckpointRef | None) -> None:
-    """Write `cmd.train` for the job's current attempt and its `queued` event to the outbox."""
-    outbox.add(
-        StartTraining(
-            job_id=job.id,
-            attempt=job.attempt,
-            project_id=job.project_id,
-            experiment_name=job.experiment_name,
-            config=training_config(job),
-            dataset=DatasetRef(
-                dataset_id=job.dataset_id, content_hash=job.dataset_snapshot_id,
-                split=split_for_version(outbox.session, dataset_id=job.dataset_id, content_hash=job.dataset_snapshot_id),
-            ),
-            resume_from=resume_from,
+    """Write the queue request of the job's current attempt (with its `StartTraining`) and its `queued` event."""
+    job.queued_at = utcnow()
+    command = StartTraining(
+        # One id per attempt: the scheduler's publish of it is de-duplicated whoever sends it (scheduler.py).
+        message_id=f"train-{job.id}-{job.attempt}",
+        job_id=job.id,
+        attempt=job.attempt,
+        project_id=job.project_id,
+        experiment_name=job.experiment_name,
+        config=training_config(job),
+        dataset=DatasetRef(
+            dataset_id=job.dataset_id, content_hash=job.dataset_snapshot_id,
+            split=split_for_version(outbox.session, dataset_id=job.dataset_id, content_hash=job.dataset_snapshot_id),
         ),
-        # A GPU job waits on its own subject until a runner with that many free GPUs pulls it.
-        subject=device_request(job.advanced_config).subject,
+        resume_from=resume_from,
     )
+    request = QueueRequest(
+        job_id=job.id, attempt=job.attempt, project_id=job.project_id, priority=job.priority,
+        queued_at=job.queued_at.timestamp(), gpus=device_request(job.advanced_config).gpus, command=command,
+        trace=tracing.inject() if tracing.enabled() else {},
+    )
+    put_request(outbox, request, message_id=f"queue-{job.id}-{job.attempt}")
     outbox.add(JobQueued(job_id=job.id, attempt=job.attempt, status=job.status))
+
+
+def put_request(outbox: OutboxRepository, request: QueueRequest, *, message_id: str | None = None) -> None:
+    """Write a queue request into `sched_requests` through the outbox (a new one, or its priority changed)."""
+    outbox.add_kv_put(bucket=streams.KV_SCHED_REQUESTS, key=request.job_id, value=request.model_dump(mode="json"),
+                      message_id=message_id or f"queue-{request.job_id}-{request.attempt}-{uuid.uuid4().hex}")
 
 
 def mark_terminal(outbox: OutboxRepository, job: TrainingJob) -> None:

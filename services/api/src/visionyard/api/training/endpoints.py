@@ -12,7 +12,8 @@ from fastapi import APIRouter, Depends, Query, Request
 from starlette.concurrency import run_in_threadpool
 
 from visionyard.api.auth import CurrentPrincipal, Role
-from visionyard.api.jobstate import JobStatus
+from visionyard.api.jobstate import WAITING, JobStatus
+from visionyard.api.scheduling.endpoints import Service as Queues
 from visionyard.api.training import schemas
 from visionyard.api.training.service import TrainingService
 
@@ -58,9 +59,20 @@ async def list_jobs(
 
 
 @router.get("/jobs/{job_id}", response_model=schemas.TrainingJobResponse)
-async def get_job(job_id: int, service: Service, principal: CurrentPrincipal) -> Any:
-    """One job."""
-    return await _authorized(service, principal, job_id, Role.VIEWER)
+async def get_job(job_id: int, service: Service, principal: CurrentPrincipal, queues: Queues) -> Any:
+    """One job; a waiting one with `queue`: its position, why it waits and, when one can be made, an estimate."""
+    job: schemas.TrainingJobResponse = await _authorized(service, principal, job_id, Role.VIEWER)
+    return job.model_copy(update={"queue": await queues.position(job)})
+
+
+@router.patch("/jobs/{job_id}/priority", response_model=schemas.TrainingJobResponse)
+async def change_priority(
+    job_id: int, body: schemas.PriorityRequest, service: Service, principal: CurrentPrincipal, queues: Queues
+) -> Any:
+    """Change a pending or queued job's priority (`low`, `normal`, `high` or an integer); it keeps its queue time."""
+    job: schemas.TrainingJobResponse = await _authorized(service, principal, job_id, Role.MEMBER)
+    waiting = await queues.waiting_request(str(job_id)) if job.status in {s.value for s in WAITING} else None
+    return await run_in_threadpool(service.change_priority, str(job_id), int(body.priority), waiting_request=waiting)
 
 
 @router.post("/jobs/{job_id}/start", response_model=schemas.TrainingJobResponse)

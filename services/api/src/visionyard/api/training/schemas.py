@@ -5,9 +5,12 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from visionyard.shared.commands import TrainingConfig
+from visionyard.shared.scheduling import NORMAL_PRIORITY, parse_priority, priority_name
+
+PRIORITY_HELP = "low, normal, high, or an integer from -1000 to 1000 (higher starts first; low 0, normal 50, high 100)"
 
 
 class CreateJobRequest(BaseModel):
@@ -19,7 +22,40 @@ class CreateJobRequest(BaseModel):
     experiment_name: str | None = Field(default=None, min_length=1, max_length=256)
     tags: list[str] = Field(default_factory=list)
     notes: str | None = None
+    priority: int | str = Field(default=NORMAL_PRIORITY, description=PRIORITY_HELP)
     config: TrainingConfig
+
+    @field_validator("priority", mode="before")
+    @classmethod
+    def _priority(cls, value: Any) -> int:
+        return parse_priority(value)
+
+
+class PriorityRequest(BaseModel):
+    """Body of `PATCH /training/jobs/{id}/priority`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    priority: int | str = Field(description=PRIORITY_HELP)
+
+    @field_validator("priority", mode="before")
+    @classmethod
+    def _priority(cls, value: Any) -> int:
+        return parse_priority(value)
+
+
+class QueuePosition(BaseModel):
+    """Where a waiting job stands, as the scheduler last reported it."""
+
+    position: int = Field(description="1: the next job to start; 0: already handed to the runners")
+    jobs_ahead: int = Field(description="waiting jobs that will start before it")
+    reason: str = Field(description="priority | capacity | quota | no_device | no_runner | dispatching")
+    detail: str
+    queue: str = Field(description="cpu, or gpu-<count>")
+    estimated_start_seconds: float | None = Field(description="from the recent start rate; null when none can be made")
+    estimated_start_at: datetime | None
+    updated_at: datetime = Field(description="when the scheduler computed this")
+    stale: bool = Field(description="no scheduler has reported for a while: the figures may be old")
 
 
 class TrainingJobResponse(BaseModel):
@@ -58,6 +94,15 @@ class TrainingJobResponse(BaseModel):
     created_at: datetime
     started_at: datetime | None
     completed_at: datetime | None
+    priority: int = NORMAL_PRIORITY
+    priority_name: str | None = Field(default=None, description="low, normal or high when the priority is one of them")
+    queued_at: datetime | None = None
+    queue: QueuePosition | None = Field(default=None, description="a waiting job's place in the queue (GET /jobs/{id})")
+
+    @model_validator(mode="after")
+    def _name_priority(self) -> TrainingJobResponse:
+        self.priority_name = priority_name(self.priority)
+        return self
 
 
 class JobListResponse(BaseModel):

@@ -38,6 +38,7 @@ from visionyard.shared.events import (
     JobCancelled,
     JobCancelRequested,
 )
+from visionyard.shared.scheduling import QueueRequest
 
 T = TypeVar("T")
 WRITE_RETRIES = 3
@@ -126,6 +127,7 @@ class TrainingService:
                 status=JobStatus.PENDING.value,
                 attempt=1,
                 created_at=utcnow(),
+                priority=int(request.priority),
             )
             JobRepository(session).add(job)
             session.flush()
@@ -216,6 +218,34 @@ class TrainingService:
             return _response(session, job)
 
         return self._write(cancel)
+
+    def change_priority(
+        self, job_id: str, priority: int, *, waiting_request: QueueRequest | None
+    ) -> schemas.TrainingJobResponse:
+        """A pending or waiting job's new priority; a waiting one's queue request is put again with it
+        (`waiting_request`: the request as the queue holds it now, None when it holds none for this attempt).
+
+        A waiting job keeps its place among jobs of its new priority (its queue time is unchanged). Should
+        the scheduler admit the job between the read of its request and this write, the new request is
+        stale and the scheduler deletes it: the job runs with the priority it was admitted at.
+        """
+
+        def change(session: Session) -> schemas.TrainingJobResponse:
+            job = _job(session, job_id, for_update=True)
+            if job.status in jobstate.WAITING:
+                if waiting_request is None or waiting_request.attempt != job.attempt:
+                    raise Conflict(f"priority: job {job_id} was already handed to a runner (or is still being "
+                                   "queued); a running job's priority no longer matters")
+                attempts.put_request(OutboxRepository(session),
+                                     waiting_request.model_copy(update={"priority": priority}))
+            elif job.status != JobStatus.PENDING:
+                raise Conflict(f"priority: job {job_id} is {job.status}; only a pending or queued job's priority "
+                               "can change")
+            job.priority = priority
+            session.flush()
+            return _response(session, job)
+
+        return self._write(change)
 
     def _queue(
         self, session: Session, job_id: str, action: JobAction, *, checkpoint_path: str | None = None
