@@ -149,7 +149,7 @@ async def drain_once(bench: BenchStack, dataset_id: str, projects: list[int], *,
     await nc.subscribe("evt.job.*.completed", cb=on_completed)
     try:
         for index in range(1, RUNNERS + 1):
-            bench.stack._spawn("runner", label=f"runner-{index}", runner_index=index)
+            bench.stack._spawn("runner", label=f"runner-{index}", index=index)
         await asyncio.wait_for(finished.wait(), timeout=900)
     finally:
         await nc.close()

@@ -61,7 +61,7 @@ def bench(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BenchStack]:
 def start_second_api(bench: BenchStack) -> tuple[subprocess.Popen[bytes], str]:
     """Another API replica on the same database and broker."""
     port = free_port()
-    env = bench.stack._env_for("api", runner_index=1)
+    env = bench.stack._env_for("api", index=1)
     env["VISIONYARD_API_PORT"] = str(port)
     log = (bench.stack.logs_dir / "api-2.log").open("ab")
     process = subprocess.Popen([str(Path(sys.executable).with_name("visionyard-api"))], env=env, stdout=log,
@@ -158,12 +158,12 @@ def _scenario(bench: BenchStack, dataset_id: str, second: subprocess.Popen[bytes
         assert first_position["position"] == 1 and first_position["reason"] == "no_runner"
 
         # One runner (2 slots): the two high-priority jobs start first.
-        bench.stack._spawn("runner", label="runner-1", runner_index=1)
+        bench.stack._spawn("runner", label="runner-1", index=1)
         starts = poll(lambda: events_of(bench.nats_url, "started"), lambda found: len(found) >= 2, timeout=120,
                       what="the first two jobs started")
         assert {int(event["job_id"]) for event in starts[:2]} == set(high)
         # A second runner; once it holds a job, kill -9 it (jobs still wait in the queue).
-        runner_2 = bench.stack._spawn("runner", label="runner-2", runner_index=2)
+        runner_2 = bench.stack._spawn("runner", label="runner-2", index=2)
 
         def held_by_runner_2() -> list[dict[str, Any]]:
             return [event for event in events_of(bench.nats_url, "started")
