@@ -13,28 +13,23 @@ import threading
 import time
 import zipfile
 from collections.abc import Iterator
+from functools import partial
 from typing import Any
 
 import httpx
 import pytest
-from websockets.sync.client import connect
-
 from visionyard.cli.datasets_digits import build_digits_imagefolder
 from visionyard.cli.stack import EmbeddedStack
 from visionyard.shared.natsserver import free_port
+from websockets.sync.client import connect
+
+from ..jobproof import poll
 
 pytestmark = pytest.mark.e2e
 
 
-def _poll(fetch: Any, done: Any, *, timeout: float = 180.0, every: float = 0.3) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fetch()
-        if done(value):
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting; last value: {value}")
-        time.sleep(every)
+# The shared poll (tests/jobproof.py) with this file's patience.
+_poll = partial(poll, timeout=180.0)
 
 
 @pytest.fixture(scope="module")

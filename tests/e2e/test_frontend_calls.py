@@ -8,10 +8,10 @@ from __future__ import annotations
 import base64
 import csv
 import io
-import time
 import uuid
 import zipfile
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
@@ -19,23 +19,17 @@ from urllib.parse import unquote, urlparse
 import httpx
 import pytest
 from PIL import Image
-
 from visionyard.cli.datasets_digits import build_digits_imagefolder
 from visionyard.cli.stack import EmbeddedStack
 from visionyard.shared.natsserver import free_port
 
+from ..jobproof import poll
+
 pytestmark = pytest.mark.e2e
 
 
-def _poll(fetch: Any, done: Any, *, timeout: float = 180.0, every: float = 0.3) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fetch()
-        if done(value):
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting; last value: {value}")
-        time.sleep(every)
+# The shared poll (tests/jobproof.py) with this file's patience.
+_poll = partial(poll, timeout=180.0)
 
 
 @pytest.fixture(scope="module")

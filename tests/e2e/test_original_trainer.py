@@ -6,18 +6,18 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import io
-import time
 import zipfile
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 from PIL import Image
-
 from visionyard.cli.stack import EmbeddedStack
 from visionyard.shared.natsserver import free_port
+
+from ..jobproof import poll
 
 pytestmark = pytest.mark.e2e
 
@@ -46,15 +46,8 @@ def _yolo_zip() -> bytes:
     return buffer.getvalue()
 
 
-def _poll(fetch: Any, done: Any, *, timeout: float = 120.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fetch()
-        if done(value):
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting; last value: {value}")
-        time.sleep(0.3)
+# The shared poll (tests/jobproof.py) with this file's patience.
+_poll = partial(poll, timeout=120.0)
 
 
 @pytest.fixture(scope="module")

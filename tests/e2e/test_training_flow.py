@@ -8,17 +8,19 @@ import json
 import os
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
 import httpx
 import pytest
-from websockets.sync.client import connect
-
 from visionyard.cli.datasets_digits import build_digits_imagefolder
 from visionyard.cli.stack import EmbeddedStack
 from visionyard.shared.natsserver import free_port
+from websockets.sync.client import connect
+
+from ..jobproof import poll
 
 pytestmark = pytest.mark.e2e
 
@@ -70,15 +72,8 @@ def dataset_id(api: httpx.Client, tmp_path_factory: pytest.TempPathFactory) -> s
     return identifier
 
 
-def _poll(fetch: Any, done: Any, *, timeout: float = 120.0, every: float = 0.3) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fetch()
-        if done(value):
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting; last value: {value}")
-        time.sleep(every)
+# The shared poll (tests/jobproof.py) with this file's patience.
+_poll = partial(poll, timeout=120.0)
 
 
 def _alive(pid: int) -> bool:

@@ -9,17 +9,19 @@ import json
 import threading
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from websockets.sync.client import connect
-
 from visionyard.cli.datasets_shapes import CLASS_NAMES, build_shapes_dataset
 from visionyard.cli.stack import EmbeddedStack
 from visionyard.cli.trainer_envs import available
 from visionyard.shared.natsserver import free_port
+from websockets.sync.client import connect
+
+from ..jobproof import poll
 
 pytestmark = pytest.mark.e2e
 
@@ -27,15 +29,8 @@ EPOCHS = 2
 TERMINAL = ("completed", "failed", "cancelled")
 
 
-def _poll(fetch: Any, done: Any, *, timeout: float = 300.0, every: float = 0.5) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fetch()
-        if done(value):
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting; last value: {value}")
-        time.sleep(every)
+# The shared poll (tests/jobproof.py) with this file's patience.
+_poll = partial(poll, timeout=300.0)
 
 
 def _listen(url: str, into: list[dict[str, Any]]) -> None:
