@@ -77,6 +77,21 @@ def job_events_with_seq(nats_url: str, subject: str) -> list[tuple[int, dict[str
 
 
 async def _read_subject(url: str, subject: str) -> list[tuple[int, dict[str, Any]]]:
+    """Read the subject's stored events; a cluster that is electing a leader refuses reads (503): read again."""
+    from nats.errors import NoRespondersError
+    from nats.js.errors import APIError
+
+    deadline = asyncio.get_running_loop().time() + 90.0
+    while True:
+        try:
+            return await _read_subject_once(url, subject)
+        except (APIError, NoRespondersError):
+            if asyncio.get_running_loop().time() > deadline:
+                raise
+            await asyncio.sleep(0.5)  # a retry interval, not a readiness wait
+
+
+async def _read_subject_once(url: str, subject: str) -> list[tuple[int, dict[str, Any]]]:
     import nats
     from nats.errors import TimeoutError as NatsTimeoutError
     from nats.js import api as js_api
@@ -94,7 +109,10 @@ async def _read_subject(url: str, subject: str) -> list[tuple[int, dict[str, Any
             try:
                 batch = await sub.fetch(500, timeout=1.0)
             except (NatsTimeoutError, asyncio.TimeoutError):
-                break
+                # Done only when the consumer says nothing is left (a slow fetch is not the end).
+                if (await sub.consumer_info()).num_pending == 0:
+                    break
+                continue
             found.extend((msg.metadata.sequence.stream, json.loads(msg.data)) for msg in batch)
         await sub.unsubscribe()
         return found
