@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-
 from visionyard.cli.datasets_digits import build_digits_imagefolder
+from visionyard.shared import streams
 from visionyard.shared.config import server_urls
 from visionyard.shared.events import ProgressReported
 
@@ -120,6 +120,22 @@ async def _read_subject_once(url: str, subject: str) -> list[tuple[int, dict[str
         await nc.close()
 
 
+def tracker_backlog(nats_url: str) -> int:
+    """Events the tracker has not settled yet: still to deliver, or delivered and not acknowledged."""
+    return asyncio.run(_tracker_backlog(nats_url))
+
+
+async def _tracker_backlog(url: str) -> int:
+    import nats
+
+    nc = await nats.connect(server_urls(url))
+    try:
+        info = await nc.jetstream().consumer_info(streams.TRACKER.stream, streams.TRACKER.durable)
+        return int(info.num_pending or 0) + int(info.num_ack_pending or 0)
+    finally:
+        await nc.close()
+
+
 def job_processes(data_dir: Path, job_id: str) -> list[tuple[int, int]]:
     """(pid, parent pid) of every live trainer process working in the job's directory under `data_dir`."""
     # Job ids are small integers, the same in every stack on the machine: only this stack's data dir tells.
@@ -174,17 +190,38 @@ def recorded_points(tracking_uri: str, run_id: str, keys: set[str]) -> Counter[t
 def upload_digits(api: httpx.Client, scratch: Path) -> str:
     """The digits ImageFolder, uploaded through REST and ready; its dataset id."""
     build_digits_imagefolder(scratch / "digits.zip", scratch / "heldout")
-    created = api.post("/api/v1/datasets", json={"name": "digits", "visibility": "private"})
+    return upload_zip(api, scratch / "digits.zip")
+
+
+def upload_zip(api: httpx.Client, zip_path: Path, *, name: str = "digits") -> str:
+    """A dataset zip, uploaded through REST and ready; its dataset id."""
+    created = api.post("/api/v1/datasets", json={"name": name, "visibility": "private"})
     assert created.status_code in (200, 201), created.text
     identifier = str(created.json()["dataset_id"])
-    with (scratch / "digits.zip").open("rb") as handle:
+    with zip_path.open("rb") as handle:
         uploaded = api.post(f"/api/v1/datasets/{identifier}/upload",
-                            files={"file": ("digits.zip", handle, "application/zip")})
+                            files={"file": (zip_path.name, handle, "application/zip")})
     assert uploaded.status_code == 202, uploaded.text
     dataset = poll(lambda: api.get(f"/api/v1/datasets/{identifier}").json(),
-                   lambda d: d["status"] in ("ready", "rejected"), timeout=120, every=0.3)
+                   lambda d: d["status"] in ("ready", "rejected"), timeout=180, every=0.3)
     assert dataset["status"] == "ready", dataset
     return identifier
+
+
+def simple_cnn_job(dataset_id: str, *, epochs: int = 3) -> dict[str, Any]:
+    """The body of a simple_cnn classification job on a digits dataset."""
+    return {"config": {"framework": "pytorch", "model_name": "simple_cnn", "task_type": "classification",
+                       "dataset_id": dataset_id, "epochs": epochs, "batch_size": 32, "learning_rate": 0.005}}
+
+
+def trained_job(api: httpx.Client, body: dict[str, Any]) -> dict[str, Any]:
+    """Create and start a job, wait for it to end, assert it completed; the job as the API shows it."""
+    poll(lambda: api.get("/api/v1/models/list").text, lambda text: body["config"]["model_name"] in text, timeout=60)
+    job = api.post("/api/v1/training/jobs", json=body).json()
+    assert api.post(f"/api/v1/training/jobs/{job['id']}/start").status_code == 200
+    job = poll(lambda: get_job(api, str(job["id"])), lambda j: j["status"] in TERMINAL, timeout=300)
+    assert job["status"] == "completed", job
+    return job
 
 
 def start_job(api: httpx.Client, dataset_id: str, *, epochs: int, experiment: str = "faults") -> str:
@@ -256,7 +293,8 @@ class Proof:
                             timeout=150, every=0.5)
         except AssertionError:
             recorded = recorded_points(self.tracking_uri, run_id, keys)
-        time.sleep(1.0)  # a late redelivery would add its duplicate now: look once more
+        # A late redelivery would add a duplicate: look again once the tracker holds no event unsettled.
+        poll(lambda: tracker_backlog(self.nats_url), lambda backlog: backlog == 0, timeout=120)
         recorded = recorded_points(self.tracking_uri, run_id, keys)
         mlflow_catch_up = time.monotonic() - settled_at
         missing = sum((expected - recorded).values())

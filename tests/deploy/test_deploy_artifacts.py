@@ -19,7 +19,6 @@ import kubernetes_validate
 import pytest
 import yaml
 from pydantic_settings import BaseSettings
-
 from visionyard.api.config import ApiSettings
 from visionyard.runner.config import RunnerSettings
 from visionyard.shared import streams

@@ -23,7 +23,7 @@ from visionyard.cli.stack import EmbeddedStack
 from visionyard.shared.natsserver import free_port
 from websockets.sync.client import connect
 
-from ..jobproof import poll
+from ..jobproof import poll, simple_cnn_job, trained_job, upload_zip
 
 pytestmark = pytest.mark.e2e
 
@@ -40,20 +40,9 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     summary = build_digits_imagefolder(scratch / "digits.zip", scratch / "heldout")
     with EmbeddedStack(data_dir=data_dir, api_port=free_port(), runners=1) as stack, \
             httpx.Client(base_url=stack.api_url, timeout=60) as api:
-        identifier = api.post("/api/v1/datasets", json={"name": "digits", "visibility": "private"}).json()["dataset_id"]
-        with summary.zip_path.open("rb") as handle:
-            assert api.post(f"/api/v1/datasets/{identifier}/upload",
-                            files={"file": ("digits.zip", handle, "application/zip")}).status_code == 202
-        _poll(lambda: api.get(f"/api/v1/datasets/{identifier}").json(), lambda d: d["status"] == "ready")
-        _poll(lambda: api.get("/api/v1/models/list").text, lambda text: "simple_cnn" in text, timeout=60)
-        body = {"config": {"framework": "pytorch", "model_name": "simple_cnn", "task_type": "classification",
-                           "dataset_id": identifier, "epochs": 3, "batch_size": 32, "learning_rate": 0.005}}
-        job = api.post("/api/v1/training/jobs", json=body).json()
-        pending_job = api.post("/api/v1/training/jobs", json=body).json()  # never started
-        assert api.post(f"/api/v1/training/jobs/{job['id']}/start").status_code == 200
-        job = _poll(lambda: api.get(f"/api/v1/training/jobs/{job['id']}").json(),
-                    lambda j: j["status"] in ("completed", "failed", "cancelled"))
-        assert job["status"] == "completed", job
+        identifier = upload_zip(api, summary.zip_path)
+        pending_job = api.post("/api/v1/training/jobs", json=simple_cnn_job(identifier)).json()  # never started
+        job = trained_job(api, simple_cnn_job(identifier))
         with (summary.heldout_dir / "labels.csv").open() as handle:
             heldout = [(summary.heldout_dir / row["path"], row["label"]) for row in csv.DictReader(handle)]
         yield {"stack": stack, "api": api, "job": job, "pending_job": pending_job, "heldout": heldout,

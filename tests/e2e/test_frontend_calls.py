@@ -23,7 +23,7 @@ from visionyard.cli.datasets_digits import build_digits_imagefolder
 from visionyard.cli.stack import EmbeddedStack
 from visionyard.shared.natsserver import free_port
 
-from ..jobproof import poll
+from ..jobproof import poll, simple_cnn_job, trained_job, upload_zip
 
 pytestmark = pytest.mark.e2e
 
@@ -40,19 +40,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     summary = build_digits_imagefolder(scratch / "digits.zip", scratch / "heldout")
     with EmbeddedStack(data_dir=data_dir, api_port=free_port(), runners=1) as stack, \
             httpx.Client(base_url=stack.api_url, timeout=180) as api:
-        dataset = api.post("/api/v1/datasets", json={"name": "digits", "visibility": "private"}).json()["dataset_id"]
-        with summary.zip_path.open("rb") as handle:
-            assert api.post(f"/api/v1/datasets/{dataset}/upload",
-                            files={"file": ("digits.zip", handle, "application/zip")}).status_code == 202
-        _poll(lambda: api.get(f"/api/v1/datasets/{dataset}").json(), lambda d: d["status"] == "ready")
-        _poll(lambda: api.get("/api/v1/models/list").text, lambda text: "simple_cnn" in text, timeout=60)
-        body = {"config": {"framework": "pytorch", "model_name": "simple_cnn", "task_type": "classification",
-                           "dataset_id": dataset, "epochs": 3, "batch_size": 32, "learning_rate": 0.005}}
-        job = api.post("/api/v1/training/jobs", json=body).json()
-        assert api.post(f"/api/v1/training/jobs/{job['id']}/start").status_code == 200
-        job = _poll(lambda: api.get(f"/api/v1/training/jobs/{job['id']}").json(),
-                    lambda j: j["status"] in ("completed", "failed", "cancelled"))
-        assert job["status"] == "completed", job
+        dataset = upload_zip(api, summary.zip_path)
+        job = trained_job(api, simple_cnn_job(dataset))
         export = api.post("/api/v1/export/jobs", json={"training_job_id": job["id"], "export_format": "onnx"}).json()
         export = _poll(lambda: api.get(f"/api/v1/export/jobs/{export['id']}").json(),
                        lambda e: e["status"] in ("completed", "failed"))

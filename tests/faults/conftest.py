@@ -18,9 +18,14 @@ from typing import Any
 
 import httpx
 import pytest
-
 from visionyard.cli.stack import admin_nats_url
-from visionyard.cli.stackstate import ProcessState, StackState, process_start_ticks, read_state, state_path
+from visionyard.cli.stackstate import (
+    ProcessState,
+    StackState,
+    process_start_ticks,
+    read_state,
+    state_path,
+)
 from visionyard.shared.natsserver import free_port
 
 from ..jobproof import S3_KEY, s3_client, upload_digits

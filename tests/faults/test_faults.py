@@ -18,11 +18,18 @@ from typing import Any
 
 import httpx
 import pytest
-
 from visionyard.shared.events import JobStarted, ProgressReported
 
 from .. import jobproof
-from ..jobproof import TERMINAL, Proof, get_job, job_events, job_processes, poll, stored_checkpoints
+from ..jobproof import (
+    TERMINAL,
+    Proof,
+    get_job,
+    job_events,
+    job_processes,
+    poll,
+    stored_checkpoints,
+)
 from .conftest import UpStack
 
 pytestmark = pytest.mark.e2e

@@ -31,13 +31,12 @@ from typing import Any
 
 import httpx
 import pytest
-from websockets.exceptions import ConnectionClosed
-from websockets.sync.client import connect
-
 from visionyard.cli.stack import EmbeddedStack
 from visionyard.shared import streams
 from visionyard.shared.config import server_urls
 from visionyard.shared.natsserver import free_port
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect
 
 from ..jobproof import (
     S3_KEY,

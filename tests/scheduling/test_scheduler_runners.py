@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from visionyard.api.adapters.scheduling_kv import BusCommandSender
 from visionyard.api.scheduling.handlers import SchedulerRuntime
 from visionyard.runner.config import RunnerSettings

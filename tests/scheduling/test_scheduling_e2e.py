@@ -20,11 +20,11 @@ from typing import Any
 import httpx
 import nats
 import pytest
-
-from bench.harness import BenchStack, synthetic_config, tiny_imagefolder_zip
 from visionyard.cli.stack import _stop_group
 from visionyard.shared import streams
 from visionyard.shared.natsserver import free_port
+
+from bench.harness import BenchStack, synthetic_config, tiny_imagefolder_zip
 
 pytestmark = pytest.mark.e2e
 
