@@ -14,6 +14,7 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -49,6 +50,12 @@ ADMIN_PASSWORD = "admin-password-1"
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 32
 # Every object of the owner's project carries this in its name: a refused caller must never see it.
 MARKER = "zz-private-7f3a"
+
+
+def authenticated_settings(tmp_path: Path, *, request_timeout: float = 0.5) -> ApiSettings:
+    """Authentication on in embedded mode, with a known admin; a tracker/storage call nobody answers fails fast."""
+    return ApiSettings(data_dir=tmp_path / "data", outbox_poll_seconds=0.1, anonymous_as_admin=False,
+                       request_timeout=request_timeout, admin_email="root@example.com", admin_password="root-password-1")
 
 
 def cheap_password_hashing(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -34,7 +34,7 @@ from visionyard.api.main import create_app
 from visionyard.shared.bus import Bus
 from visionyard.shared.events import LogEmitted
 
-from .access_world import API, MARKER, PASSWORD, PNG, World, cheap_password_hashing, world_of
+from .access_world import authenticated_settings, API, MARKER, PASSWORD, PNG, World, cheap_password_hashing, world_of
 
 pytestmark = pytest.mark.integration
 
@@ -275,8 +275,7 @@ def test_every_served_route_is_classified(tmp_path: Path) -> None:
 @pytest.fixture
 def auth_settings(tmp_path: Path) -> ApiSettings:
     """Authentication on in embedded mode; a tracker/storage call nobody answers fails fast (503)."""
-    return ApiSettings(data_dir=tmp_path / "data", outbox_poll_seconds=0.1, anonymous_as_admin=False,
-                       request_timeout=0.3, admin_email="root@example.com", admin_password="root-password-1")
+    return authenticated_settings(tmp_path, request_timeout=0.3)
 
 
 @pytest.fixture

@@ -11,11 +11,10 @@ from typing import Any
 
 import pytest
 
-from visionyard.api.config import ApiSettings
 from visionyard.api.db.models import Dataset
 from visionyard.shared.bus import Bus
 
-from .access_world import API, MARKER, World, cheap_password_hashing, ready_dataset, world_of
+from .access_world import authenticated_settings, API, MARKER, World, cheap_password_hashing, ready_dataset, world_of
 
 pytestmark = pytest.mark.integration
 
@@ -26,8 +25,7 @@ ANALYZE = f"{API}/datasets/analyze"
 async def world(bus: Bus, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[World]:
     """The served app (authentication on) with owner/member/viewer/stranger and the owner's ready dataset."""
     cheap_password_hashing(monkeypatch)
-    settings = ApiSettings(data_dir=tmp_path / "data", outbox_poll_seconds=0.1, anonymous_as_admin=False,
-                           request_timeout=0.5, admin_email="root@example.com", admin_password="root-password-1")
+    settings = authenticated_settings(tmp_path)
     async with world_of(settings, bus) as built:
         yield built
 

@@ -22,7 +22,7 @@ from visionyard.api.db.models_exports import InferenceJob, InferenceUpload
 from visionyard.shared.bus import Bus
 from visionyard.shared.events import ArtifactStored, CheckpointStaged, JobCompleted, JobStarted, KeepUploadRequest
 
-from .access_world import API, PNG, World, cheap_password_hashing, export_job, mark_export_completed, world_of
+from .access_world import authenticated_settings, API, PNG, World, cheap_password_hashing, export_job, mark_export_completed, world_of
 from .conftest import until
 from .ship_world import classify_as, released_uploads, runner_answering, serve_keep_upload
 
@@ -37,8 +37,7 @@ async def world(bus: Bus, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> As
     """The served app (authentication on) with owner/member/viewer/stranger, a completed export deployed three
     times (`deployment`, `deployment_member`, `deployment_owner`), and storage keeping uploads (`kept`)."""
     cheap_password_hashing(monkeypatch)
-    settings = ApiSettings(data_dir=tmp_path / "data", outbox_poll_seconds=0.1, anonymous_as_admin=False,
-                           request_timeout=0.5, admin_email="root@example.com", admin_password="root-password-1")
+    settings = authenticated_settings(tmp_path)
     async with world_of(settings, bus) as built:
         kept: list[KeepUploadRequest] = []
         await serve_keep_upload(bus, kept)

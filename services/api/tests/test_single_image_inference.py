@@ -12,12 +12,11 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from visionyard.api.config import ApiSettings
 from visionyard.api.db.models_exports import InferenceUpload
 from visionyard.shared.bus import Bus
 from visionyard.shared.events import KeepUploadRequest
 
-from .access_world import API, PNG, World, cheap_password_hashing, world_of
+from .access_world import authenticated_settings, API, PNG, World, cheap_password_hashing, world_of
 from .ship_world import classify_as, released_uploads, runner_answering, serve_keep_upload
 
 pytestmark = pytest.mark.integration
@@ -29,8 +28,7 @@ INFERENCE = f"{API}/test_inference/inference"
 async def world(bus: Bus, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[World]:
     """The served app (authentication on) with owner/member/viewer/stranger and storage keeping uploads."""
     cheap_password_hashing(monkeypatch)
-    settings = ApiSettings(data_dir=tmp_path / "data", outbox_poll_seconds=0.1, anonymous_as_admin=False,
-                           request_timeout=0.5, admin_email="root@example.com", admin_password="root-password-1")
+    settings = authenticated_settings(tmp_path)
     async with world_of(settings, bus) as built:
         kept: list[KeepUploadRequest] = []
         await serve_keep_upload(bus, kept)

@@ -11,12 +11,11 @@ from typing import Any
 
 import pytest
 
-from visionyard.api.config import ApiSettings
 from visionyard.shared import subjects
 from visionyard.shared.bus import Bus
 from visionyard.shared.events import ImageEntry, ListImagesReply, LogEmitted, ReadImageReply, ReadImageRequest
 
-from .access_world import API, PNG, VALIDATION_IMAGES, World, cheap_password_hashing, validation_report, world_of
+from .access_world import authenticated_settings, API, PNG, VALIDATION_IMAGES, World, cheap_password_hashing, validation_report, world_of
 from .conftest import until
 
 pytestmark = pytest.mark.integration
@@ -26,8 +25,7 @@ pytestmark = pytest.mark.integration
 async def world(bus: Bus, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[World]:
     """The served app (authentication on) with owner/viewer/stranger and a job whose epoch 1 reported 15 images."""
     cheap_password_hashing(monkeypatch)
-    settings = ApiSettings(data_dir=tmp_path / "data", outbox_poll_seconds=0.1, anonymous_as_admin=False,
-                           request_timeout=0.5, admin_email="root@example.com", admin_password="root-password-1")
+    settings = authenticated_settings(tmp_path)
     async with world_of(settings, bus) as built:
         yield built
 
