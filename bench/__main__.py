@@ -10,9 +10,9 @@ import argparse
 import asyncio
 import os
 import platform
+import statistics
 import subprocess
 import sys
-import statistics
 import tempfile
 import threading
 import time
@@ -46,10 +46,14 @@ FIGURES = {
 
 def _commit(output: Path) -> str:
     # The report it is about to overwrite does not count as a change to what was measured.
+    # A report written outside the checkout is no pathspec git takes (it said "unknown" for every such run).
+    root = Path(__file__).resolve().parents[1]
+    excluded = [f":(exclude){output.resolve()}"] if output.resolve().is_relative_to(root) else []
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", ".", f":(exclude){output.resolve()}"],
-                               capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[1])
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=root)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", ".", *excluded],
+                               capture_output=True, text=True, check=True, cwd=root)
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return head.stdout.strip() + (" (with uncommitted changes)" if dirty.stdout.strip() else "")

@@ -19,6 +19,7 @@ import boto3
 import nats
 
 from bench.harness import BenchStack, row, spread, synthetic_config, tiny_imagefolder_zip
+from visionyard.shared import subjects
 from visionyard.shared.s3server import MotoS3Server
 
 GOAL_RATIO = 0.5
@@ -51,8 +52,8 @@ async def platform_seconds(bench: BenchStack, dataset_id: str, *, megabytes: int
         stored[json.loads(msg.data)["job_id"]] = time.time()
         arrived.set()
 
-    await nc.subscribe("evt.job.*.log", cb=on_log)
-    await nc.subscribe("evt.job.*.artifact_stored", cb=on_stored)
+    await nc.subscribe(subjects.job_event("*", "log"), cb=on_log)
+    await nc.subscribe(subjects.job_event("*", "artifact_stored"), cb=on_stored)
     try:
         job_id = bench.create_job(synthetic_config(dataset_id, events=1, checkpoint_mb=megabytes))
         await asyncio.to_thread(bench.start_job, job_id)
@@ -74,7 +75,7 @@ async def stagings(bench: BenchStack, dataset_id: str, *, jobs: int) -> int:
     async def on_stage(msg: nats.aio.msg.Msg) -> None:
         requests.append(msg.data)
 
-    await nc.subscribe("storage.stage", cb=on_stage)
+    await nc.subscribe(subjects.STORAGE_STAGE, cb=on_stage)
     try:
         job_ids = [bench.create_job(synthetic_config(dataset_id, events=1)) for _ in range(jobs)]
         for job_id in job_ids:

@@ -19,6 +19,7 @@ from pathlib import Path
 import nats
 
 from bench.harness import BenchStack, percentile, row, synthetic_config, tiny_imagefolder_zip
+from visionyard.shared import subjects
 
 GOAL_P50_MS = 100.0
 
@@ -44,7 +45,7 @@ async def dispatch_latencies(bench: BenchStack, dataset_id: str, *, jobs: int) -
         spawned[event["job_id"]] = event["metrics"]["t_spawned"]
         arrived.set()
 
-    await nc.subscribe("evt.job.*.progress", cb=on_progress)
+    await nc.subscribe(subjects.job_event("*", "progress"), cb=on_progress)
     latencies = []
     try:
         for _ in range(jobs):

@@ -18,6 +18,7 @@ import nats
 
 from bench.harness import BenchStack, row, rss_mb, spread, synthetic_config, tiny_imagefolder_zip
 from visionyard.cli.stack import _stop_group
+from visionyard.shared import subjects
 
 GOAL_JOBS_PER_S = 50.0
 RUNNERS = 4
@@ -62,8 +63,8 @@ async def scale_once(bench: BenchStack, dataset_id: str, *, jobs: int) -> dict[s
         if len(completed) >= jobs:
             finished.set()
 
-    await nc.subscribe("evt.job.*.started", cb=on_started)
-    await nc.subscribe("evt.job.*.completed", cb=on_completed)
+    await nc.subscribe(subjects.job_event("*", "started"), cb=on_started)
+    await nc.subscribe(subjects.job_event("*", "completed"), cb=on_completed)
     try:
         for index in range(1, RUNNERS + 1):
             bench.stack._spawn("runner", label=f"runner-{index}", index=index)
@@ -98,7 +99,7 @@ async def run(scratch: Path, *, quick: bool, runs: int) -> str:
     results = []
     with BenchStack(scratch / "scale", runners=RUNNERS, slots=4) as bench:
         dataset_id = bench.upload(tiny_imagefolder_zip(scratch / "tiny.zip"))
-        for index in range(runs):
+        for _ in range(runs):
             results.append(await scale_once(bench, dataset_id, jobs=jobs))
     dispatched = [r["dispatched_per_s"] for r in results]
     verdict = "meets" if statistics.median(dispatched) >= GOAL_JOBS_PER_S else "misses"

@@ -27,6 +27,7 @@ import nats
 
 from bench.harness import BenchStack, row, spread, synthetic_config, tiny_imagefolder_zip
 from visionyard.cli.stack import _stop_group
+from visionyard.shared import subjects
 
 GOAL_JOBS_PER_S = 50.0
 GOAL_SHARE_DEVIATION = 0.10
@@ -145,8 +146,8 @@ async def drain_once(bench: BenchStack, dataset_id: str, projects: list[int], *,
             if len(completed) >= len(queued_jobs):
                 finished.set()
 
-    await nc.subscribe("evt.job.*.started", cb=on_started)
-    await nc.subscribe("evt.job.*.completed", cb=on_completed)
+    await nc.subscribe(subjects.job_event("*", "started"), cb=on_started)
+    await nc.subscribe(subjects.job_event("*", "completed"), cb=on_completed)
     try:
         for index in range(1, RUNNERS + 1):
             bench.stack._spawn("runner", label=f"runner-{index}", index=index)

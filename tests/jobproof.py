@@ -20,10 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
 from visionyard.cli.datasets_digits import build_digits_imagefolder
-from visionyard.shared import streams
+from visionyard.shared import streams, subjects
 from visionyard.shared.config import server_urls
 from visionyard.shared.events import ProgressReported
+from visionyard.storage import keys as storage_keys
 
 TERMINAL = {"completed", "failed", "cancelled"}
 # moto's S3 takes any key; the suites use this one.
@@ -68,7 +70,7 @@ def job_events(nats_url: str, job_id: str, kind: str) -> list[dict[str, Any]]:
 
     `nats_url` may list a cluster's servers, comma-separated.
     """
-    return [event for _, event in job_events_with_seq(nats_url, f"evt.job.{job_id}.{kind}")]
+    return [event for _, event in job_events_with_seq(nats_url, subjects.job_event(job_id, kind))]
 
 
 def job_events_with_seq(nats_url: str, subject: str) -> list[tuple[int, dict[str, Any]]]:
@@ -108,7 +110,7 @@ async def _read_subject_once(url: str, subject: str) -> list[tuple[int, dict[str
         while True:
             try:
                 batch = await sub.fetch(500, timeout=1.0)
-            except (NatsTimeoutError, asyncio.TimeoutError):
+            except (NatsTimeoutError, TimeoutError):
                 # Done only when the consumer says nothing is left (a slow fetch is not the end).
                 if (await sub.consumer_info()).num_pending == 0:
                     break
@@ -120,17 +122,17 @@ async def _read_subject_once(url: str, subject: str) -> list[tuple[int, dict[str
         await nc.close()
 
 
-def tracker_backlog(nats_url: str) -> int:
-    """Events the tracker has not settled yet: still to deliver, or delivered and not acknowledged."""
-    return asyncio.run(_tracker_backlog(nats_url))
+def backlog(nats_url: str, consumer: streams.ConsumerSpec) -> int:
+    """Events `consumer` has not settled yet: still to deliver, or delivered and not acknowledged."""
+    return asyncio.run(_backlog(nats_url, consumer))
 
 
-async def _tracker_backlog(url: str) -> int:
+async def _backlog(url: str, consumer: streams.ConsumerSpec) -> int:
     import nats
 
     nc = await nats.connect(server_urls(url))
     try:
-        info = await nc.jetstream().consumer_info(streams.TRACKER.stream, streams.TRACKER.durable)
+        info = await nc.jetstream().consumer_info(consumer.stream, consumer.durable)
         return int(info.num_pending or 0) + int(info.num_ack_pending or 0)
     finally:
         await nc.close()
@@ -294,7 +296,7 @@ class Proof:
         except AssertionError:
             recorded = recorded_points(self.tracking_uri, run_id, keys)
         # A late redelivery would add a duplicate: look again once the tracker holds no event unsettled.
-        poll(lambda: tracker_backlog(self.nats_url), lambda backlog: backlog == 0, timeout=120)
+        poll(lambda: backlog(self.nats_url, streams.TRACKER), lambda left: left == 0, timeout=120)
         recorded = recorded_points(self.tracking_uri, run_id, keys)
         mlflow_catch_up = time.monotonic() - settled_at
         missing = sum((expected - recorded).values())
@@ -302,13 +304,17 @@ class Proof:
         assert (missing, duplicates) == (0, 0), {
             "missing": dict(expected - recorded), "duplicates": dict(recorded - expected)}
 
-        # Every checkpoint object in S3 has the sha256 the API reports for its kind.
-        prefix = f"checkpoints/{job_id}/"
-        objects = poll(lambda: self._s3_pt_objects(prefix), bool, timeout=60)
+        # Every checkpoint object in S3 has the sha256 the API reports for its kind, once the API's projector
+        # holds no event unsettled: an event redelivered late (its first delivery died with an API process)
+        # must not change what the API reports.
+        poll(lambda: backlog(self.nats_url, streams.API_PROJECTOR), lambda left: left == 0, timeout=120)
+        objects = poll(lambda: self._s3_pt_objects(storage_keys.checkpoint_prefix(job_id)), bool, timeout=60)
         api_checkpoints = poll(lambda: stored_checkpoints(self.api, job_id),
-                               lambda c: {f"{prefix}{kind}.pt" for kind in c} >= set(objects), timeout=60)
+                               lambda c: {storage_keys.checkpoint_key(job_id, kind) for kind in c} >= set(objects),
+                               timeout=60)
+        kinds = {storage_keys.checkpoint_key(job_id, kind): kind for kind in api_checkpoints}
         for key, sha in objects.items():
-            kind = key[len(prefix):-len(".pt")]
+            kind = kinds[key]
             assert api_checkpoints[kind]["sha256"] == sha, (key, api_checkpoints[kind])
             assert api_checkpoints[kind]["uri"].endswith(key)
 

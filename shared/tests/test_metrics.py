@@ -1,5 +1,5 @@
 """Service metrics on a real nats-server: the consumer backlog as JetStream counts it, scraped over HTTP from a
-service's `/metrics` port, and handler latency and failures as the bus records them."""
+service's `/metrics` port, and handler latency and failures as a consumer's settling middleware records them."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from visionyard.shared import streams
 from visionyard.shared.bus import Bus, TransientError
+from visionyard.shared.bus.broker import Batch, attached, consumer
 from visionyard.shared.events import ProgressReported
 from visionyard.shared.metrics import CONSUMERS, serve_metrics
 
@@ -48,7 +49,7 @@ async def test_the_metrics_port_serves_the_consumer_backlog_jetstream_counts(bus
     finally:
         CONSUMERS.untrack(bus, streams.TRACKER)
         server.stop()
-    # Untracked: a stopped consume loop is no longer reported.
+    # Untracked: a stopped standing pull is no longer reported.
     assert _sample("visionyard_consumer_pending", consumer="tracker") == 0.0
 
 
@@ -57,20 +58,26 @@ async def test_handler_latency_failures_and_redeliveries_are_counted(bus: Bus) -
     calls_before = _sample("visionyard_handler_seconds_count", consumer=spec.durable)
     naks_before = _sample("visionyard_handler_failures_total", consumer=spec.durable, decision="nak")
     await bus.publish(_progress(1))
-    stop = asyncio.Event()
     deliveries: list[int] = []
     redelivered_seen: list[float] = []
+    redelivered = asyncio.Event()
+    broker = attached(bus, service="test")
 
-    async def handler(messages: list) -> None:
-        deliveries.append(len(messages))
+    @consumer(broker, spec, batch=10, batched=True)
+    async def handler(batch: Batch) -> None:
+        deliveries.append(len(batch.raw_message))
         if len(deliveries) == 1:
             raise TransientError("MLflow away")  # nak'ed with backoff, then redelivered
         # The redelivered message is still unacked while its handler runs: JetStream counts it.
         redelivered_seen.append(await asyncio.to_thread(_sample, "visionyard_consumer_redelivered", consumer=spec.durable))
-        stop.set()
+        redelivered.set()
 
-    await asyncio.wait_for(bus.consume_batches(spec, handler, stop=stop, batch=10), timeout=30)
-    assert len(deliveries) == 2
+    await broker.start()
+    try:
+        await asyncio.wait_for(redelivered.wait(), timeout=30)
+    finally:
+        await broker.stop()  # returns once the handler call in progress and its settling are done
+    assert deliveries == [1, 1]
     assert redelivered_seen == [1.0]
     assert _sample("visionyard_handler_seconds_count", consumer=spec.durable) == calls_before + 2
     assert _sample("visionyard_handler_failures_total", consumer=spec.durable, decision="nak") == naks_before + 1

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import nats
 import pytest
-from nats.aio.msg import Msg
 
 from visionyard.shared import streams
 from visionyard.shared.bus import Bus
+from visionyard.shared.bus.broker import attached, consumer
 from visionyard.shared.events import LogEmitted
 from visionyard.shared.natsserver import NatsCluster
 
@@ -57,15 +57,15 @@ async def test_a_bus_publishes_and_consumes_through_the_loss_of_its_streams_lead
     bus = await Bus.connect(cluster.url, service="test")
     observer = await nats.connect(cluster.url.split(","))
     received: list[int] = []
-    stop = asyncio.Event()
-    consuming: asyncio.Task[None] | None = None
+    broker = attached(bus, service="test")
 
-    async def handle(msg: Msg) -> None:
-        received.append(LogEmitted.model_validate_json(msg.data).seq)
+    @consumer(broker, streams.TRACKER, batch=100)
+    async def handle(event: LogEmitted) -> None:
+        received.append(event.seq)
 
     try:
         await bus.ensure_topology(replicas=3)
-        consuming = asyncio.create_task(bus.consume(streams.TRACKER, handle, stop=stop))
+        await broker.start()
 
         async def publish(seq: int) -> None:
             # As the runner's publisher does: retry until the PubAck, the message id de-duplicating.
@@ -91,8 +91,6 @@ async def test_a_bus_publishes_and_consumes_through_the_loss_of_its_streams_lead
         assert info.cluster is not None and info.cluster.leader != leader
         assert info.state.messages == 40  # every event stored once, retries included
     finally:
-        stop.set()
-        if consuming is not None:
-            await asyncio.gather(consuming, return_exceptions=True)
+        await broker.stop()
         await observer.close()
         await bus.close()

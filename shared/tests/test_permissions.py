@@ -4,6 +4,7 @@ checked against the contracts and enforced by a real nats-server."""
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -15,8 +16,10 @@ from nats.js.errors import KeyNotFoundError
 
 from visionyard.shared import commands, events, permissions, streams, subjects
 from visionyard.shared.bus import Bus
+from visionyard.shared.bus.broker import attached, responder
 from visionyard.shared.messages import Message
 from visionyard.shared.natsserver import NatsServer
+from visionyard.shared.requests import TrackerQuery
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -191,14 +194,19 @@ async def test_storage_cannot_take_the_runners_commands(users: Connections) -> N
 @pytest.mark.integration
 async def test_replies_reach_only_the_requester(users: Connections) -> None:
     tracker, api = await users.bus("tracker"), await users.bus("api")
+    broker = attached(tracker, service="tracker")
 
-    async def answer(data: bytes) -> bytes:
-        return b'{"ok": true}'
+    @responder(broker, subjects.TRACKER_METRICS, queue="tracker")
+    async def answer(query: TrackerQuery) -> dict[str, object]:
+        return {"ok": True, "job_id": query.job_id}
 
-    await tracker.serve(subjects.TRACKER_METRICS, answer, queue="tracker")
-    await tracker.nc.flush()  # the responder's subscription reaches the server before the request does
-    reply = await api.request(subjects.TRACKER_METRICS, events.JobCancelRequested(job_id="j", attempt=1), timeout=5)
-    assert reply == b'{"ok": true}'
+    await broker.start()
+    try:
+        await tracker.nc.flush()  # the responder's subscription reaches the server before the request does
+        reply = await api.request(subjects.TRACKER_METRICS, TrackerQuery(job_id="j"), timeout=5)
+    finally:
+        await broker.stop()
+    assert json.loads(reply) == {"ok": True, "job_id": "j"}
     # the storage user may neither read the API's replies nor impersonate the tracker
     storage = await users.bus("storage")
     await storage.nc.subscribe("_INBOX_api.>")

@@ -1,5 +1,5 @@
-"""Trace context across NATS on a real nats-server: a published event, a batch consumer and a request-reply
-continue the publisher's trace; JSON logs inside a span name it. Tracing is process-wide, so the traced side
+"""Trace context across NATS on a real nats-server: a published event taken by a batched consumer and a request
+answered by a responder (the FastStream binders, through their middlewares) continue the publisher's trace; JSON logs inside a span name it. Tracing is process-wide, so the traced side
 runs in a child process exporting to a file; this process keeps tracing off and checks the off path."""
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ TRACED = textwrap.dedent('''
     import asyncio, logging, sys
     from visionyard.shared import streams, tracing
     from visionyard.shared.bus import Bus
+    from visionyard.shared.bus.broker import Batch, attached, consumer, responder
     from visionyard.shared.events import ProgressReported
     from visionyard.shared.logs import configure_logging, job_context
 
@@ -28,23 +29,26 @@ TRACED = textwrap.dedent('''
         configure_logging("probe")
         bus = await Bus.connect(url, service="probe")
         await bus.ensure_topology()
+        broker = attached(bus, service="probe")
+        consumed = asyncio.Event()
 
-        async def answer(data):
-            return b"ok"
+        @responder(broker, "probe.ask", queue="probe")
+        async def answer(event: ProgressReported) -> str:
+            return "ok"
 
-        await bus.serve("probe.ask", answer, queue="probe")
+        @consumer(broker, streams.TRACKER, batched=True)
+        async def handle(batch: Batch) -> None:
+            consumed.set()
+
+        await broker.start()
         with tracing.span("request"):
             with job_context(job_id="j1", attempt=2):
                 logging.getLogger("probe").warning("inside the request")
             await bus.publish(ProgressReported(job_id="j1", attempt=2, seq=1, epoch=1, total_epochs=1, metrics={}))
-            await bus.request("probe.ask", ProgressReported(job_id="j1", attempt=2, seq=1, epoch=1, total_epochs=1,
-                                                            metrics={}), timeout=10)
-        stop = asyncio.Event()
-
-        async def handle(messages):
-            stop.set()
-
-        await asyncio.wait_for(bus.consume_batches(streams.TRACKER, handle, stop=stop), 30)
+            assert await bus.request("probe.ask", ProgressReported(job_id="j1", attempt=2, seq=1, epoch=1,
+                                                                   total_epochs=1, metrics={}), timeout=10) == b"ok"
+        await asyncio.wait_for(consumed.wait(), 30)
+        await broker.stop()
         await bus.close()
         tracing.shutdown_tracing()
 

@@ -19,6 +19,7 @@ import kubernetes_validate
 import pytest
 import yaml
 from pydantic_settings import BaseSettings
+
 from visionyard.api.config import ApiSettings
 from visionyard.runner.config import RunnerSettings
 from visionyard.shared import streams
@@ -157,7 +158,7 @@ def _assert_production_settings(
         monkeypatch.setenv(key, value)
     monkeypatch.setenv(f"{prefix}DATA_DIR", str(tmp_path))
     settings = settings_class()
-    assert getattr(settings, "mode") == "production"
+    assert settings.model_dump()["mode"] == "production"
 
 
 # -- KEDA ----------------------------------------------------------------------------------------------

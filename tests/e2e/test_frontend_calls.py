@@ -19,6 +19,7 @@ from urllib.parse import unquote, urlparse
 import httpx
 import pytest
 from PIL import Image
+
 from visionyard.cli.datasets_digits import build_digits_imagefolder
 from visionyard.cli.stack import EmbeddedStack
 from visionyard.shared.natsserver import free_port

@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 from PIL import Image
+
 from visionyard.cli.stack import EmbeddedStack
 from visionyard.shared.natsserver import free_port
 

@@ -15,10 +15,11 @@ from urllib.parse import unquote, urlparse
 
 import httpx
 import pytest
+from websockets.sync.client import connect
+
 from visionyard.cli.datasets_digits import build_digits_imagefolder
 from visionyard.cli.stack import EmbeddedStack
 from visionyard.shared.natsserver import free_port
-from websockets.sync.client import connect
 
 from ..jobproof import poll
 

@@ -15,11 +15,12 @@ from typing import Any
 
 import httpx
 import pytest
+from websockets.sync.client import connect
+
 from visionyard.cli.datasets_shapes import CLASS_NAMES, build_shapes_dataset
 from visionyard.cli.stack import EmbeddedStack
 from visionyard.cli.trainer_envs import available
 from visionyard.shared.natsserver import free_port
-from websockets.sync.client import connect
 
 from ..jobproof import poll
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import httpx
 import pytest
+
 from visionyard.cli.stack import admin_nats_url
 from visionyard.cli.stackstate import (
     ProcessState,

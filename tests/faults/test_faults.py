@@ -18,6 +18,7 @@ from typing import Any
 
 import httpx
 import pytest
+
 from visionyard.shared.events import JobStarted, ProgressReported
 
 from .. import jobproof

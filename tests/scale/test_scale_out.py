@@ -31,12 +31,13 @@ from typing import Any
 
 import httpx
 import pytest
-from visionyard.cli.stack import EmbeddedStack
-from visionyard.shared import streams
-from visionyard.shared.config import server_urls
-from visionyard.shared.natsserver import free_port
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
+
+from visionyard.cli.stack import EmbeddedStack
+from visionyard.shared import streams, subjects
+from visionyard.shared.config import server_urls
+from visionyard.shared.natsserver import free_port
 
 from ..jobproof import (
     S3_KEY,
@@ -262,13 +263,13 @@ def test_jobs_ride_through_losing_a_nats_node_and_an_api_replica(
         leader = poll(lambda: events_leader(admin_url), bool, timeout=30)
         node = stack.nats_cluster.node_named(leader)
         connections = node.monitor("/connz")["num_connections"]
-        stream_end = max(seq for seq, _ in job_events_with_seq(admin_url, "evt.job.*.>"))
+        stream_end = max(seq for seq, _ in job_events_with_seq(admin_url, subjects.EVT_JOB_ALL))
         node_killed_at = time.monotonic()
         node.stop(kill=True)
         new_leader = poll(lambda: events_leader(admin_url), lambda name: name not in (None, leader), timeout=60)
         election_s = time.monotonic() - node_killed_at
         # Training goes on through the loss: every job stores new progress after it.
-        poll(lambda: {event["job_id"] for seq, event in job_events_with_seq(admin_url, "evt.job.*.progress")
+        poll(lambda: {event["job_id"] for seq, event in job_events_with_seq(admin_url, subjects.job_event("*", "progress"))
                       if seq > stream_end}, lambda moving: moving >= set(jobs), timeout=120)
         statuses = [get_job(api, job_id)["status"] for job_id in jobs]
         assert statuses == ["running"] * JOBS, f"the API replica must be killed mid-training: {statuses}"
@@ -310,7 +311,7 @@ def test_jobs_ride_through_losing_a_nats_node_and_an_api_replica(
             assert seqs == sorted(seqs)
             # ... and they carry every progress event of the job's final attempt that the EVENTS stream holds.
             final_attempt = get_job(api, job_id)["attempt"]
-            progress = {seq: event for seq, event in job_events_with_seq(admin_url, f"evt.job.{job_id}.progress")
+            progress = {seq: event for seq, event in job_events_with_seq(admin_url, subjects.job_event(job_id, "progress"))
                         if event["attempt"] == final_attempt}
             shown = {message["seq"] for message in follower.messages if message["type"] == "training_progress"}
             assert shown == set(progress), {"missing": sorted(set(progress) - shown),

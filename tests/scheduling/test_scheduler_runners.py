@@ -20,15 +20,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from visionyard.api.adapters.scheduling_kv import BusCommandSender
-from visionyard.api.scheduling.handlers import SchedulerRuntime
+from visionyard.api.scheduling.handlers import SchedulerRuntime, subscribe
 from visionyard.runner.config import RunnerSettings
 from visionyard.runner.main import serve
 from visionyard.shared import streams, subjects
 from visionyard.shared.bus import Bus
+from visionyard.shared.bus.broker import attached, responder, service_broker
 from visionyard.shared.commands import DatasetRef, StartTraining, TrainingConfig
-from visionyard.shared.events import StageReply, StageRequest
 from visionyard.shared.manifest import TrainerManifest
+from visionyard.shared.requests import StageReply, StageRequest
 from visionyard.shared.scheduling import (
     LEADER_KEY,
     PositionShard,
@@ -71,21 +73,24 @@ async def until(predicate: Callable[[], Awaitable[Any]], *, timeout: float = 90.
 
 
 @pytest.fixture
-async def staged(bus: Bus, tmp_path: Path) -> str:
-    """Fake storage answering `storage.stage` with a tiny dataset zip; returns its content hash."""
+async def staged(bus: Bus, tmp_path: Path) -> AsyncIterator[str]:
+    """Fake storage answering `storage.stage` with a tiny dataset zip (until the test ends); its content hash."""
     archive = tmp_path / "data.zip"
     with zipfile.ZipFile(archive, "w") as bundle:
         bundle.writestr("data.yaml", "names: [a]\n")
     content_hash = hashlib.sha256(archive.read_bytes()).hexdigest()
 
-    async def stage(data: bytes) -> bytes:
-        StageRequest.model_validate_json(data)  # a well-formed request, or the runner's call fails
+    async def stage(request: StageRequest) -> StageReply:  # a well-formed request, or the runner's call fails
         name = f"dataset/{content_hash}.zip"
         sha, size = await bus.put_file(name, archive)
-        return StageReply(ok=True, object_name=name, sha256=sha, size_bytes=size).model_dump_json().encode()
+        return StageReply(ok=True, object_name=name, sha256=sha, size_bytes=size)
 
-    await bus.serve(subjects.STORAGE_STAGE, stage, queue="storage")
-    return content_hash
+    # Storage's responder, as storage declares it (through the FastStream binders), on the test's connection.
+    broker = attached(bus, service="storage")
+    responder(broker, subjects.STORAGE_STAGE, queue="storage")(stage)
+    await broker.start()
+    yield content_hash
+    await broker.stop()
 
 
 class Harness:
@@ -143,10 +148,20 @@ class Harness:
 
     async def start_scheduler(self, name: str, *, sender: Any = None) -> tuple[SchedulerRuntime, Bus, asyncio.Task[None]]:
         """A scheduler on its own connection, as an API replica runs it."""
-        own = await Bus.connect(self.nats_url, service=f"api-{name}")
+        broker = service_broker(self.nats_url, service=f"api-{name}")
+        own = await Bus.from_broker(broker)
         runtime = SchedulerRuntime(own, scheduler_id=name, sender=sender)
+        subscribe(broker, runtime)
         stop = asyncio.Event()
-        task = asyncio.create_task(runtime.run(stop))
+
+        async def lead() -> None:
+            await broker.start()
+            try:
+                await stop.wait()
+            finally:
+                await broker.stop_subscribers()
+
+        task = asyncio.create_task(lead())
         self.tasks.append((stop, task, own))
         return runtime, own, task
 

@@ -20,11 +20,11 @@ from typing import Any
 import httpx
 import nats
 import pytest
-from visionyard.cli.stack import _stop_group
-from visionyard.shared import streams
-from visionyard.shared.natsserver import free_port
 
 from bench.harness import BenchStack, synthetic_config, tiny_imagefolder_zip
+from visionyard.cli.stack import _stop_group
+from visionyard.shared import streams, subjects
+from visionyard.shared.natsserver import free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -89,7 +89,7 @@ def events_of(nats_url: str, kind: str) -> list[dict[str, Any]]:
             info = await js.stream_info(streams.EVENTS.name)
             if not info.state.messages:
                 return []
-            subscription = await js.subscribe(f"evt.job.*.{kind}", ordered_consumer=True)
+            subscription = await js.subscribe(subjects.job_event("*", kind), ordered_consumer=True)
             found = []
             while True:
                 try:

@@ -41,7 +41,7 @@ from visionyard.shared.events import (
 from visionyard.shared.natsserver import free_port
 
 from .conftest import until
-from .ship_world import install_shipping_manifest
+from .export_inference_world import install_export_predict_manifest
 
 API = "/api/v1"
 PASSWORD = "correct-horse-battery"
@@ -257,7 +257,7 @@ async def default_project_id(world: World, role: str) -> int:
 
 async def populate(world: World) -> None:
     """Users owner/member/viewer/stranger/leaver; the owner's project with every kind of object in it."""
-    await install_shipping_manifest(world.bus)
+    await install_export_predict_manifest(world.bus)
     for role in ("owner", "member", "viewer", "stranger", "leaver"):
         world.users[role] = await register_and_login(world.http, f"{role}-{uuid.uuid4().hex[:6]}@example.com")
     created = await world.call("owner", "POST", f"{API}/projects",

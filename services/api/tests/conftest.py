@@ -7,7 +7,7 @@ The database is SQLite under the test's tmp dir, or a fresh PostgreSQL schema wh
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from visionyard.api.db.session import make_engine, make_session_factory
 from visionyard.api.main import create_app
 from visionyard.shared import streams
 from visionyard.shared.bus import Bus
+from visionyard.shared.bus.broker import ServiceBroker, attached, responder
 from visionyard.shared.manifest import ModelInfo, TrainerManifest
 
 from .pgschema import fresh_postgres_schema, fresh_postgres_url, postgres_required
@@ -90,3 +91,34 @@ async def client(bus: Bus, settings: ApiSettings) -> AsyncIterator[httpx.AsyncCl
         async with httpx.AsyncClient(transport=transport, base_url="http://api") as http:
             http.app = app  # type: ignore[attr-defined]
             yield http
+
+
+class FakeServices:
+    """Stand-ins for other services (storage, the tracker) answering requests on the test's bus, through the
+    FastStream binders as the real ones do; each handler is pydantic-typed like the real service's."""
+
+    def __init__(self, bus: Bus) -> None:
+        self.bus = bus
+        self._brokers: list[ServiceBroker] = []
+
+    async def answer(self, service: str, handlers: Mapping[str, Callable[..., Awaitable[Any]]]) -> None:
+        """Answer requests on each subject with its handler, in `service`'s queue group; from now until the test ends."""
+        broker = attached(self.bus, service=service)
+        for subject, handler in handlers.items():
+            responder(broker, subject, queue=service)(handler)
+        await broker.start()
+        self._brokers.append(broker)
+
+    async def stop(self) -> None:
+        """Stop every fake's subscribers (the bus stays open: it is the test's)."""
+        for broker in reversed(self._brokers):
+            await broker.stop()
+        self._brokers.clear()
+
+
+@pytest.fixture
+async def fake_services(bus: Bus) -> AsyncIterator[FakeServices]:
+    """Fake services on the test's bus, stopped when the test ends."""
+    fakes = FakeServices(bus)
+    yield fakes
+    await fakes.stop()

@@ -15,7 +15,6 @@ from visionyard.api.main import create_app
 from visionyard.shared import streams, subjects
 from visionyard.shared.bus import Bus
 from visionyard.shared.commands import IngestDataset, StartTraining
-from visionyard.shared.scheduling import QueueRequest
 from visionyard.shared.events import (
     ArtifactStored,
     CheckpointStaged,
@@ -25,8 +24,10 @@ from visionyard.shared.events import (
     LogEmitted,
     ProgressReported,
 )
+from visionyard.shared.requests import TrackerQuery
+from visionyard.shared.scheduling import QueueRequest
 
-from .conftest import until
+from .conftest import FakeServices, until
 
 pytestmark = pytest.mark.integration
 
@@ -307,24 +308,27 @@ async def test_delete_dataset_refused_while_a_queued_job_uses_it(client: httpx.A
     assert (await client.get(f"/api/v1/datasets/{dataset_id}")).status_code == 404
 
 
-async def test_models_schema_health_and_tracker_outage(client: httpx.AsyncClient, bus: Bus) -> None:
+async def test_models_schema_health_and_tracker_outage(client: httpx.AsyncClient, bus: Bus,
+                                                       fake_services: FakeServices) -> None:
     models = (await client.get("/api/v1/models/list", params={"task_type": "classification"})).json()
     assert {m["model_name"] for m in models} == {"simple_cnn", "tiny_resnet"}
     schema = (await client.get("/api/v1/training/config-schema", params={"framework": "pytorch"})).json()
     assert [(f["name"], f["type"]) for f in schema["fields"]] == [("epochs", "int")]
     assert (await client.get("/health/ready")).status_code == 200
-    asyncapi = (await client.get("/asyncapi.json")).json()
-    assert asyncapi["channels"]["job_progress"]["address"] == "evt.job.{job_id}.progress"
+    asyncapi = (await client.get("/asyncapi")).json()
+    assert asyncapi == (await client.get("/asyncapi.json")).json()
+    addresses = {channel["address"] for channel in asyncapi["channels"].values()}
+    assert {"evt.job.{job_id}.progress", "cmd.train", "tracker.summary", "storage.stage"} <= addresses
     dataset_id = await _ready_dataset(client, bus)
     job_id = (await client.post(JOBS, json=_job_body(dataset_id))).json()["id"]
     client.app.state.training._tracker._timeout = 0.2  # type: ignore[attr-defined]
     outage = await client.get(f"{JOBS}/{job_id}/mlflow/metrics")
     assert outage.status_code == 503 and "tracker" in outage.json()["detail"]
 
-    async def tracker(data: bytes) -> bytes:
-        return json.dumps({"found": True, "run_id": "r-1", "metrics": {"loss": []}}).encode()
+    async def tracker(query: TrackerQuery) -> dict[str, Any]:
+        return {"found": True, "run_id": "r-1", "metrics": {"loss": []}}
 
-    await bus.serve(subjects.TRACKER_SUMMARY, tracker, queue="tracker")
+    await fake_services.answer("tracker", {subjects.TRACKER_SUMMARY: tracker})
     summary = (await client.get(f"{JOBS}/{job_id}/mlflow/summary")).json()
     assert summary["run_id"] == "r-1" and summary["primary_metric"] == "accuracy" and summary["framework"] == "pytorch"
     exposition = (await client.get("/metrics")).text

@@ -13,8 +13,8 @@ import asyncio
 import base64
 import io
 import json
-import zipfile
 import uuid
+import zipfile
 from collections.abc import AsyncIterator
 from datetime import datetime
 from pathlib import Path
@@ -26,15 +26,14 @@ from websockets.asyncio.client import ClientConnection, connect
 from visionyard.api.config import ApiSettings
 from visionyard.shared import subjects
 from visionyard.shared.bus import Bus
-from visionyard.shared.events import (
+from visionyard.shared.events import InferenceCompleted, InferenceStarted, LogEmitted, ProgressReported
+from visionyard.shared.requests import (
     ImageEntry,
-    InferenceCompleted,
-    InferenceStarted,
     ListImagesReply,
-    LogEmitted,
-    ProgressReported,
+    ListImagesRequest,
     ReadImageReply,
     ReadImageRequest,
+    TrackerQuery,
 )
 
 from .access_world import (
@@ -52,8 +51,14 @@ from .access_world import (
     ready_dataset,
     world_of,
 )
-from .conftest import until
-from .ship_world import classify_as, install_shipping_manifest, runner_answering, serve_keep_upload, stage_results
+from .conftest import FakeServices, until
+from .export_inference_world import (
+    classify_as,
+    install_export_predict_manifest,
+    runner_answering,
+    serve_keep_upload,
+    stage_results,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -147,7 +152,7 @@ async def ui(bus: Bus, ui_settings: ApiSettings, monkeypatch: pytest.MonkeyPatch
     """The served app, the admin logged in through the login form, and a project with a finished training job."""
     cheap_password_hashing(monkeypatch)
     async with world_of(ui_settings, bus, populated=False) as world:
-        await install_shipping_manifest(bus)
+        await install_export_predict_manifest(bus)
         world.users[UI] = {"email": ADMIN_EMAIL, **await login(world.http, ADMIN_EMAIL, ADMIN_PASSWORD)}
         created = await world.call(UI, "POST", f"{API}/projects",
                                    json={"name": "Digits", "description": None, "task_type": None})
@@ -294,12 +299,12 @@ async def test_datasets_list_create_upload_images_and_delete(ui: World) -> None:
     assert deleted.status_code == 200 and deleted.json()["status"] == "success"
 
 
-async def test_the_gallery_reads_image_urls(ui: World) -> None:
-    async def storage_lists(data: bytes) -> bytes:
+async def test_the_gallery_reads_image_urls(ui: World, fake_services: FakeServices) -> None:
+    async def storage_lists(request: ListImagesRequest) -> ListImagesReply:
         """The local backend's answer: no presigned URL, so the API serves the bytes itself."""
-        return ListImagesReply(ok=True, total_images=1, images=[ImageEntry(filename="0/a.png", size=40)]).model_dump_json().encode()
+        return ListImagesReply(ok=True, total_images=1, images=[ImageEntry(filename="0/a.png", size=40)])
 
-    await ui.bus.serve(subjects.STORAGE_LIST_IMAGES, storage_lists, queue="storage")
+    await fake_services.answer("storage", {subjects.STORAGE_LIST_IMAGES: storage_lists})
     listed = await ui.call(UI, "GET", f"{API}/datasets/{ui.ids['dataset']}/images")
     assert listed.status_code == 200, listed.text
     images = listed.json()["images"]
@@ -391,11 +396,11 @@ async def test_job_page_reads_job_metrics_schema_charts_and_logs(ui: World) -> N
     assert {line["log_type"] for line in logs} >= {"stdout"}
 
 
-async def test_the_charts_read_the_trackers_histories(ui: World) -> None:
-    async def tracker(data: bytes) -> bytes:
-        return json.dumps({"found": True, "metrics": {"accuracy": [{"step": 1, "value": 0.5, "timestamp": 1}]}}).encode()
+async def test_the_charts_read_the_trackers_histories(ui: World, fake_services: FakeServices) -> None:
+    async def tracker(query: TrackerQuery) -> dict[str, Any]:
+        return {"found": True, "metrics": {"accuracy": [{"step": 1, "value": 0.5, "timestamp": 1}]}}
 
-    await ui.bus.serve(subjects.TRACKER_METRICS, tracker, queue="tracker")
+    await fake_services.answer("tracker", {subjects.TRACKER_METRICS: tracker})
     charts = await ui.call(NOAUTH, "GET", f"{API}/training/jobs/{ui.ids['job']}/mlflow/metrics")
     assert charts.status_code == 200, charts.text
     body = shape(charts.json(), {"found": "bool", "metrics": "dict", "primary_metric": "str",
@@ -433,11 +438,11 @@ def _card(deployment: Any, where: str) -> dict[str, Any]:
     return deployment
 
 
-async def test_deployments_list_create_test_switch_and_delete(ui: World, tmp_path: Path) -> None:
+async def test_deployments_list_create_test_switch_and_delete(ui: World, fake_services: FakeServices, tmp_path: Path) -> None:
     """The export tab's deployments (DeploymentList, CreateDeploymentModal, DeploymentCard), the Test button
     (TrainingPanel.tsx:1180 reads `deployment_config.api_key/endpoint_url`) and InferenceTestPanel's call."""
     job_id = ui.ids["job"]
-    await serve_keep_upload(ui.bus, [])
+    await serve_keep_upload(fake_services, [])
     export_id = await export_job(ui, UI, job_id)
     await asyncio.to_thread(mark_export_completed, ui, export_id)
     listed = await ui.call(UI, "GET", f"{API}/export/deployments", params={"training_job_id": job_id})
@@ -553,7 +558,10 @@ async def test_websocket_without_last_seq_is_live_only_and_speaks_the_pages_mess
         while caught_up[-1]["type"] != "training_log":
             caught_up.append(await _next(socket))
         assert caught_up[-1]["message"] == "between sockets"
-        assert all(message["seq"] > delivered for message in caught_up)  # nothing the first socket had
+        # Nothing the first socket had. Where a waiting job stands (`queue_position`) is no event: it has no seq
+        # and comes whenever the queue moves.
+        events = [message for message in caught_up if message["type"] != "queue_position"]
+        assert all(message["seq"] > delivered for message in events), caught_up
         await socket.send(json.dumps({"type": "ping"}))
         assert (await _next(socket))["type"] == "pong"
 
@@ -598,7 +606,7 @@ async def test_a_socket_the_page_keeps_open_carries_the_job_and_its_other_socket
     ones its reconnect timer opens: the oldest socket that stays open carries the job's messages, the others say
     nothing at all (not even to a ping: the page would re-render on it), and when the carrier closes the page's
     next one goes on from what it wrote; each message reaches the page once."""
-    from visionyard.api import livepage
+    from visionyard.api.live import page as livepage
 
     monkeypatch.setattr(livepage, "STABLE_SECONDS", 0.2)
     job_id = ui.ids["job"]
@@ -660,7 +668,7 @@ async def test_a_restarted_jobs_socket_is_not_held_by_the_previous_attempts_end(
     """The page restarts a finished job and reopens its socket: the new feed replays the job's events,
     among them the previous attempt's `training_complete`, which must not wait for the row to show a
     terminal status again (it shows the new attempt, queued)."""
-    from visionyard.api import ws
+    from visionyard.api.live import endpoints as ws
 
     # However long the wait for the projection is, the new attempt's messages must not queue behind it.
     monkeypatch.setattr(ws, "PROJECTION_WAIT_SECONDS", 3600.0)
@@ -735,10 +743,10 @@ async def test_validation_summary_and_epoch_results(ui: World) -> None:
           "GET /validation/jobs/{id}/results/{epoch}")
 
 
-async def test_test_inference_upload_create_poll_and_results(ui: World, tmp_path: Path) -> None:
+async def test_test_inference_upload_create_poll_and_results(ui: World, fake_services: FakeServices, tmp_path: Path) -> None:
     job_id = ui.ids["job"]
     kept: list[Any] = []
-    await serve_keep_upload(ui.bus, kept)
+    await serve_keep_upload(fake_services, kept)
     uploaded = await ui.call(NOAUTH, "POST", f"{API}/test_inference/inference/upload-images",
                              params={"training_job_id": job_id},
                              files=[("files", ("cat.png", PNG, "image/png")), ("files", ("dog.png", PNG, "image/png"))])
@@ -787,12 +795,12 @@ async def test_test_inference_upload_create_poll_and_results(ui: World, tmp_path
     assert {r["image_name"] for r in listed} == {item["unique_filename"] for item in upload["uploaded_files"]}
 
 
-async def test_the_original_e2e_inference_scripts_calls(ui: World, tmp_path: Path) -> None:
+async def test_the_original_e2e_inference_scripts_calls(ui: World, fake_services: FakeServices, tmp_path: Path) -> None:
     """platform/backend/tests/e2e/test_inference_e2e.py of the original platform: the job id is an integer
     (argparse type=int), the checkpoint is the job's `best_checkpoint_path`, the images go as the upload's
     `s3_prefix` string, and it formats the timings with `:.1f` (a null there is a TypeError)."""
     job_id = ui.ids["job"]
-    await serve_keep_upload(ui.bus, [])
+    await serve_keep_upload(fake_services, [])
     job = (await ui.call(NOAUTH, "GET", f"{API}/training/jobs/{job_id}")).json()
     checkpoint = shape(job, {"model_name": "str", "best_checkpoint_path": "str"}, "job")["best_checkpoint_path"]
     uploaded = await ui.call(NOAUTH, "POST", f"{API}/test_inference/inference/upload-images",
@@ -826,11 +834,11 @@ async def test_the_original_e2e_inference_scripts_calls(ui: World, tmp_path: Pat
     assert [(p["class_name"], p["confidence"]) for p in results["results"][0]["predictions"]] == [("2", 0.7)]
 
 
-async def test_single_image_inference_path(ui: World, tmp_path: Path) -> None:
+async def test_single_image_inference_path(ui: World, fake_services: FakeServices, tmp_path: Path) -> None:
     """TestInferencePanel's single-image path: upload-image (multipart `file`, ?session_id=) → `server_path`,
     quick (query parameters) → the result the panel logs, and the session's release when the panel closes."""
     job_id = ui.ids["job"]
-    await serve_keep_upload(ui.bus, [])
+    await serve_keep_upload(fake_services, [])
     session = str(uuid.uuid4())  # crypto.randomUUID()
     uploaded = await ui.call(NOAUTH, "POST", f"{API}/test_inference/inference/upload-image",
                              params={"session_id": session}, files={"file": ("cat.png", PNG, "image/png")})
@@ -862,7 +870,7 @@ IMAGE_ROW = {"id": "int", "job_id": "int", "epoch": "int", "image_path": "str", 
              "predicted_label_id": "int", "confidence": "num", "is_correct": "bool"}
 
 
-async def test_validation_images(ui: World) -> None:
+async def test_validation_images(ui: World, fake_services: FakeServices) -> None:
     """The validation tab's ImageViewer: one confusion-matrix cell's images, then each image by id."""
     job_id = ui.ids["job"]
     cell = await ui.call(NOAUTH, "GET", f"{API}/validation/jobs/{job_id}/results/1/images",
@@ -875,18 +883,16 @@ async def test_validation_images(ui: World) -> None:
                            params={"limit": 1000})).json()
     assert every["total_count"] == 15 and sum(not row["is_correct"] for row in every["images"]) == 1
 
-    async def storage_lists(data: bytes) -> bytes:
-        return ListImagesReply(ok=True, total_images=1, images=[ImageEntry(filename="1/img5.png", size=len(PNG))]
-                               ).model_dump_json().encode()
+    async def storage_lists(request: ListImagesRequest) -> ListImagesReply:
+        return ListImagesReply(ok=True, total_images=1, images=[ImageEntry(filename="1/img5.png", size=len(PNG))])
 
-    async def storage_reads(data: bytes) -> bytes:
-        asked = ReadImageRequest.model_validate_json(data)
+    async def storage_reads(asked: ReadImageRequest) -> ReadImageReply:
         assert (asked.filename, asked.content_hash) == ("1/img5.png", "hash-1")  # the job's pinned version
         return ReadImageReply(ok=True, content_b64=base64.b64encode(PNG).decode(), content_type="image/png",
-                              size=len(PNG)).model_dump_json().encode()
+                              size=len(PNG))
 
-    await ui.bus.serve(subjects.STORAGE_LIST_IMAGES, storage_lists, queue="storage")
-    await ui.bus.serve(subjects.STORAGE_READ_IMAGE, storage_reads, queue="storage")
+    await fake_services.answer("storage", {subjects.STORAGE_LIST_IMAGES: storage_lists,
+                                           subjects.STORAGE_READ_IMAGE: storage_reads})
     picture = await ui.http.get(f"{API}/validation/images/{rows[0]['id']}")  # an <img src>: no header
     assert picture.status_code == 200 and picture.content == PNG
     assert picture.headers["content-type"] == "image/png"

@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 
 from visionyard.api.errors import Conflict
-from visionyard.api.jobstate import JobAction, JobOutcome, JobStatus, event_transition, user_transition
+from visionyard.api.jobstate import (
+    JobAction,
+    JobOutcome,
+    JobStatus,
+    event_transition,
+    rerun_transition,
+    user_target,
+    user_transition,
+)
 
 
 @pytest.mark.parametrize(
@@ -48,3 +56,18 @@ def test_terminal_states_are_sticky_against_late_events() -> None:
     assert event_transition("queued", JobOutcome.STARTED) is JobStatus.RUNNING
     assert event_transition("cancelling", JobOutcome.CANCELLED) is JobStatus.CANCELLED
     assert event_transition("cancelling", JobOutcome.STARTED) is None
+
+
+def test_export_and_inference_jobs_move_on_the_same_machine() -> None:
+    # Their command is sent at creation, so they wait as `pending`; a cancel there ends them at once.
+    assert user_target("pending", JobAction.CANCEL) is JobStatus.CANCELLED
+    assert user_target("running", JobAction.CANCEL) is JobStatus.CANCELLING
+    assert user_target("cancelling", JobAction.CANCEL) is None
+    assert event_transition("pending", JobOutcome.STARTED) is JobStatus.RUNNING
+    assert event_transition("pending", JobOutcome.COMPLETED) is JobStatus.COMPLETED
+    assert event_transition("cancelling", JobOutcome.COMPLETED) is JobStatus.COMPLETED
+    assert event_transition("cancelled", JobOutcome.COMPLETED) is None
+    # A redelivered command that ran again reopens only a failed job.
+    assert rerun_transition("failed") is JobStatus.RUNNING
+    assert rerun_transition("completed") is None
+    assert rerun_transition("cancelled") is None

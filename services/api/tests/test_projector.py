@@ -11,13 +11,19 @@ import pytest
 from sqlalchemy import event, func, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
-from visionyard.api.db.models import (
-    Checkpoint, Dataset, DatasetVersion, TrainingJob, TrainingLog, TrainingMetric, utcnow,
-)
 from visionyard.api.db.migrate import upgrade_to_head
-from visionyard.api.db.repositories import SeqKeyedRows
+from visionyard.api.db.models import (
+    Checkpoint,
+    Dataset,
+    DatasetVersion,
+    TrainingJob,
+    TrainingLog,
+    TrainingMetric,
+    utcnow,
+)
 from visionyard.api.db.session import make_session_factory
 from visionyard.api.projector import Projector
+from visionyard.api.training.repository import SeqKeyedRows
 from visionyard.shared.events import (
     ArtifactStored,
     CheckpointStaged,
@@ -68,14 +74,14 @@ def _count(session_factory: sessionmaker[Session], model: type) -> int:
         return session.scalar(select(func.count()).select_from(model)) or 0
 
 
-def _staged(kind: str, seq: int, sha: str = "a" * 64) -> CheckpointStaged:
+def _staged(kind: str, seq: int, sha: str = "a" * 64, *, epoch: int = 2) -> CheckpointStaged:
     return CheckpointStaged(job_id="j1", attempt=1, seq=seq, checkpoint_kind=kind, object_name=f"ckpt/j1/1/{seq}-{kind}.pt",
-                            sha256=sha, size_bytes=10, epoch=2)
+                            sha256=sha, size_bytes=10, epoch=epoch)
 
 
-def _stored(kind: str, seq: int, sha: str = "a" * 64) -> ArtifactStored:
-    return ArtifactStored(job_id="j1", attempt=1, seq=seq, checkpoint_kind=kind, uri=f"file:///ckpt/j1/{kind}.pt",
-                          sha256=sha, size_bytes=10, epoch=2)
+def _stored(kind: str, seq: int, sha: str = "a" * 64, *, epoch: int = 2) -> ArtifactStored:
+    return ArtifactStored(job_id="j1", attempt=1, seq=seq, checkpoint_kind=kind, uri=f"file:///ckpt/j1/{kind}-{epoch}.pt",
+                          sha256=sha, size_bytes=10, epoch=epoch)
 
 
 def test_run_is_projected_once_even_when_every_event_is_delivered_twice(session_factory: sessionmaker[Session]) -> None:
@@ -112,11 +118,11 @@ def test_completion_waits_for_every_declared_checkpoint_in_either_order(session_
     job = _job(session_factory)
     assert job.status == "running"  # `last` is declared but not stored yet
     assert job.final_accuracy == 0.9
-    assert job.best_checkpoint_path == "file:///ckpt/j1/best.pt"
+    assert job.best_checkpoint_path == "file:///ckpt/j1/best-2.pt"
     _apply(projector, _stored("last", 6))
     job = _job(session_factory)
     assert job.status == "completed" and job.completed_at is not None
-    assert job.last_checkpoint_path == "file:///ckpt/j1/last.pt"
+    assert job.last_checkpoint_path == "file:///ckpt/j1/last-2.pt"
     with session_factory() as session:
         kinds = {(c.kind, c.status) for c in session.scalars(select(Checkpoint))}
     assert kinds == {("best", "stored"), ("last", "stored")}
@@ -135,7 +141,28 @@ def test_checkpoints_staged_stored_and_completed_in_one_batch_complete_the_job(
            _staged("best", 5), completed)
     job = _job(session_factory)
     assert job.status == "completed" and job.completed_at is not None
-    assert (job.best_checkpoint_path, job.last_checkpoint_path) == ("file:///ckpt/j1/best.pt", "file:///ckpt/j1/last.pt")
+    assert (job.best_checkpoint_path, job.last_checkpoint_path) == ("file:///ckpt/j1/best-2.pt", "file:///ckpt/j1/last-2.pt")
+
+
+def test_a_checkpoint_staged_or_stored_again_after_a_newer_one_of_its_kind_changes_nothing(
+    session_factory: sessionmaker[Session],
+) -> None:
+    # An API killed mid-batch: epoch 2's staging and store come again (after the ack wait) once epoch 3's
+    # checkpoint is stored and the job completed. They must neither reopen `last` nor put epoch 2 back.
+    _seed(session_factory, status="running")
+    projector = Projector(session_factory)
+    completed = JobCompleted(job_id="j1", attempt=1, seq=9, total_epochs_completed=3, final_metrics={},
+                             best_metrics={}, declared_checkpoints=["last"])
+    _apply(projector, _staged("last", 4, "2" * 64, epoch=2), _stored("last", 4, "2" * 64, epoch=2),
+           _staged("last", 6, "3" * 64, epoch=3), _stored("last", 6, "3" * 64, epoch=3), completed)
+    _apply(projector, _staged("last", 4, "2" * 64, epoch=2))
+    _apply(projector, _stored("last", 4, "2" * 64, epoch=2))
+    job = _job(session_factory)
+    assert job.status == "completed"
+    assert job.last_checkpoint_path == "file:///ckpt/j1/last-3.pt"
+    with session_factory() as session:
+        rows = [(c.kind, c.status, c.epoch, c.sha256) for c in session.scalars(select(Checkpoint))]
+    assert rows == [("last", "stored", 3, "3" * 64)]
 
 
 def test_events_of_an_older_attempt_are_ignored_and_a_newer_attempt_takes_over(

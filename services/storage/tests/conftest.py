@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+
 def png_bytes(colour: tuple[int, int, int] = (200, 30, 30), size: tuple[int, int] = (8, 8)) -> bytes:
     """A small valid PNG."""
     buffer = io.BytesIO()

@@ -10,18 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from visionyard.storage.archive import (
-    ArchiveLimits,
-    ArchiveRejected,
-    ImageFolderDataset,
-    inspect_imagefolder_archive,
-)
+from visionyard.storage.archive import ArchiveLimits, ArchiveRejected, InspectedDataset
+from visionyard.storage.formats import inspect_dataset_archive
 
 LIMITS = ArchiveLimits(max_upload_bytes=50 * 1024**2, max_uncompressed_bytes=64 * 1024**2, max_files=100)
 
 
-def inspect(path: Path, tmp_path: Path, limits: ArchiveLimits = LIMITS) -> ImageFolderDataset:
-    return inspect_imagefolder_archive(path, workdir=tmp_path / f"work-{path.stem}", limits=limits)
+def inspect(path: Path, tmp_path: Path, limits: ArchiveLimits = LIMITS) -> InspectedDataset:
+    # Through the upload check storage runs (format detection first): these layouts are ImageFolder.
+    return inspect_dataset_archive(path, workdir=tmp_path / f"work-{path.stem}", limits=limits)
 
 
 def rejection(path: Path, tmp_path: Path, limits: ArchiveLimits = LIMITS) -> str:

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from visionyard.shared.commands import IngestDataset
-from visionyard.shared.events import DatasetReady, DatasetRejected, ListImagesRequest, ReadImageRequest
+from visionyard.shared.events import DatasetReady, DatasetRejected
+from visionyard.shared.requests import ListImagesRequest, ReadImageRequest
 from visionyard.storage.adapters.local import LocalDirectoryBackend
 from visionyard.storage.adapters.s3 import S3Backend
 from visionyard.storage.ports import ObjectBackend

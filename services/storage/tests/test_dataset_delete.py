@@ -17,7 +17,8 @@ import pytest
 from PIL import Image
 
 from visionyard.shared.commands import DeleteDataset, IngestDataset
-from visionyard.shared.events import DatasetDeleted, DatasetReady, DatasetRejected, ReadImageRequest, StageRequest
+from visionyard.shared.events import DatasetDeleted, DatasetReady, DatasetRejected
+from visionyard.shared.requests import ReadImageRequest, StageRequest
 from visionyard.storage.adapters.local import LocalDirectoryBackend
 from visionyard.storage.adapters.s3 import S3Backend
 from visionyard.storage.ports import ObjectBackend, StagedObject

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from visionyard.shared.events import ArtifactStored, CheckpointIncoming, CheckpointStaged
+from visionyard.shared.events import ArtifactStored, CheckpointStaged
+from visionyard.shared.requests import CheckpointIncoming
 from visionyard.storage.adapters.local import LocalDirectoryBackend, PartialFileUpload
 from visionyard.storage.service import StorageService
 

@@ -11,6 +11,8 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 import urllib.request
 import zlib
 from collections.abc import AsyncIterator, Callable
@@ -21,24 +23,17 @@ import pytest
 
 from visionyard.shared import streams, subjects
 from visionyard.shared.bus import Bus
+from visionyard.shared.bus.broker import consumer, service_broker
 from visionyard.shared.commands import IngestDataset
-from visionyard.shared.events import (
-    ArtifactStored,
-    CheckpointIncoming,
-    CheckpointStaged,
-    DatasetReady,
-    DatasetRejected,
-    PresignReply,
-    PresignRequest,
-    StageReply,
-    StageRequest,
-)
+from visionyard.shared.events import ArtifactStored, CheckpointStaged, DatasetReady, DatasetRejected
 from visionyard.shared.messages import Message
 from visionyard.shared.natsserver import NatsServer
+from visionyard.shared.requests import CheckpointIncoming, PresignReply, PresignRequest, StageReply, StageRequest
 from visionyard.storage.adapters.local import LocalDirectoryBackend, PartialFileUpload
 from visionyard.storage.adapters.staging import BusStagingArea
 from visionyard.storage.config import StorageSettings
 from visionyard.storage.handlers import StorageHandlers
+from visionyard.storage.incoming import CLAIM_SECONDS
 from visionyard.storage.main import serve
 from visionyard.storage.service import Buckets, StorageService
 
@@ -214,7 +209,9 @@ class CountingBackend(LocalDirectoryBackend):
         return super().begin_upload(bucket, key)
 
 
-async def test_redelivered_checkpoint_event_is_stored_once_and_announced_once(bus: Bus, tmp_path: Path) -> None:
+async def test_redelivered_checkpoint_event_is_stored_once_and_announced_once(
+    bus: Bus, nats_server: NatsServer, tmp_path: Path
+) -> None:
     backend = CountingBackend(tmp_path / "root")
     publisher = FlakyPublisher(bus)
     service = StorageService(
@@ -226,14 +223,15 @@ async def test_redelivered_checkpoint_event_is_stored_once_and_announced_once(bu
     event = await stage_checkpoint(bus, tmp_path, b"weights" * 1000, job_id="job4")
     await bus.publish(event)  # the runner retried its publish: de-duplicated by message id
 
-    stop = asyncio.Event()
-    consumer = asyncio.create_task(bus.consume(streams.STORAGE_ARTIFACTS, handlers.on_checkpoint_staged, stop=stop))
+    broker = service_broker(nats_server.url, service="storage")
+    consumer(broker, streams.STORAGE_ARTIFACTS)(handlers.on_checkpoint_staged)
+    consuming = await Bus.from_broker(broker)
+    await broker.start()
     first = await events.next_msg(timeout=WAIT)  # after the nak'ed first delivery, the redelivery
     # A second copy of the same event from a restarted runner (new message id, same content).
     await bus.publish(event.model_copy(update={"message_id": "retry-from-runner"}))
     second = await events.next_msg(timeout=WAIT)
-    stop.set()
-    await asyncio.wait_for(consumer, WAIT)
+    await asyncio.wait_for(consuming.close(), WAIT)
 
     assert backend.uploads == 1
     assert ArtifactStored.model_validate_json(first.data).message_id == f"stored-{event.message_id}"
@@ -404,11 +402,16 @@ async def test_storage_killed_during_an_early_copy_loses_nothing(
     script = str(Path(sys.executable).with_name("visionyard-storage"))
     s3 = S3Backend(endpoint_url=s3_endpoint, access_key_id="testing", secret_access_key="testing")
 
+    logged: list[str] = []
+
     def start() -> subprocess.Popen[bytes]:
         process = subprocess.Popen([script], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         assert process.stderr is not None
         for line in process.stderr:
             if b"storage service running" in line:
+                # Read on: a service whose stderr pipe fills blocks in its next log call, copy and all.
+                threading.Thread(target=lambda: logged.extend(map(bytes.decode, process.stderr or [])),
+                                 daemon=True).start()
                 return process
         raise AssertionError("storage did not start")
 
@@ -429,12 +432,16 @@ async def test_storage_killed_during_an_early_copy_loses_nothing(
             size_bytes=source.stat().st_size,
         ))
         sha256, size = await bus.put_file(name, source, object_id=object_id)
-        # The early copy sends parts, then waits for the event, which is not published yet: kill it now.
-        for _ in range(int(WAIT / 0.05)):
-            if await asyncio.to_thread(open_uploads):
-                break
+        # The early copy sends parts, then holds its upload open until the event, which the test has
+        # not published: an open upload is a state that lasts (CLAIM_SECONDS), not a moment to catch.
+        # So the wait ends when it is seen or the copy is known to have stopped, and is bounded only
+        # by how slow a busy machine may make storage, well inside the claim time. Kill it then.
+        deadline = time.monotonic() + CLAIM_SECONDS / 2
+        while not await asyncio.to_thread(open_uploads):
+            stopped = [line for line in logged if "incoming copy of" in line]
+            assert not stopped and first.poll() is None and time.monotonic() < deadline, (
+                f"no early copy under way; storage logged: {logged[-20:]}")
             await asyncio.sleep(0.05)
-        assert await asyncio.to_thread(open_uploads), "no early copy under way"
     finally:
         first.kill()
         await asyncio.to_thread(first.wait)

@@ -10,15 +10,9 @@ from pathlib import Path
 import pytest
 
 from visionyard.shared.commands import IngestDataset
-from visionyard.shared.events import (
-    ArtifactStored,
-    CheckpointStaged,
-    DatasetReady,
-    DatasetRejected,
-    PresignRequest,
-    StageRequest,
-)
+from visionyard.shared.events import ArtifactStored, CheckpointStaged, DatasetReady, DatasetRejected
 from visionyard.shared.messages import Message
+from visionyard.shared.requests import PresignRequest, StageRequest
 from visionyard.storage.adapters.local import LocalDirectoryBackend, PartialFileUpload
 from visionyard.storage.ports import StagedObject, StagedObjectCorrupt, StagedObjectMissing
 from visionyard.storage.service import Buckets, InvalidMessage, StorageService

@@ -12,17 +12,17 @@ import pytest
 
 from visionyard.shared.bus import PermanentError
 from visionyard.shared.commands import DeleteUploads
-from visionyard.shared.events import KeepUploadRequest, StageObjectRequest
+from visionyard.shared.requests import KeepUploadRequest, StageObjectRequest
+from visionyard.storage.export_inference import ExportInferenceStore
 from visionyard.storage.ports import ObjectBackend
 from visionyard.storage.service import Buckets, StorageService
-from visionyard.storage.shipping import ShippingStore
 
 from .conftest import png_bytes
 from .test_dataset_delete import store  # noqa: F401  (the fixture: each backend with fresh buckets)
 from .test_service import FakePublisher, FakeStaging
 
 
-async def _keep(shipping: ShippingStore, staging: FakeStaging, session_id: str, colour: int) -> tuple[str, str]:
+async def _keep(shipping: ExportInferenceStore, staging: FakeStaging, session_id: str, colour: int) -> tuple[str, str]:
     data = png_bytes((colour, 10, 10))
     name = f"upload/inference/{session_id}/{uuid.uuid4().hex}"
     staging.objects[name] = data
@@ -39,7 +39,7 @@ async def test_only_the_named_images_of_the_session_are_deleted(
     staging = FakeStaging()
     service = StorageService(backend=backend, staging=staging, publisher=FakePublisher(), workdir=tmp_path / "work",
                              buckets=buckets)
-    shipping = ShippingStore(service)
+    shipping = ExportInferenceStore(service)
     first, first_uri = await _keep(shipping, staging, "session-a", 1)
     second, _ = await _keep(shipping, staging, "session-a", 2)
     other, _ = await _keep(shipping, staging, "session-b", 3)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from datetime import UTC, datetime, timedelta
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -18,10 +17,8 @@ from visionyard.shared.events import (
     JobFailed,
     JobStarted,
     JobTracked,
-    LogEmitted,
     ProgressReported,
 )
-from visionyard.tracker.handlers import TrackerHandlers
 from visionyard.tracker.ports import MetricPoint
 from visionyard.tracker.service import Tracker, best_values, log_batches, progress_points, unique_points
 
@@ -232,38 +229,6 @@ def test_progress_points_use_the_producer_step_and_time() -> None:
     assert unique_points([point, point, MetricPoint("loss_x", math.nan, 1, 1), MetricPoint("loss_x", math.nan, 1, 1)]) == [
         point, unique_points([MetricPoint("loss_x", math.nan, 1, 1)])[0]
     ]
-
-
-class FakeMsg:
-    def __init__(self, event: JobEvent | None = None, *, subject: str = "", data: bytes = b"") -> None:
-        self.subject = event.subject() if event else subject
-        self.data = event.to_bytes() if event else data
-        self.metadata = SimpleNamespace(num_delivered=1, sequence=SimpleNamespace(stream=1))
-        self.termed = False
-
-    async def term(self) -> None:
-        self.termed = True
-
-
-class FakeDeadLetters:
-    def __init__(self) -> None:
-        self.parked: list[tuple[str, str]] = []
-
-    async def dead_letter(self, msg: Any, *, consumer: str, reason: str) -> None:
-        self.parked.append((msg.subject, reason))
-
-
-async def test_handler_dead_letters_only_the_poison_message(fake_store, fake_publisher) -> None:
-    dead = FakeDeadLetters()
-    handlers = TrackerHandlers(tracker=tracker_for(fake_store, fake_publisher), dead_letters=dead)
-    poison = FakeMsg(subject="evt.job.job1.progress", data=b"{not json")
-    log_line = FakeMsg(LogEmitted(job_id="job1", attempt=1, message="hi"))
-    messages = [FakeMsg(started()), poison, FakeMsg(progress(1)), log_line]
-    await handlers.on_job_events(messages)  # type: ignore[arg-type]
-
-    assert poison.termed and [s for s, _ in dead.parked] == ["evt.job.job1.progress"]
-    assert not any(m.termed for m in messages if m is not poison)
-    assert len(fake_store.runs_of("job1")[0].points) == 2
 
 
 # -- batching of writes ----------------------------------------------------------------------------

@@ -16,15 +16,9 @@ from mlflow.tracking import MlflowClient
 
 from visionyard.shared import streams, subjects
 from visionyard.shared.bus import Bus
-from visionyard.shared.events import (
-    JobCompleted,
-    JobStarted,
-    JobTracked,
-    LogEmitted,
-    ProgressReported,
-    TrackerQuery,
-)
+from visionyard.shared.events import JobCompleted, JobStarted, JobTracked, LogEmitted, ProgressReported
 from visionyard.shared.natsserver import NatsServer
+from visionyard.shared.requests import TrackerQuery
 from visionyard.tracker.adapters.mlflow_store import MlflowRunStore
 from visionyard.tracker.config import TrackerSettings
 from visionyard.tracker.main import serve

@@ -1,4 +1,5 @@
-"""Unit tests: SDK line → event translation, exit classification, and the attempt use case with fakes."""
+"""Unit tests: SDK line → event translation, exit classification, and the attempt use case with fakes
+(including stall detection, per-job limits and never re-running a finished job)."""
 
 from __future__ import annotations
 
@@ -9,22 +10,20 @@ from pathlib import Path
 
 import pytest
 
-from visionyard.runner.adapters.staging import safe_extract
-from visionyard.runner.cadence import CheckpointCadence, CheckpointReported
+from visionyard.runner.cadence import CheckpointReported
+from visionyard.runner.ports import CheckpointDeclared, LaunchSpec, StagedCheckpoint
 from visionyard.runner.service import (
     AttemptEvents,
     AttemptOutcome,
-    CheckpointDeclared,
     HeldJobs,
-    LaunchSpec,
     RunnerOptions,
-    StagedCheckpoint,
     StopReason,
     TrainerExit,
     TrainingAttempts,
     effective_attempt,
+    job_limit,
 )
-from visionyard.shared.bus import PermanentError, TransientError
+from visionyard.shared.bus import TransientError
 from visionyard.shared.commands import DatasetRef, StartTraining, TrainingConfig
 from visionyard.shared.events import (
     FailureReason,
@@ -36,6 +35,8 @@ from visionyard.shared.events import (
     ProgressReported,
 )
 from visionyard.shared.manifest import ModelInfo, TrainerManifest
+
+from .fakes import ListSink
 
 
 def command(**overrides: object) -> StartTraining:
@@ -120,33 +121,28 @@ def test_held_jobs_fence_cancels_of_older_attempts() -> None:
     assert held.request_cancel("job-1", 2) is True and control.reason is StopReason.CANCEL
 
 
-def test_safe_extract_rejects_path_traversal(tmp_path: Path) -> None:
-    import zipfile
+def test_a_redelivery_held_beside_its_lost_delivery_stops_that_one_and_a_lost_stop_reaches_only_its_own() -> None:
+    held = HeldJobs()
+    first = held.hold(command(attempt=1), delivered=1)
+    second = held.hold(command(attempt=1), delivered=2)  # the broker redelivered while the first winds down
+    assert first.reason is StopReason.BROKER_LOST and second.reason is None
+    held.request_stop("job-1", StopReason.BROKER_LOST, delivered=1)  # the first delivery's own lost stop
+    assert second.reason is None
+    held.release(first)
+    assert len(held) == 1 and held.request_cancel("job-1", 1) is True and second.reason is StopReason.CANCEL
+    held.release(second)
+    assert len(held) == 0
 
-    archive = tmp_path / "evil.zip"
-    with zipfile.ZipFile(archive, "w") as bundle:
-        bundle.writestr("a/ok.txt", "fine")
-        bundle.writestr("../escape.txt", "bad")
-    with pytest.raises(PermanentError):
-        safe_extract(archive, tmp_path / "out")
-    assert not (tmp_path / "escape.txt").exists() and not (tmp_path / "out").exists()
+
+def test_shutdown_reaches_every_held_delivery_and_any_held_after_it() -> None:
+    held = HeldJobs()
+    controls = [held.hold(command(attempt=1), delivered=1), held.hold(command(job_id="job-2"))]
+    held.stop_all(StopReason.SHUTDOWN)
+    late = held.hold(command(job_id="job-3"))  # claimed as the runner stopped
+    assert [control.reason for control in [*controls, late]] == [StopReason.SHUTDOWN] * 3
 
 
 # -- the use case with fakes -----------------------------------------------------------------------
-
-
-class FakeSink:
-    def __init__(self) -> None:
-        self.items: list[object] = []
-
-    def emit(self, item: object) -> None:
-        self.items.append(item)
-
-    async def drain(self) -> None:
-        return None
-
-    async def close(self) -> None:
-        return None
 
 
 class FakeStager:
@@ -209,8 +205,8 @@ MANIFEST = TrainerManifest(
 
 
 def attempts_with(tmp_path: Path, *, trainer: FakeTrainer | None = None, stager: FakeStager | None = None,
-                  ledger: FakeLedger | None = None) -> tuple[TrainingAttempts, FakeSink, FakeLauncher]:
-    sink = FakeSink()
+                  ledger: FakeLedger | None = None) -> tuple[TrainingAttempts, ListSink, FakeLauncher]:
+    sink = ListSink()
     launcher = FakeLauncher(trainer or FakeTrainer([], 0))
     attempts = TrainingAttempts(
         options=RunnerOptions(runner_id="r", work_dir=tmp_path, trainer_python="/py", base_env={"PATH": "/bin"},
@@ -283,52 +279,7 @@ async def test_shutdown_hands_the_job_back_without_a_terminal_event(tmp_path: Pa
     assert [type(i) for i in sink.items] == [JobStarted]
 
 
-# -- checkpoint cadence ----------------------------------------------------------------------------
-
-
-def reported(path: Path, kind: str = "last", order: int = 0) -> CheckpointReported:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(b"weights")
-    return CheckpointReported(kind=kind, path=path, epoch=order + 1, order=order)
-
-
-async def test_cadence_holds_only_the_newest_of_a_kind_and_deletes_the_copies_it_supersedes(tmp_path: Path) -> None:
-    staged: list[CheckpointReported] = []
-    outbox = tmp_path / "outbox"
-    cadence = CheckpointCadence(staged.append, interval=3600, outbox=outbox)
-    first, second, third = (reported(outbox / f"{n}-last.pt", order=n) for n in range(3))
-    best = reported(outbox / "3-best.pt", kind="best", order=3)
-    cadence.offer(first)
-    cadence.offer(second)
-    cadence.offer(best)  # another kind has its own interval
-    cadence.offer(third)
-    assert staged == [first, best]
-    assert not second.path.exists() and third.path.exists() and cadence.superseded == 1
-    cadence.flush()
-    assert staged == [first, best, third]
-
-
-async def test_cadence_releases_a_held_checkpoint_when_its_interval_is_up(tmp_path: Path) -> None:
-    staged: list[CheckpointReported] = []
-    cadence = CheckpointCadence(staged.append, interval=0.05, outbox=tmp_path)
-    first, second = reported(tmp_path / "a.pt"), reported(tmp_path / "b.pt", order=1)
-    cadence.offer(first)
-    cadence.offer(second)
-    assert staged == [first]
-    for _ in range(200):  # no flush: the timer alone passes it on
-        if len(staged) == 2:
-            break
-        await asyncio.sleep(0.01)
-    assert staged == [first, second]
-
-
-async def test_cadence_zero_passes_every_checkpoint_and_never_deletes_a_trainer_owned_path(tmp_path: Path) -> None:
-    staged: list[CheckpointReported] = []
-    cadence = CheckpointCadence(staged.append, interval=0, outbox=tmp_path / "outbox")
-    same = [reported(tmp_path / "output" / "last.pt", order=n) for n in range(3)]
-    for item in same:
-        cadence.offer(item)
-    assert staged == same and same[0].path.exists()
+# -- a training attempt with checkpoint cadence --------------------------------------------------
 
 
 async def test_held_checkpoints_get_their_seq_when_staged_and_the_newest_is_staged_at_exit(tmp_path: Path) -> None:
@@ -354,17 +305,6 @@ async def test_held_checkpoints_get_their_seq_when_staged_and_the_newest_is_stag
     assert isinstance(completed, JobCompleted) and completed.declared_checkpoints == ["last"]
 
 
-async def test_a_closed_cadence_stages_nothing_it_still_held(tmp_path: Path) -> None:
-    staged: list[CheckpointReported] = []
-    cadence = CheckpointCadence(staged.append, interval=0.02, outbox=tmp_path)
-    first, second = reported(tmp_path / "a.pt"), reported(tmp_path / "b.pt", order=1)
-    cadence.offer(first)
-    cadence.offer(second)
-    cadence.close()
-    await asyncio.sleep(0.1)  # well past the interval: a live timer would have passed `second` on
-    assert staged == [first]
-
-
 def test_captured_lines_keep_the_level_they_name_and_stderr_defaults_to_error() -> None:
     events = AttemptEvents(job_id="j", attempt=1)
     info = events.from_output("stderr", "2026-12-02 06:29:55,107 - __main__ - INFO - Advanced config parameters: []")
@@ -373,3 +313,126 @@ def test_captured_lines_keep_the_level_they_name_and_stderr_defaults_to_error() 
     out = events.from_output("stdout", "epoch 1 done")
     assert [e.level for e in (info, warning, plain, out)] == ["INFO", "WARNING", "ERROR", "INFO"]
     assert list(events.stderr_tail)[-1] == "Traceback (most recent call last):"  # every stderr line is kept for failures
+
+
+# -- limits and fencing: a silent trainer, per-job limits, never re-running a finished job -------------
+
+
+def command_with(**advanced: object) -> StartTraining:
+    return StartTraining(
+        job_id="j1", attempt=1, project_id="p", experiment_name="e",
+        config=TrainingConfig(framework="pytorch", model_name="simple_cnn", task_type="image_classification",
+                              dataset_id="ds", advanced_config=dict(advanced) or None),
+        dataset=DatasetRef(dataset_id="ds", content_hash="h"),
+    )
+
+
+class SilentTrainer:
+    """Says one line, then nothing, and never exits by itself."""
+
+    pid = 4321
+
+    def __init__(self) -> None:
+        self.stopped_with: list[float] = []
+        self._exit = asyncio.Event()
+
+    async def lines(self) -> AsyncIterator[tuple[str, str]]:
+        yield ("stdout", "loading")
+        await self._exit.wait()
+
+    async def wait(self) -> int:
+        await self._exit.wait()
+        return -15
+
+    async def stop(self, *, grace: float) -> int:
+        self.stopped_with.append(grace)
+        self._exit.set()
+        return -15
+
+
+class SilentLauncher:
+    def __init__(self, trainer: SilentTrainer) -> None:
+        self.trainer = trainer
+        self.specs: list[LaunchSpec] = []
+
+    async def launch(self, spec: LaunchSpec) -> SilentTrainer:
+        self.specs.append(spec)
+        return self.trainer
+
+
+class NoCheckpointStager:
+    async def stage_dataset(self, dataset: DatasetRef) -> Path:
+        return Path("/data")
+
+    async def stage_checkpoint(self, job_id: str, kind: str, destination: Path) -> StagedCheckpoint | None:
+        return None
+
+
+class TerminalRecord:
+    def __init__(self, attempt: int | None = None) -> None:
+        self.attempt = attempt
+
+    async def cancelled_attempt(self, job_id: str) -> int | None:
+        return None
+
+    async def terminal_attempt(self, job_id: str) -> int | None:
+        return self.attempt
+
+
+def silent_attempts(tmp_path: Path, *, stall: float = 0.0, terminal: int | None = None) -> tuple[TrainingAttempts, ListSink, SilentLauncher]:
+    sink, launcher = ListSink(), SilentLauncher(SilentTrainer())
+    attempts = TrainingAttempts(
+        options=RunnerOptions(runner_id="r", work_dir=tmp_path, trainer_python="/py", base_env={},
+                              cancel_grace_seconds=0.5, stall_seconds=stall),
+        manifests=[MANIFEST], stager=NoCheckpointStager(), launcher=launcher, ledger=TerminalRecord(), new_sink=lambda: sink,
+        terminal=TerminalRecord(terminal),
+    )
+    return attempts, sink, launcher
+
+
+async def test_a_silent_trainer_is_stopped_and_the_job_fails_as_stalled(tmp_path: Path) -> None:
+    attempts, sink, launcher = silent_attempts(tmp_path, stall=0.3)
+    outcome = await asyncio.wait_for(attempts.run(command_with(), delivered=1, final_delivery=False), timeout=10)
+    assert outcome is AttemptOutcome.FINISHED
+    failed = sink.items[-1]
+    assert isinstance(failed, JobFailed) and failed.reason is FailureReason.STALLED
+    assert launcher.trainer.stopped_with[0] == 0.5  # SIGTERM with the grace period first
+
+
+async def test_the_job_config_sets_its_own_stall_limit(tmp_path: Path) -> None:
+    attempts, sink, _ = silent_attempts(tmp_path, stall=0)  # the runner default would never stop it
+    await asyncio.wait_for(attempts.run(command_with(stall_seconds=0.3), delivered=1, final_delivery=False), timeout=10)
+    assert isinstance(sink.items[-1], JobFailed) and sink.items[-1].reason is FailureReason.STALLED
+
+
+async def test_a_wall_clock_limit_from_the_job_config_fails_it_as_timeout(tmp_path: Path) -> None:
+    attempts, sink, _ = silent_attempts(tmp_path)
+    await asyncio.wait_for(attempts.run(command_with(timeout_seconds=0.3), delivered=1, final_delivery=False), timeout=10)
+    assert isinstance(sink.items[-1], JobFailed) and sink.items[-1].reason is FailureReason.TIMEOUT
+
+
+async def test_a_redelivered_command_of_a_finished_job_is_acked_without_running(tmp_path: Path) -> None:
+    attempts, sink, launcher = silent_attempts(tmp_path, terminal=1)
+    assert await attempts.run(command_with(), delivered=2, final_delivery=False) is AttemptOutcome.FINISHED
+    assert sink.items == [] and launcher.specs == []
+
+
+async def test_a_restart_after_a_finished_attempt_runs(tmp_path: Path) -> None:
+    attempts, sink, launcher = silent_attempts(tmp_path, terminal=1, stall=0.2)
+    cmd = command_with().model_copy(update={"attempt": 2})
+    await asyncio.wait_for(attempts.run(cmd, delivered=1, final_delivery=False), timeout=10)
+    assert launcher.specs and isinstance(sink.items[0], JobStarted)
+
+
+def test_job_limits_ignore_unreadable_values() -> None:
+    assert job_limit(command_with(stall_seconds="soon"), "stall_seconds", default=7.0) == 7.0
+    assert job_limit(command_with(stall_seconds=-1), "stall_seconds", default=7.0) == 7.0
+    assert job_limit(command_with(stall_seconds=12), "stall_seconds", default=7.0) == 12.0
+
+
+async def test_the_last_delivery_after_lost_runners_fails_the_attempt_instead_of_running(tmp_path: Path) -> None:
+    attempts, sink, launcher = silent_attempts(tmp_path)
+    assert await attempts.run(command_with(), delivered=5, final_delivery=True) is AttemptOutcome.FINISHED
+    failed = sink.items[-1]
+    assert isinstance(failed, JobFailed) and failed.reason is FailureReason.INFRASTRUCTURE and failed.retryable
+    assert launcher.specs == []  # no trainer was started that nobody could take over again

@@ -11,11 +11,13 @@ import pytest
 
 from visionyard.runner.adapters.process import SubprocessLauncher
 from visionyard.runner.config import RunnerSettings
-from visionyard.runner.service import AttemptOutcome, RunnerOptions, StagedCheckpoint, TrainingAttempts
+from visionyard.runner.service import AttemptOutcome, RunnerOptions, TrainingAttempts
 from visionyard.runner.trainers import TrainerUnavailable, build_catalog, discover_manifests, resolve_interpreter
 from visionyard.shared.commands import DatasetRef, StartTraining, TrainingConfig
 from visionyard.shared.events import JobCompleted, JobFailed, LogEmitted
 from visionyard.shared.manifest import TrainerManifest
+
+from .fakes import ListSink, LocalStager, NoCancels
 
 
 def manifest(name: str = "t", **fields: object) -> TrainerManifest:
@@ -90,36 +92,6 @@ def test_a_broken_trainer_directory_is_skipped_with_the_reason(tmp_path: Path, c
     found = discover_manifests([tmp_path / "no-caps", tmp_path / "missing"])
     assert not any(m.directory for m in found)
     assert "no capabilities.json" in caplog.text and "no train.py" in caplog.text
-
-
-class ListSink:
-    def __init__(self) -> None:
-        self.items: list[object] = []
-
-    def emit(self, item: object) -> None:
-        self.items.append(item)
-
-    async def drain(self) -> None:
-        return None
-
-    async def close(self) -> None:
-        return None
-
-
-class LocalStager:
-    def __init__(self, dataset_dir: Path) -> None:
-        self.dataset_dir = dataset_dir
-
-    async def stage_dataset(self, dataset: DatasetRef) -> Path:
-        return self.dataset_dir
-
-    async def stage_checkpoint(self, job_id: str, kind: str, destination: Path) -> StagedCheckpoint | None:
-        return None
-
-
-class NoCancels:
-    async def cancelled_attempt(self, job_id: str) -> int | None:
-        return None
 
 
 TINY_TRAINER = '''

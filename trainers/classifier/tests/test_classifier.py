@@ -200,7 +200,7 @@ def test_each_epoch_reports_every_validation_image_consistent_with_its_confusion
         assert images["total"] == count == len(images["images"]) == len(set(images["images"]))
         assert all((job.dataset_dir / path).is_file() for path in images["images"])
         # The true class is the image's folder; rebuilt from the rows, the confusion matrix is the reported one.
-        assert all(path.split("/")[0] == classes[true] for path, true in zip(images["images"], images["true"]))
+        assert all(path.split("/")[0] == classes[true] for path, true in zip(images["images"], images["true"], strict=True))
         rebuilt = [[0] * len(classes) for _ in classes]
         for true, predicted in zip(images["true"], images["predicted"], strict=True):
             rebuilt[true][predicted] += 1

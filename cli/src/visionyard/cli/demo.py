@@ -18,11 +18,12 @@ from typing import Any, TextIO
 from visionyard.cli.client import ApiClient, ApiError, ApiUnreachable, websocket_url
 from visionyard.cli.dataset_upload import describe_dataset, upload_dataset
 from visionyard.cli.datasets_digits import build_digits_imagefolder
-from visionyard.cli.shipping_demo import export_and_classify
+from visionyard.cli.export_inference_demo import export_and_classify
 from visionyard.cli.stack import EmbeddedStack, StackError
 from visionyard.cli.training import create_and_start_job, training_config, wait_for_job
 from visionyard.cli.watch import WatchOutcome, watch_job
 from visionyard.shared.natsserver import free_port
+from visionyard.shared.tasks import cancel_all
 
 JOB_TIMEOUT = 600.0
 
@@ -50,9 +51,7 @@ async def watch_while_stack_alive(stack: EmbeddedStack, job_id: str, *, out: Tex
             raise TimeoutError(f"job {job_id} did not finish within {timeout:.0f}s")
         return await next(iter(done))  # type: ignore[no-any-return]
     finally:
-        for task in (watcher, guardian):
-            task.cancel()
-        await asyncio.gather(watcher, guardian, return_exceptions=True)
+        await cancel_all([watcher, guardian])
 
 
 def run_demo(*, data_dir: Path | None = None, epochs: int = 5, keep: bool = False, out: TextIO = sys.stdout) -> int:

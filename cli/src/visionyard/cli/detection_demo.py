@@ -10,26 +10,23 @@ mAP50 â€” computed here from the returned boxes against the generator's labels â
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
-import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-import httpx
 import numpy as np
 
 from visionyard.cli.client import ApiClient, ApiError, ApiUnreachable
-from visionyard.cli.datasets_shapes import build_shapes_dataset
 from visionyard.cli.dataset_upload import describe_dataset, upload_dataset
+from visionyard.cli.datasets_shapes import build_shapes_dataset
 from visionyard.cli.demo import ServiceDied, watch_while_stack_alive
-from visionyard.cli.shipping_demo import wait_until
+from visionyard.cli.export_inference_demo import download_package, wait_until
 from visionyard.cli.stack import EmbeddedStack, StackError
 from visionyard.cli.trainer_envs import available
 from visionyard.cli.training import create_and_start_job, wait_for_job
@@ -165,11 +162,7 @@ def _export(client: ApiClient, job_id: str, *, data_dir: Path, heldout: Path, sa
     say(f"ONNX export {export['id']}: validation_passed={export['validation_passed']}, onnxruntime vs PyTorch max "
         f"difference {results.get('max_abs_diff_boxes_px', float('nan')):.2e} px on boxes, "
         f"{results.get('max_abs_diff_scores', float('nan')):.2e} on scores, package {export['file_size_mb']} MB")
-    url = client.request("GET", f"/api/v1/export/{export['id']}/download")["download_url"]
-    package = httpx.get(url, timeout=60)
-    package.raise_for_status()
-    target = data_dir / "export" / str(export["id"])
-    zipfile.ZipFile(io.BytesIO(package.content)).extractall(target)
+    target = download_package(client, export, data_dir=data_dir)
     trainer_python = available()["ultralytics"]
     images = sorted(heldout.glob("*.png"))[:2]
     run = subprocess.run([str(trainer_python), "example.py", *map(str, images)], cwd=target, capture_output=True,

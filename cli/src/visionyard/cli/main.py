@@ -229,7 +229,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         document = {"running": code != 3, **(state.to_json() if state is not None else {})}
         if state is not None:
-            for entry, process in zip(document["processes"], state.processes):
+            for entry, process in zip(document["processes"], state.processes, strict=True):
                 entry["alive"] = process.alive
         print(json.dumps(document, indent=2))
     else:

@@ -43,8 +43,8 @@ from visionyard.cli.stackstate import (
 )
 from visionyard.cli.supervision import RestartPolicy, RestartRecord
 from visionyard.shared import permissions
-from visionyard.shared.deathsignal import dying_with_parent
 from visionyard.shared.config import server_urls
+from visionyard.shared.deathsignal import dying_with_parent
 from visionyard.shared.natsserver import NatsCluster, NatsServer, free_port
 
 # Each service's NATS user (`shared/permissions.py`).

@@ -171,7 +171,7 @@ async def watch_job(
             _refuse_if_rejected(socket.close_code, socket.close_reason)
         except ConnectionClosed as closed:
             _refuse_if_rejected(closed.rcvd.code if closed.rcvd else None, closed.rcvd.reason if closed.rcvd else "")
-        except (OSError, InvalidHandshake, asyncio.TimeoutError) as error:
+        except (OSError, InvalidHandshake, TimeoutError) as error:
             failures_in_a_row += 1
             if failures_in_a_row > give_up_after:
                 raise ConnectionError(f"cannot reconnect to {ws_url}: {error}") from error

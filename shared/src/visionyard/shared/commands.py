@@ -90,7 +90,7 @@ class DeleteUploads(Message):
     keys: list[str] = Field(default_factory=list)
 
 
-# -- shipping what was trained: export and inference ---------------------------------------------
+# -- export and inference of what was trained -----------------------------------------------------
 
 
 class ExportConfig(BaseModel):

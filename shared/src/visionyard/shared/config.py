@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypedDict
 from urllib.parse import urlsplit
 
 from pydantic import SecretStr, model_validator
@@ -44,6 +44,13 @@ def unsafe_nats_urls(nats_url: str, *, allow_plaintext: bool, has_user: bool = F
     return problems
 
 
+class NatsCredentials(TypedDict):
+    """Keyword arguments naming the NATS user (None: the one the URL names, or none)."""
+
+    user: str | None
+    password: str | None
+
+
 class ServiceSettings(BaseSettings):
     """Broker location and run mode; `embedded` allows the unsafe single-user defaults."""
 
@@ -76,8 +83,8 @@ class ServiceSettings(BaseSettings):
                                  + f" (see {prefix}NATS_ALLOW_PLAINTEXT)")
         return self
 
-    def nats_credentials(self) -> dict[str, str | None]:
-        """The `user` and `password` keyword arguments of `Bus.connect`."""
+    def nats_credentials(self) -> NatsCredentials:
+        """The `user` and `password` keyword arguments of `Bus.connect` and `service_broker`."""
         password = self.nats_password.get_secret_value() if self.nats_password is not None else None
         return {"user": self.nats_user, "password": password}
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, Field, TypeAdapter
+from pydantic import Field
 
 from visionyard.shared import subjects
-from visionyard.shared.messages import JobMessage, Message
+from visionyard.shared.messages import JobMessage, Message, check_schema_version
 
 
 class FailureReason(StrEnum):
@@ -97,24 +97,6 @@ class CheckpointStaged(JobEvent):
     epoch: int | None = None
 
 
-# Below this size a checkpoint is copied after it is staged; above it the runner announces it first.
-INCOMING_CHECKPOINT_MIN_BYTES = 32 * 1024 * 1024
-
-
-class CheckpointIncoming(BaseModel):
-    """Runner → storage (core NATS, no reply, may be lost): a large checkpoint is being staged under
-    `object_id`; storage may start copying it while it is put. Only the durable `CheckpointStaged`
-    that follows decides whether that copy is kept (same object, same sha256) or thrown away."""
-
-    job_id: str
-    attempt: int
-    seq: int
-    checkpoint_kind: str
-    object_name: str
-    object_id: str
-    size_bytes: int
-
-
 class ArtifactStored(JobEvent):
     """Storage verified a staged artifact and wrote it to its bucket."""
 
@@ -185,19 +167,14 @@ JOB_EVENT_TYPES: dict[str, type[JobEvent]] = {
 
 
 def decode_job_event(subject: str, data: bytes) -> JobEvent:
-    """Decode a job event from its subject kind; raises `ValueError` for an unknown kind."""
+    """Decode a job event from its subject kind; raises `ValueError` for an unknown kind, and its
+    subclass `SchemaVersionError` for a schema major version this code does not read."""
     kind = subjects.job_event_kind(subject)
     event_type = JOB_EVENT_TYPES.get(kind)
     if event_type is None:
+        check_schema_version(data)  # a kind of a newer major is refused for its version
         raise ValueError(f"unknown job event kind {kind!r} on {subject}")
-    return event_type.model_validate_json(data)
-
-
-class ClassStat(BaseModel):
-    """Images per class."""
-
-    name: str
-    count: int
+    return event_type.from_bytes(data)
 
 
 class DatasetEvent(Message):
@@ -256,18 +233,19 @@ DATASET_EVENT_TYPES[DatasetDeleted.kind] = DatasetDeleted
 
 
 def decode_dataset_event(subject: str, data: bytes) -> DatasetEvent:
-    """Decode a dataset event from its subject kind."""
+    """Decode a dataset event from its subject kind (`ValueError`s as `decode_job_event`)."""
     kind = subjects.job_event_kind(subject)
     event_type = DATASET_EVENT_TYPES.get(kind)
     if event_type is None:
+        check_schema_version(data)
         raise ValueError(f"unknown dataset event kind {kind!r} on {subject}")
-    return event_type.model_validate_json(data)
+    return event_type.from_bytes(data)
 
 
-# Shipping events: export and inference jobs ------------------------------------------------------
+# Export and inference job events -----------------------------------------------------------------
 
 
-class ShipEvent(JobMessage):
+class ExportInferenceEvent(JobMessage):
     """Base of export/inference job events (`job_id` is the export or inference id).
 
     They also carry the training job they ship, so the API can announce them on that job's feed.
@@ -280,24 +258,24 @@ class ShipEvent(JobMessage):
 
     def subject(self) -> str:
         """The subject this event is published on."""
-        return f"evt.{self.family}.{self.job_id}.{self.kind}"
+        return subjects.export_inference_event(self.family, self.job_id, self.kind)
 
 
-class _Started(ShipEvent):
+class _Started(ExportInferenceEvent):
     kind: ClassVar[str] = "started"
 
     runner_id: str
     pid: int | None = None
 
 
-class _Progress(ShipEvent):
+class _Progress(ExportInferenceEvent):
     kind: ClassVar[str] = "progress"
 
     message: str
     percent: float | None = None
 
 
-class _Staged(ShipEvent):
+class _Staged(ExportInferenceEvent):
     kind: ClassVar[str] = "staged"
 
     object_name: str
@@ -305,7 +283,7 @@ class _Staged(ShipEvent):
     size_bytes: int
 
 
-class _Stored(ShipEvent):
+class _Stored(ExportInferenceEvent):
     kind: ClassVar[str] = "stored"
 
     uri: str
@@ -313,13 +291,13 @@ class _Stored(ShipEvent):
     size_bytes: int
 
 
-class _Completed(ShipEvent):
+class _Completed(ExportInferenceEvent):
     kind: ClassVar[str] = "completed"
 
     results: dict[str, Any] = Field(default_factory=dict)
 
 
-class _Failed(ShipEvent):
+class _Failed(ExportInferenceEvent):
     kind: ClassVar[str] = "failed"
 
     reason: FailureReason
@@ -330,67 +308,67 @@ class _Failed(ShipEvent):
 class ExportStarted(_Started):
     """A runner spawned the exporter."""
 
-    family: ClassVar[str] = "export"
+    family: ClassVar[str] = subjects.Entity.EXPORT
 
 
 class ExportProgress(_Progress):
     """A step of the export (exporting, validating, packaging)."""
 
-    family: ClassVar[str] = "export"
+    family: ClassVar[str] = subjects.Entity.EXPORT
 
 
 class ExportPackageStaged(_Staged):
     """The package zip sits in the staging object store, waiting for storage to keep it."""
 
-    family: ClassVar[str] = "export"
+    family: ClassVar[str] = subjects.Entity.EXPORT
 
 
 class ExportPackageStored(_Stored):
     """Storage verified the package and wrote it to `exports/<export_id>/package.zip`."""
 
-    family: ClassVar[str] = "export"
+    family: ClassVar[str] = subjects.Entity.EXPORT
 
 
 class ExportCompleted(_Completed):
     """The exporter succeeded; `results` holds validation (passed, max_abs_diff) and metadata."""
 
-    family: ClassVar[str] = "export"
+    family: ClassVar[str] = subjects.Entity.EXPORT
 
 
 class ExportFailed(_Failed):
     """The export failed, with a classified reason."""
 
-    family: ClassVar[str] = "export"
+    family: ClassVar[str] = subjects.Entity.EXPORT
 
 
 class InferenceStarted(_Started):
     """A runner spawned the predictor."""
 
-    family: ClassVar[str] = "infer"
+    family: ClassVar[str] = subjects.Entity.INFER
 
 
 class InferenceProgress(_Progress):
     """Images classified so far."""
 
-    family: ClassVar[str] = "infer"
+    family: ClassVar[str] = subjects.Entity.INFER
 
 
 class InferenceResultsStaged(_Staged):
     """The per-image results JSON sits in the staging object store."""
 
-    family: ClassVar[str] = "infer"
+    family: ClassVar[str] = subjects.Entity.INFER
 
 
 class InferenceResultsStored(_Stored):
     """Storage wrote the results to `results/<inference_id>/results.json`."""
 
-    family: ClassVar[str] = "infer"
+    family: ClassVar[str] = subjects.Entity.INFER
 
 
 class InferenceCompleted(_Completed):
     """The predictor succeeded; `results` holds totals and timings, per-image rows are in the staged file."""
 
-    family: ClassVar[str] = "infer"
+    family: ClassVar[str] = subjects.Entity.INFER
 
     results_object: str | None = None
     results_sha256: str | None = None
@@ -399,26 +377,26 @@ class InferenceCompleted(_Completed):
 class InferenceFailed(_Failed):
     """The inference failed, with a classified reason."""
 
-    family: ClassVar[str] = "infer"
+    family: ClassVar[str] = subjects.Entity.INFER
 
 
-class _Cancelled(ShipEvent):
+class _Cancelled(ExportInferenceEvent):
     kind: ClassVar[str] = "cancelled"
 
 
 class ExportCancelled(_Cancelled):
     """The export was stopped on request (or skipped: cancelled before it started); no process of it remains."""
 
-    family: ClassVar[str] = "export"
+    family: ClassVar[str] = subjects.Entity.EXPORT
 
 
 class InferenceCancelled(_Cancelled):
     """The inference was stopped on request (or skipped: cancelled before it started); no process of it remains."""
 
-    family: ClassVar[str] = "infer"
+    family: ClassVar[str] = subjects.Entity.INFER
 
 
-SHIP_EVENT_TYPES: dict[tuple[str, str], type[ShipEvent]] = {
+EXPORT_INFERENCE_EVENT_TYPES: dict[tuple[str, str], type[ExportInferenceEvent]] = {
     (cls.family, cls.kind): cls
     for cls in (
         ExportStarted, ExportProgress, ExportPackageStaged, ExportPackageStored, ExportCompleted, ExportFailed,
@@ -428,15 +406,13 @@ SHIP_EVENT_TYPES: dict[tuple[str, str], type[ShipEvent]] = {
 }
 
 
-
-
-def decode_ship_event(subject: str, data: bytes) -> ShipEvent:
-    """Decode an `evt.export.*` / `evt.infer.*` event; raises `ValueError` for an unknown one."""
-    parts = subject.split(".")
-    event_type = SHIP_EVENT_TYPES.get((parts[1], parts[-1])) if len(parts) >= 4 else None
+def decode_export_inference_event(subject: str, data: bytes) -> ExportInferenceEvent:
+    """Decode an `evt.export.*` / `evt.infer.*` event (`ValueError`s as `decode_job_event`)."""
+    event_type = EXPORT_INFERENCE_EVENT_TYPES.get((subjects.event_entity(subject), subjects.job_event_kind(subject)))
     if event_type is None:
+        check_schema_version(data)
         raise ValueError(f"unknown export/inference event on {subject}")
-    return event_type.model_validate_json(data)
+    return event_type.from_bytes(data)
 
 
 class ExportStatusChanged(JobEvent):
@@ -450,135 +426,3 @@ class ExportStatusChanged(JobEvent):
 
 
 JOB_EVENT_TYPES[ExportStatusChanged.kind] = ExportStatusChanged
-
-
-class StageObjectRequest(BaseModel):
-    """Runner/API → storage: put a stored object (named by the URI storage issued) into staging."""
-
-    uri: str
-
-
-class KeepUploadRequest(BaseModel):
-    """API → storage: keep an uploaded inference image that the API staged, under its session."""
-
-    session_id: str
-    filename: str
-    object_name: str
-    sha256: str
-
-
-class KeepUploadReply(BaseModel):
-    """Storage → API: where the upload is kept, or why it was refused."""
-
-    ok: bool
-    uri: str | None = None
-    key: str | None = None
-    error: str | None = None
-
-
-# Request-reply payloads -------------------------------------------------------------------------
-
-
-class StageRequest(BaseModel):
-    """Runner → storage: put a stored file into the staging object store.
-
-    Either a dataset version (`dataset_id` + `content_hash`) or a job's stored checkpoint
-    (`job_id` + `checkpoint_kind`, used to resume a new attempt).
-    """
-
-    dataset_id: str | None = None
-    content_hash: str | None = None
-    job_id: str | None = None
-    checkpoint_kind: str | None = None
-
-
-class StageReply(BaseModel):
-    """Storage → runner: where the staged file is, or why it could not be staged."""
-
-    ok: bool
-    object_name: str | None = None
-    sha256: str | None = None
-    size_bytes: int | None = None
-    uri: str | None = None
-    epoch: int | None = None
-    error: str | None = None
-
-
-class TrackerQuery(BaseModel):
-    """API → tracker: metrics or summary of one job's MLflow run."""
-
-    job_id: str
-
-
-class PresignRequest(BaseModel):
-    """API → storage: a download URL for a stored object."""
-
-    uri: str
-    expires_in: int = 3600
-
-
-class PresignReply(BaseModel):
-    """Storage → API."""
-
-    ok: bool
-    url: str | None = None
-    error: str | None = None
-
-
-
-class ListImagesRequest(BaseModel):
-    """API → storage: a page of one stored dataset version's images (one image when `filename` is set)."""
-
-    dataset_id: str
-    content_hash: str
-    offset: int = 0
-    limit: int = 100
-    filename: str | None = None
-    expires_in: int = 3600
-
-
-class ImageEntry(BaseModel):
-    """One image of a stored dataset version; `url` is set only where the backend can presign."""
-
-    filename: str
-    size: int
-    url: str | None = None
-
-
-class ListImagesReply(BaseModel):
-    """Storage → API; `presigned` is False on the local backend (the API serves the bytes itself)."""
-
-    ok: bool
-    total_images: int = 0
-    images: list[ImageEntry] = Field(default_factory=list)
-    presigned: bool = False
-    error: str | None = None
-    not_found: bool = False
-
-
-class ReadImageRequest(BaseModel):
-    """API → storage: the bytes of one image of a stored dataset version (local backend browsing)."""
-
-    dataset_id: str
-    content_hash: str
-    filename: str
-    max_bytes: int = 700 * 1024
-    # Larger images are put into the staging object store (`browse/<hash>/<path>`) and named in the
-    # reply instead of refused: a NATS reply cannot carry them (the broker's 1 MB message limit).
-    stage_larger: bool = False
-
-
-class ReadImageReply(BaseModel):
-    """Storage → API: base64 bytes (capped under the broker's message size), or why not."""
-
-    ok: bool
-    content_b64: str | None = None
-    content_type: str | None = None
-    size: int | None = None
-    error: str | None = None
-    not_found: bool = False
-    # Set instead of `content_b64` when the image was staged (ReadImageRequest.stage_larger).
-    object_name: str | None = None
-    sha256: str | None = None
-
-ANY_JSON = TypeAdapter(dict[str, Any])

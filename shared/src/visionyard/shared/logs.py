@@ -10,14 +10,18 @@ import contextvars
 import json
 import logging
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from types import MappingProxyType
 from typing import Any
 
 from visionyard.shared import tracing
 
 _CONTEXT_KEYS = ("service", "job_id", "attempt", "seq", "subject", "delivery", "consumer", "dataset_id")
-_bound: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("visionyard_log_context", default={})
+# Read-only default: one object shared by every context, so binding copies it (job_context) instead of mutating.
+_bound: contextvars.ContextVar[Mapping[str, Any]] = contextvars.ContextVar(
+    "visionyard_log_context", default=MappingProxyType({})
+)
 
 
 @contextmanager

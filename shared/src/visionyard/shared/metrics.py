@@ -21,7 +21,7 @@ from prometheus_client.registry import Collector
 from visionyard.shared.streams import ConsumerSpec
 
 if TYPE_CHECKING:
-    from visionyard.shared.bus import Bus
+    from visionyard.shared.bus.core import BusCore as Bus
 
 log = logging.getLogger("visionyard.metrics")
 
@@ -54,7 +54,7 @@ class ConsumerBacklog(Collector):
             self._tracked[spec.durable] = (bus, spec, asyncio.get_running_loop())
 
     def untrack(self, bus: Bus, spec: ConsumerSpec) -> None:
-        """Stop reporting `spec` through `bus` (its consume loop ended)."""
+        """Stop reporting `spec` through `bus` (its standing pull ended)."""
         with self._lock:
             if self._tracked.get(spec.durable, (None,))[0] is bus:
                 del self._tracked[spec.durable]

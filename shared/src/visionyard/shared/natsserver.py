@@ -246,7 +246,7 @@ class NatsCluster:
     def _healthy(node: NatsServer) -> bool:
         try:
             with urllib.request.urlopen(f"{node.monitor_url}/healthz", timeout=2) as reply:
-                return reply.status == 200
+                return int(reply.status) == 200  # urlopen is typed Any
         except OSError:
             return False
 

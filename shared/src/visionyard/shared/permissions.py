@@ -78,8 +78,7 @@ API = ServiceAccess(
     ),
     # A GPU job's StartTraining goes to `cmd.train.gpu.<count>` (devices.py); the scheduler an API replica
     # runs sends admitted attempts to `cmd.train.job.<id>.<attempt>` / `cmd.train.gpu.<count>.<id>.<attempt>`.
-    also_publishes=(f"{subjects.CMD_TRAIN_GPU_PREFIX}.*", subjects.CMD_TRAIN_JOBS,
-                    f"{subjects.CMD_TRAIN_GPU_PREFIX}.*.>"),
+    also_publishes=(subjects.train_gpu("*"), subjects.CMD_TRAIN_JOBS, subjects.train_gpu_jobs("*")),
     consumers=(streams.API_PROJECTOR, streams.API_SCHEDULER),
     requests=(subjects.TRACKER_METRICS, subjects.TRACKER_SUMMARY, subjects.STORAGE_PRESIGN,
               subjects.STORAGE_STAGE_OBJECT, subjects.STORAGE_KEEP_UPLOAD, subjects.STORAGE_LIST_IMAGES,
@@ -136,8 +135,8 @@ def message_subject(cls: type[Message]) -> str:
     """The subject pattern a message class is published on (`*` for its id token)."""
     if issubclass(cls, events.JobEvent):
         return subjects.job_event("*", cls.kind)
-    if issubclass(cls, events.ShipEvent):
-        return f"evt.{cls.family}.*.{cls.kind}"
+    if issubclass(cls, events.ExportInferenceEvent):
+        return subjects.export_inference_event(cls.family, "*", cls.kind)
     if issubclass(cls, events.DatasetEvent):
         return subjects.dataset_event("*", cls.kind)
     subject = getattr(cls, "subject", None)

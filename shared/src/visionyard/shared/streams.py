@@ -49,18 +49,18 @@ class ConsumerSpec:
 
 COMMANDS = StreamSpec(
     name="COMMANDS",
-    subjects=("cmd.>",),
+    subjects=(subjects.CMD_ALL,),
     retention=api.RetentionPolicy.WORK_QUEUE,
 )
 EVENTS = StreamSpec(
     name="EVENTS",
-    subjects=("evt.>",),
+    subjects=(subjects.EVT_ALL,),
     retention=api.RetentionPolicy.LIMITS,
     max_age=7 * DAY,
 )
 DEADLETTERS = StreamSpec(
     name="DEADLETTERS",
-    subjects=("dlq.>",),
+    subjects=(subjects.DLQ_ALL,),
     retention=api.RetentionPolicy.LIMITS,
     max_age=30 * DAY,
 )

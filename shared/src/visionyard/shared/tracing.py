@@ -57,6 +57,8 @@ class JsonLinesSpanExporter(SpanExporter):
         lines = []
         for span in spans:
             context = span.get_span_context()
+            if context is None:  # typed optional; every span the SDK ends has one
+                continue
             lines.append(json.dumps({
                 "trace_id": f"{context.trace_id:032x}", "span_id": f"{context.span_id:016x}",
                 "parent_span_id": f"{span.parent.span_id:016x}" if span.parent else None,

@@ -1,4 +1,10 @@
-"""The training job state machine: every legal transition, user-driven or event-driven, in one place."""
+"""The job state machine: every legal transition, user-driven or event-driven, in one place.
+
+Training, export and inference jobs share it. An export or inference job's command is sent when it is
+created, so it waits for a runner as `pending` and never passes through `queued`, `retrying` or
+`resuming`; apart from that it moves like a training job (pending → running → completed | failed,
+cancel: pending → cancelled, running → cancelling → cancelled).
+"""
 
 from __future__ import annotations
 
@@ -64,7 +70,8 @@ USER_TRANSITIONS: dict[tuple[JobStatus, JobAction], JobStatus] = {
 EVENT_TRANSITIONS: dict[tuple[JobStatus, JobOutcome], JobStatus] = {
     (JobStatus.PENDING, JobOutcome.STARTED): JobStatus.RUNNING,
     **{(status, JobOutcome.STARTED): JobStatus.RUNNING for status in WAITING},
-    **{(status, JobOutcome.COMPLETED): JobStatus.COMPLETED for status in ACTIVE},
+    # From `pending` too: an export or inference job whose `started` event never came still completes.
+    **{(status, JobOutcome.COMPLETED): JobStatus.COMPLETED for status in (JobStatus.PENDING, *ACTIVE)},
     # A cancelling job is not retried: the user wanted it stopped, and it is.
     **{(status, JobOutcome.RETRY): JobStatus.RETRYING for status in (*WAITING, JobStatus.RUNNING)},
     (JobStatus.CANCELLING, JobOutcome.RETRY): JobStatus.CANCELLED,
@@ -73,9 +80,14 @@ EVENT_TRANSITIONS: dict[tuple[JobStatus, JobOutcome], JobStatus] = {
 }
 
 
+def user_target(current: str, action: JobAction) -> JobStatus | None:
+    """The status `action` moves a job to, or None when the job's status does not allow it."""
+    return USER_TRANSITIONS.get((JobStatus(current), action))
+
+
 def user_transition(job_id: str, current: str, action: JobAction) -> JobStatus:
     """The status `action` moves a job to; raises Conflict naming the current status."""
-    target = USER_TRANSITIONS.get((JobStatus(current), action))
+    target = user_target(current, action)
     if target is None:
         raise Conflict(f"cannot {action.value} job {job_id}: status is {current}")
     return target
@@ -103,3 +115,12 @@ def may_take_over(current: str) -> bool:
     resume, automatic retry), never by a late event or a redelivered command of a finished job.
     """
     return not is_terminal(current)
+
+
+def rerun_transition(current: str) -> JobStatus | None:
+    """The status of an export or inference job whose command ran again under a newer attempt, or None to keep it.
+
+    Their commands are redelivered to another runner when the first one stopped renewing them: a job
+    marked failed by the first runner is running again; a completed or cancelled one stays as it is.
+    """
+    return JobStatus.RUNNING if JobStatus(current) is JobStatus.FAILED else None

@@ -6,10 +6,10 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable, Iterator
 
+from opentelemetry.trace import SpanKind
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
-from opentelemetry.trace import SpanKind
 from starlette.requests import Request
 from starlette.responses import Response
 

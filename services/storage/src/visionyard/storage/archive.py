@@ -100,10 +100,6 @@ class InspectedDataset:
         }
 
 
-# The name the ImageFolder-only first version used; every format now yields the same shape.
-ImageFolderDataset = InspectedDataset
-
-
 @dataclass(frozen=True)
 class Entry:
     """A safe regular file of the archive and its path parts (after dropping a wrapper folder)."""
@@ -146,23 +142,6 @@ class _Member:
     path: str
     split: str | None
     class_name: str
-
-
-def inspect_imagefolder_archive(
-    source: Path, *, workdir: Path, limits: ArchiveLimits, label: str | None = None
-) -> InspectedDataset:
-    """Validate an ImageFolder zip and write its normalized archive under `workdir`.
-
-    Raises `ArchiveRejected` with a reason naming the offending file and the problem.
-    """
-    label = label or source.name
-    check_upload_file(source, limits=limits, label=label)
-    try:
-        with zipfile.ZipFile(source) as archive:
-            plan = plan_imagefolder(safe_entries(archive, limits))
-            return write_normalized(archive, plan, workdir=workdir, limits=limits)
-    except zipfile.BadZipFile as error:
-        raise ArchiveRejected(f"{label} is not a readable zip archive: {error}") from error
 
 
 def check_upload_file(source: Path, *, limits: ArchiveLimits, label: str) -> None:
@@ -301,11 +280,11 @@ def plan_imagefolder(entries: list[Entry]) -> DatasetPlan:
 
     classes = {member.class_name for member in members}
     declared = {tuple(parts) for parts in directories if len(parts) == depth - 1}
-    for parts in sorted(declared):
-        if split_layout and parts[0].lower() not in SPLIT_NAMES:
+    for folder in sorted(declared):
+        if split_layout and folder[0].lower() not in SPLIT_NAMES:
             continue
-        if parts[-1] not in classes:
-            raise ArchiveRejected(f"class folder {'/'.join(parts)}/ is empty: every class needs images")
+        if folder[-1] not in classes:
+            raise ArchiveRejected(f"class folder {'/'.join(folder)}/ is empty: every class needs images")
     if split_layout and any(member.split == "train" for member in members):
         trained = {member.class_name for member in members if member.split == "train"}
         for missing in sorted(classes - trained):

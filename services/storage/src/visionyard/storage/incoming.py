@@ -23,7 +23,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from visionyard.shared.events import CheckpointIncoming, CheckpointStaged
+from visionyard.shared.events import CheckpointStaged
+from visionyard.shared.requests import CheckpointIncoming
 from visionyard.storage.ports import ObjectBackend, ObjectUpload, StagingArea
 
 log = logging.getLogger("visionyard.storage.incoming")
@@ -143,10 +144,11 @@ class IncomingCopies:
         digest = hashlib.sha256()
         size = 0
         try:
-            pending = asyncio.ensure_future(
+            beginning = asyncio.ensure_future(
                 asyncio.to_thread(self.backend.begin_upload, incoming.bucket, incoming.key)
             )
-            upload = await asyncio.shield(pending)
+            pending = beginning
+            upload = await asyncio.shield(beginning)
             async with contextlib.aclosing(self.staging.read_incoming(hint.object_id, hint.size_bytes)) as chunks:
                 async for chunk in chunks:
                     digest.update(chunk)

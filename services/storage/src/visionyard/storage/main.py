@@ -6,8 +6,8 @@ import asyncio
 import logging
 import sys
 
-from visionyard.shared import streams, subjects
 from visionyard.shared.bus import Bus
+from visionyard.shared.bus.broker import service_broker
 from visionyard.shared.lifecycle import run_until_signalled
 from visionyard.shared.logs import configure_logging
 from visionyard.shared.metrics import serve_metrics
@@ -17,10 +17,9 @@ from visionyard.storage.adapters.s3 import S3Backend
 from visionyard.storage.adapters.staging import BusStagingArea
 from visionyard.storage.archive import ArchiveLimits
 from visionyard.storage.config import StorageSettings
-from visionyard.storage.handlers import StorageHandlers
+from visionyard.storage.handlers import StorageHandlers, subscribe
 from visionyard.storage.ports import ObjectBackend
 from visionyard.storage.service import Buckets, StorageService
-from visionyard.storage.shipping import serve_shipping
 
 log = logging.getLogger("visionyard.storage")
 
@@ -58,39 +57,24 @@ def build_service(settings: StorageSettings, *, bus: Bus, backend: ObjectBackend
 
 async def serve(settings: StorageSettings, *, stop: asyncio.Event, backend: ObjectBackend | None = None) -> None:
     """Run the consumers and request handlers until `stop` is set, then drain the connection."""
-    bus = await Bus.connect(settings.nats_url, service="storage", **settings.nats_credentials())
+    broker = service_broker(settings.nats_url, service="storage", **settings.nats_credentials())
+    bus = await Bus.from_broker(broker)
     metrics_server = serve_metrics(host=settings.metrics_host, port=settings.metrics_port)
+    handlers: StorageHandlers | None = None
     try:
         await bus.ensure_topology(replicas=settings.stream_replicas)
         backend = backend or build_backend(settings)
         if settings.create_buckets:
             await asyncio.to_thread(backend.ensure_buckets, [settings.external_bucket, settings.internal_bucket])
         handlers = StorageHandlers(build_service(settings, bus=bus, backend=backend))
-        subscriptions = [
-            await bus.serve(subjects.STORAGE_STAGE, handlers.on_stage, queue="storage"),
-            await bus.serve(subjects.STORAGE_PRESIGN, handlers.on_presign, queue="storage"),
-            await bus.serve(subjects.STORAGE_LIST_IMAGES, handlers.on_list_images, queue="storage"),
-            await bus.serve(subjects.STORAGE_READ_IMAGE, handlers.on_read_image, queue="storage"),
-            await bus.listen(subjects.STORAGE_CHECKPOINT_INCOMING, handlers.on_checkpoint_incoming, queue="storage"),
-        ]
-        # One message per fetch: each can take minutes (a big archive), and messages fetched but
-        # not yet started would sit out their ack_wait instead of going to an idle replica.
-        consumers = [
-            asyncio.create_task(bus.consume(streams.STORAGE_ARTIFACTS, handlers.on_checkpoint_staged, stop=stop, batch=1)),
-            asyncio.create_task(bus.consume(streams.STORAGE_INGEST, handlers.on_ingest_dataset, stop=stop, batch=1)),
-            asyncio.create_task(
-                bus.consume(streams.STORAGE_DATASET_DELETE, handlers.on_delete_dataset, stop=stop, batch=1)
-            ),
-            asyncio.create_task(serve_shipping(bus, handlers.service, stop=stop)),
-        ]
+        subscribe(broker, handlers)
+        await broker.start()
         log.info("storage service running on the %s backend", settings.backend)
         await stop.wait()
-        for subscription in subscriptions:
-            await subscription.unsubscribe()
-        await asyncio.gather(*consumers)
-        await handlers.service.incoming.close()
     finally:
         await bus.close()
+        if handlers is not None:
+            await handlers.service.incoming.close()
         if metrics_server is not None:
             metrics_server.stop()
         log.info("storage service stopped")

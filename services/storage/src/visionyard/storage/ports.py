@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -97,12 +97,12 @@ class StagingArea(Protocol):
     async def fetch(self, name: str, destination: Path, *, sha256: str) -> Path:
         """Copy a staged object to a local file, verifying its sha256."""
 
-    def read(self, name: str, *, sha256: str) -> AsyncIterator[bytes]:
+    def read(self, name: str, *, sha256: str) -> AsyncGenerator[bytes, None]:
         """A staged object's bytes, chunk by chunk; `StagedObjectCorrupt` instead of the end of the
         iteration when they do not hash to `sha256`, so a consumer that only commits after the last
         chunk never commits other bytes. `StagedObjectMissing` when it is gone."""
 
-    def read_incoming(self, object_id: str, size: int) -> AsyncIterator[bytes]:
+    def read_incoming(self, object_id: str, size: int) -> AsyncGenerator[bytes, None]:
         """The bytes of an object still being put under `object_id`, as they are stored, until `size`
         have come; unverified (the caller checks them against the object's sha256 before keeping them)."""
 

@@ -12,12 +12,11 @@ import asyncio
 import base64
 import contextlib
 import json
-import mimetypes
-import zipfile
 import logging
-import re
+import mimetypes
 import tempfile
 import uuid
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,12 +24,15 @@ from typing import Any
 from visionyard.shared.commands import DeleteDataset, IngestDataset
 from visionyard.shared.events import (
     ArtifactStored,
-    CheckpointIncoming,
     CheckpointStaged,
     DatasetDeleted,
     DatasetEvent,
     DatasetReady,
     DatasetRejected,
+)
+from visionyard.shared.logs import bind
+from visionyard.shared.requests import (
+    CheckpointIncoming,
     ImageEntry,
     ListImagesReply,
     ListImagesRequest,
@@ -41,10 +43,25 @@ from visionyard.shared.events import (
     StageReply,
     StageRequest,
 )
-from visionyard.shared.logs import bind
 from visionyard.storage.archive import ArchiveLimits, ArchiveRejected, InspectedDataset
 from visionyard.storage.formats import inspect_dataset_archive
 from visionyard.storage.incoming import IncomingCopies
+from visionyard.storage.keys import (
+    CONTENT_HASH,
+    SAFE_ID,
+    checkpoint_key,
+    checkpoint_sidecar_key,
+    dataset_archive_key,
+    dataset_file_key,
+    dataset_index_key,
+    dataset_manifest_key,
+    dataset_prefix,
+    dataset_tombstone_key,
+    dataset_version_prefix,
+    staged_browse_name,
+    staged_dataset_name,
+    staged_resume_name,
+)
 from visionyard.storage.ports import (
     EventPublisher,
     ObjectBackend,
@@ -54,10 +71,6 @@ from visionyard.storage.ports import (
 )
 
 log = logging.getLogger("visionyard.storage")
-
-_SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
-_CONTENT_HASH = re.compile(r"^[0-9a-f]{64}$")
-
 
 class InvalidMessage(Exception):
     """A message names something that can never be stored (an id unusable as a key)."""
@@ -69,77 +82,6 @@ class Buckets:
 
     external: str = "visionyard-external"
     internal: str = "visionyard-internal"
-
-
-# Key layout (identical on S3 and on the local-directory backend, `<root>/<bucket>/<key>`):
-#   external bucket  datasets/<dataset_id>/<content_hash>/dataset.zip      normalized archive
-#                    datasets/<dataset_id>/<content_hash>/manifest.json    stats; written last
-#                    datasets/<dataset_id>/<content_hash>/images.json      [{filename, size}] index
-#                    datasets/<dataset_id>/<content_hash>/files/<path>     each image, for browsing
-#                    inference-inputs/<session_id>/<file>                  uploaded inference images
-#   internal bucket  checkpoints/<job_id>/<kind>.pt (+ <kind>.json sidecar)
-#                    exports/<export_id>/...                               export packages
-#                    results/<inference_id>/...                            inference results
-
-
-def checkpoint_key(job_id: str, kind: str) -> str:
-    """Key of a job's stored checkpoint of one kind."""
-    return f"checkpoints/{job_id}/{kind}.pt"
-
-
-def checkpoint_sidecar_key(job_id: str, kind: str) -> str:
-    """Key of the JSON beside a stored checkpoint (attempt, seq, sha256, size_bytes, epoch, uri)."""
-    return f"checkpoints/{job_id}/{kind}.json"
-
-
-def dataset_archive_key(dataset_id: str, content_hash: str) -> str:
-    """Key of a stored dataset version's normalized archive."""
-    return f"datasets/{dataset_id}/{content_hash}/dataset.zip"
-
-
-def dataset_manifest_key(dataset_id: str, content_hash: str) -> str:
-    """Key of a stored dataset version's manifest (its stats); written last, so it marks completion."""
-    return f"datasets/{dataset_id}/{content_hash}/manifest.json"
-
-
-def dataset_index_key(dataset_id: str, content_hash: str) -> str:
-    """Key of a stored dataset version's image index (`[{filename, size}]`, sorted by filename)."""
-    return f"datasets/{dataset_id}/{content_hash}/images.json"
-
-
-def dataset_file_key(dataset_id: str, content_hash: str, filename: str) -> str:
-    """Key of one image of a stored dataset version, kept beside the archive for browsing."""
-    return f"datasets/{dataset_id}/{content_hash}/files/{filename}"
-
-
-def dataset_prefix(dataset_id: str) -> str:
-    """Key prefix of every stored version of a dataset (one folder per content hash)."""
-    return f"datasets/{dataset_id}/"
-
-
-def dataset_version_prefix(dataset_id: str, content_hash: str) -> str:
-    """Key prefix of one stored dataset version."""
-    return f"datasets/{dataset_id}/{content_hash}/"
-
-
-def dataset_tombstone_key(dataset_id: str) -> str:
-    """Key of the marker a deleted dataset leaves, so an upload still being checked is not stored."""
-    return f"datasets/{dataset_id}/deleted.json"
-
-
-def staged_browse_name(content_hash: str, filename: str) -> str:
-    """Staging object name of one image handed to the API for browsing (too big for a NATS reply)."""
-    return f"browse/{content_hash}/{filename}"
-
-
-def staged_dataset_name(content_hash: str) -> str:
-    """Staging object name of a dataset version handed to runners."""
-    return f"dataset/{content_hash}.zip"
-
-
-def staged_resume_name(job_id: str, kind: str) -> str:
-    """Staging object name of a stored checkpoint handed to a resuming attempt."""
-    return f"resume/{job_id}/{kind}.pt"
 
 
 class StorageService:
@@ -345,7 +287,7 @@ class StorageService:
         _require_safe_id(command.dataset_id, "dataset_id")
         for index, content_hash in enumerate(command.keep_hashes):
             # Refuse rather than guess: a malformed pin must never let a pinned version be deleted.
-            if not _CONTENT_HASH.match(content_hash):
+            if not CONTENT_HASH.match(content_hash):
                 raise InvalidMessage(f"keep_hashes[{index}] {content_hash!r} is not a content hash")
         logger = bind(log, dataset_id=command.dataset_id)
         bucket = self.buckets.external
@@ -390,7 +332,7 @@ class StorageService:
         return StageReply(ok=False, error="a stage request names a dataset version or a job's checkpoint")
 
     async def _stage_dataset(self, dataset_id: str, content_hash: str) -> StageReply:
-        if not _SAFE_ID.match(dataset_id) or not _CONTENT_HASH.match(content_hash):
+        if not SAFE_ID.match(dataset_id) or not CONTENT_HASH.match(content_hash):
             return StageReply(ok=False, error="invalid dataset_id or content_hash")
         bucket = self.buckets.external
         key = dataset_archive_key(dataset_id, content_hash)
@@ -412,7 +354,7 @@ class StorageService:
         )
 
     async def _stage_checkpoint(self, job_id: str, kind: str) -> StageReply:
-        if not _SAFE_ID.match(job_id) or not _SAFE_ID.match(kind):
+        if not SAFE_ID.match(job_id) or not SAFE_ID.match(kind):
             return StageReply(ok=False, error="invalid job_id or checkpoint_kind")
         bucket = self.buckets.internal
         key = checkpoint_key(job_id, kind)
@@ -447,7 +389,7 @@ class StorageService:
 
     async def list_images(self, request: ListImagesRequest) -> ListImagesReply:
         """A page of a stored version's images, each with a presigned URL where the backend has them."""
-        if not _SAFE_ID.match(request.dataset_id) or not _CONTENT_HASH.match(request.content_hash):
+        if not SAFE_ID.match(request.dataset_id) or not CONTENT_HASH.match(request.content_hash):
             return ListImagesReply(ok=False, error="invalid dataset_id or content_hash")
         bucket = self.buckets.external
         index = await self._read_index(request.dataset_id, request.content_hash)
@@ -480,7 +422,7 @@ class StorageService:
 
     async def read_image(self, request: ReadImageRequest) -> ReadImageReply:
         """One image's bytes (capped: they travel in a NATS reply), for backends without URLs."""
-        if not _SAFE_ID.match(request.dataset_id) or not _CONTENT_HASH.match(request.content_hash):
+        if not SAFE_ID.match(request.dataset_id) or not CONTENT_HASH.match(request.content_hash):
             return ReadImageReply(ok=False, error="invalid dataset_id or content_hash")
         index = await self._read_index(request.dataset_id, request.content_hash)
         # Only names from the version's own index are read: the filename never builds a path by itself.
@@ -557,5 +499,5 @@ class StorageService:
 
 
 def _require_safe_id(value: str, field_name: str) -> None:
-    if not _SAFE_ID.match(value):
+    if not SAFE_ID.match(value):
         raise InvalidMessage(f"{field_name} {value!r} is not usable as a storage key")

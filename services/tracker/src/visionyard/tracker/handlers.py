@@ -1,31 +1,25 @@
-"""Thin broker adapters: decode job events and tracker queries, call the use cases.
+"""The tracker's FastStream subscribers: decode job events and tracker queries, call the use cases.
 
 Batch acks: a poison message is dead-lettered and terminated here, alone; if the use case raises
-(MLflow unavailable), the bus naks every remaining message of the batch with backoff.
+(MLflow unavailable), the settling middleware naks every remaining message of the batch with backoff.
+The job events are one batched durable consumer (`linger` batching: one MLflow `log_batch` per call),
+fed by the bus's standing pull; the queries are request-reply in the `tracker` queue group.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-from typing import Protocol
-
-from nats.aio.msg import Msg
+from typing import Any
 
 from visionyard.shared import streams, subjects
-from visionyard.shared.events import JobEvent, TrackerQuery, decode_job_event
-from visionyard.shared.logs import bind
+from visionyard.shared.bus.broker import Batch, ServiceBroker, consumer, responder
+from visionyard.shared.bus.settle import DeadLetters, Delivered, reject
+from visionyard.shared.events import JobEvent, decode_job_event
+from visionyard.shared.requests import TrackerQuery
 from visionyard.tracker.service import TRACKED_KINDS, Tracker, is_valid_job_id
 
 log = logging.getLogger("visionyard.tracker.handlers")
-
-
-class DeadLetters(Protocol):
-    """Where poison messages are parked."""
-
-    async def dead_letter(self, msg: Msg, *, consumer: str, reason: str) -> None:
-        """Park `msg` with the reason."""
-        ...
+SERVICE = "tracker"
 
 
 class TrackerHandlers:
@@ -35,10 +29,10 @@ class TrackerHandlers:
         self._tracker = tracker
         self._dead_letters = dead_letters
 
-    async def on_job_events(self, messages: list[Msg]) -> None:
+    async def on_job_events(self, batch: Batch) -> None:
         """Decode a fetched batch of job events and record it; poison messages are dead-lettered."""
         events: list[JobEvent] = []
-        for msg in messages:
+        for msg in batch.raw_message:
             if subjects.job_event_kind(msg.subject) not in TRACKED_KINDS:
                 continue  # acked untouched by the bus
             try:
@@ -52,18 +46,23 @@ class TrackerHandlers:
         if events:
             await self._tracker.record_events(events)
 
-    async def _reject_poison(self, msg: Msg, error: Exception) -> None:
-        delivered = msg.metadata.num_delivered if msg.metadata else 1
-        bind(log, subject=msg.subject, delivery=delivered).warning("dead-lettering undecodable event: %s", error)
-        await self._dead_letters.dead_letter(msg, consumer=streams.TRACKER.durable, reason=f"PermanentError: {error}")
-        await msg.term()
+    async def _reject_poison(self, msg: Delivered, error: Exception) -> None:
+        await reject(self._dead_letters, msg, consumer=streams.TRACKER.durable, reason=f"PermanentError: {error}")
 
-    async def on_metrics_query(self, data: bytes) -> bytes:
+    async def on_metrics_query(self, query: TrackerQuery) -> dict[str, Any]:
         """`tracker.metrics`: full metric history of a job's run."""
-        query = TrackerQuery.model_validate_json(data)
-        return json.dumps(await self._tracker.metrics_of(query.job_id)).encode()
+        return await self._tracker.metrics_of(query.job_id)
 
-    async def on_summary_query(self, data: bytes) -> bytes:
+    async def on_summary_query(self, query: TrackerQuery) -> dict[str, Any]:
         """`tracker.summary`: latest and best metrics of a job's run."""
-        query = TrackerQuery.model_validate_json(data)
-        return json.dumps(await self._tracker.summary_of(query.job_id)).encode()
+        return await self._tracker.summary_of(query.job_id)
+
+
+def subscribe(broker: ServiceBroker, handlers: TrackerHandlers, *, batch: int, linger: float) -> None:
+    """Declare the tracker's subscribers on `broker`."""
+    consumer(broker, streams.TRACKER, batch=batch, linger=linger, batched=True,
+             description="Job events into MLflow runs, one log_batch per batch")(handlers.on_job_events)
+    responder(broker, subjects.TRACKER_METRICS, queue=SERVICE,
+              description="A job's full metric history")(handlers.on_metrics_query)
+    responder(broker, subjects.TRACKER_SUMMARY, queue=SERVICE,
+              description="A job's latest and best metrics")(handlers.on_summary_query)

@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
 
-from visionyard.shared import streams, subjects
+from visionyard.shared import streams
 from visionyard.shared.bus import Bus
+from visionyard.shared.bus.broker import service_broker
 from visionyard.shared.lifecycle import freeze_startup_heap, run_until_signalled
 from visionyard.shared.logs import configure_logging
 from visionyard.shared.metrics import serve_metrics
 from visionyard.shared.tracing import configure_tracing, shutdown_tracing
 from visionyard.tracker.config import TrackerSettings
-from visionyard.tracker.handlers import TrackerHandlers
+from visionyard.tracker.handlers import TrackerHandlers, subscribe
 from visionyard.tracker.ports import RunStore
 from visionyard.tracker.service import Tracker
 
@@ -50,8 +50,8 @@ async def serve(
             log.warning("MLflow store not reachable yet (%s); opening it with the first batch", error)
     if freeze_heap:
         freeze_startup_heap()
-    bus = await Bus.connect(settings.nats_url, service=SERVICE, **settings.nats_credentials())
-    responders: list[Any] = []
+    broker = service_broker(settings.nats_url, service=SERVICE, **settings.nats_credentials())
+    bus = await Bus.from_broker(broker)
     metrics_server = serve_metrics(host=settings.metrics_host, port=settings.metrics_port)
     try:
         await bus.ensure_topology(replicas=settings.stream_replicas)
@@ -62,17 +62,11 @@ async def serve(
             experiment_prefix=settings.experiment_prefix,
         )
         handlers = TrackerHandlers(tracker=tracker, dead_letters=bus)
-        responders.append(await bus.serve(subjects.TRACKER_METRICS, handlers.on_metrics_query, queue=SERVICE))
-        responders.append(await bus.serve(subjects.TRACKER_SUMMARY, handlers.on_summary_query, queue=SERVICE))
+        subscribe(broker, handlers, batch=settings.batch_size, linger=settings.linger_seconds)
+        await broker.start()
         log.info("tracker consuming %s into %s", streams.TRACKER.durable, _redacted(settings.mlflow_uri))
-        await bus.consume_batches(streams.TRACKER, handlers.on_job_events, stop=stop, batch=settings.batch_size,
-                                 linger=settings.linger_seconds)
+        await stop.wait()
     finally:
-        for responder in responders:
-            try:
-                await responder.unsubscribe()
-            except Exception:  # pragma: no cover - the connection is closing anyway
-                pass
         await bus.close()
         if owned_store is not None:
             owned_store.close()

@@ -17,10 +17,10 @@ import json
 import logging
 import math
 import re
-from functools import lru_cache
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import lru_cache
 from typing import Any
 
 from visionyard.shared.events import (

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-
 @dataclass(frozen=True)
 class CheckpointReported:
     """A checkpoint the trainer declared, not yet given a `seq`: it gets one only when it is passed on,

@@ -77,20 +77,25 @@ class GpuPool:
         returned = set(gpus) | set(self._free)
         self._free = [gpu for gpu in self.gpus if gpu in returned]
 
-    def describe(self, *, runner_id: str, slots: int, ship_held: int = 0, every: float = 0.0) -> dict[str, object]:
+    def describe(self, *, runner_id: str, slots: int, export_inference_held: int = 0,
+                 every: float = 0.0) -> dict[str, object]:
         """The advertisement: slots, every GPU, the free ones, the slots export/inference jobs hold, and how
-        often it is renewed (the scheduler takes a runner that stops renewing for gone)."""
+        often it is renewed (the scheduler takes a runner that stops renewing for gone).
+
+        The API's scheduler reads the export/inference count by the key `export_inference_held`.
+        """
         return {"runner_id": runner_id, "slots": slots, "cpu": True, "gpus": list(self.gpus),
-                "free_gpus": list(self._free), "fake_gpus": self.fake, "ship_held": ship_held,
+                "free_gpus": list(self._free), "fake_gpus": self.fake, "export_inference_held": export_inference_held,
                 "advertise_seconds": every, "updated_at": time.time()}
 
 
-async def advertise(bus: Bus, pool: GpuPool, *, runner_id: str, slots: int, ship_held: int = 0,
+async def advertise(bus: Bus, pool: GpuPool, *, runner_id: str, slots: int, export_inference_held: int = 0,
                     every: float = 0.0) -> None:
     """Put this runner's devices into `runner_devices` (best effort: the scheduler reads it, no job waits on it)."""
     try:
         kv = await bus.kv(streams.KV_RUNNER_DEVICES)
-        description = pool.describe(runner_id=runner_id, slots=slots, ship_held=ship_held, every=every)
+        description = pool.describe(runner_id=runner_id, slots=slots, export_inference_held=export_inference_held,
+                                     every=every)
         await kv.put(kv_safe_name(runner_id), json.dumps(description).encode())
     except Exception as error:
         log.warning("could not advertise devices: %s", error)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 from visionyard.runner.adapters.kv import (
@@ -18,19 +17,20 @@ from visionyard.runner.adapters.publisher import JetStreamEventPublisher
 from visionyard.runner.adapters.staging import BusStager
 from visionyard.runner.config import RunnerSettings
 from visionyard.runner.devices import GpuPool, detect_gpus
-from visionyard.runner.handlers import TrainCommandConsumer
-from visionyard.runner.ship_handlers import ShipCommandHandler
-from visionyard.runner.shipping import ShippingRuns
+from visionyard.runner.export_inference import ExportInferenceRuns
+from visionyard.runner.handlers import CommandConsumer, CommandHandlers, subscribe
 from visionyard.runner.service import HeldJobs, RunnerOptions, TrainingAttempts
 from visionyard.runner.trainers import build_catalog, discover_manifests
 from visionyard.shared import streams
 from visionyard.shared.bus import Bus
+from visionyard.shared.bus.broker import service_broker
 from visionyard.shared.devices import MAX_GPUS_PER_JOB
 from visionyard.shared.lifecycle import run_until_signalled
 from visionyard.shared.logs import configure_logging
-from visionyard.shared.metrics import serve_metrics
-from visionyard.shared.tracing import configure_tracing, shutdown_tracing
 from visionyard.shared.manifest import TrainerManifest
+from visionyard.shared.metrics import serve_metrics
+from visionyard.shared.tasks import cancel_all
+from visionyard.shared.tracing import configure_tracing, shutdown_tracing
 
 log = logging.getLogger("visionyard.runner")
 
@@ -68,15 +68,12 @@ def gpu_pool(settings: RunnerSettings) -> GpuPool:
     return GpuPool(gpus=detect_gpus(settings.gpus))
 
 
-def build_shipping(
-    bus: Bus, settings: RunnerSettings, manifests: list[TrainerManifest], attempts: TrainingAttempts
-) -> ShipCommandHandler:
-    """Export and inference runs, sharing the training attempts' settings, staging and launcher."""
-    runs = ShippingRuns(
+def build_export_inference(bus: Bus, manifests: list[TrainerManifest], attempts: TrainingAttempts) -> ExportInferenceRuns:
+    """Export and inference runs, sharing the training attempts' settings, staging, launcher and held jobs."""
+    return ExportInferenceRuns(
         options=attempts.options, manifests=manifests, stager=attempts.stager, objects=BusObjectStager(bus),
         launcher=attempts.launcher, publisher=bus, held=attempts.held, ledger=attempts.ledger,
     )
-    return ShipCommandHandler(runs, heartbeat_seconds=settings.heartbeat_seconds)
 
 
 async def serve(
@@ -84,12 +81,10 @@ async def serve(
     *,
     stop: asyncio.Event,
     manifests: list[TrainerManifest] | None = None,
-    bus: Bus | None = None,
 ) -> None:
     """Run the runner until `stop` is set, then stop trainers, hand back their commands and drain."""
-    own_bus = bus is None
-    if bus is None:
-        bus = await Bus.connect(settings.nats_url, service="trainer-runner", **settings.nats_credentials())
+    broker = service_broker(settings.nats_url, service="trainer-runner", **settings.nats_credentials())
+    bus = await Bus.from_broker(broker)
     metrics_server = serve_metrics(host=settings.metrics_host, port=settings.metrics_port)
     try:
         await bus.ensure_topology(replicas=settings.stream_replicas)
@@ -115,20 +110,24 @@ async def serve(
         watcher = asyncio.create_task(watch_cancellations(bus, attempts.held, stop=stop))
         for count in range(1, min(pool.total, MAX_GPUS_PER_JOB) + 1):
             await bus.declare_consumer(streams.with_ack_wait(streams.runner_gpu(count), consumer_spec.ack_wait))
-        consumer = TrainCommandConsumer(
-            bus, attempts, slots=settings.slots, heartbeat_seconds=settings.heartbeat_seconds,
-            spec=consumer_spec,
-            shipping=build_shipping(bus, settings, trainers, attempts),
+        handlers = CommandHandlers(
+            attempts, build_export_inference(bus, trainers, attempts), spec=consumer_spec,
+            heartbeat_seconds=settings.heartbeat_seconds, dead_letter=bus.dead_letter,
+        )
+        consumer = CommandConsumer(
+            bus, handlers, slots=settings.slots, spec=consumer_spec,
             gpu_pool=pool, runner_id=settings.runner_id, advertise_seconds=settings.advertise_seconds,
         )
+        subscribe(broker, handlers, consumer, consumer_spec)
+        await broker.start()
         try:
-            await consumer.run(stop)
+            await stop.wait()
         finally:
-            watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watcher
+            # Stopping the broker stops the consumer: held trainers stop and their commands go back.
+            await bus.close()
+            await cancel_all([watcher])
     finally:
-        if own_bus:
+        if not bus.nc.is_closed:
             await bus.close()
         if metrics_server is not None:
             metrics_server.stop()

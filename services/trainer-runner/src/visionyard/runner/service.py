@@ -1,7 +1,7 @@
 """The runner's use cases: run one training attempt and turn what the trainer says into job events.
 
-No framework imports here: staging, spawning, publishing and the cancellation ledger are ports
-(small Protocols) that `main.py` fills with NATS/subprocess adapters and the tests fill with fakes.
+No framework imports here: staging, spawning, publishing and the KV ledgers are ports (`ports.py`)
+that `main.py` fills with NATS/subprocess adapters and the tests fill with fakes.
 """
 
 from __future__ import annotations
@@ -12,16 +12,28 @@ import logging
 import re
 import shutil
 from collections import deque
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from visionyard.runner.cadence import CheckpointCadence, CheckpointReported
 from visionyard.runner.original import USER_ERROR_TYPES, original_command
-from visionyard.shared.bus import PermanentError
-from visionyard.shared.commands import DatasetRef, StartTraining
+from visionyard.runner.ports import (
+    CancellationLedger,
+    CheckpointDeclared,
+    EventSink,
+    LaunchSpec,
+    Outgoing,
+    StagedCheckpoint,
+    Stager,
+    TerminalLedger,
+    TrainerHandle,
+    TrainerLauncher,
+)
+from visionyard.shared.bus.errors import PermanentError
+from visionyard.shared.commands import StartTraining
 from visionyard.shared.devices import DeviceRequest, assigned_device
 from visionyard.shared.events import (
     FailureReason,
@@ -44,26 +56,6 @@ STDERR_TAIL_LINES = 20
 
 
 # -- what the trainer said → events -------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class CheckpointDeclared:
-    """A checkpoint the trainer declared; the publisher stages the file, then publishes `CheckpointStaged`."""
-
-    job_id: str
-    attempt: int
-    seq: int
-    kind: str
-    path: Path
-    epoch: int | None
-
-    @property
-    def object_name(self) -> str:
-        """Staging object name: `ckpt/<job_id>/<attempt>/<seq>-<kind>.pt`."""
-        return f"ckpt/{self.job_id}/{self.attempt}/{self.seq}-{self.kind}.pt"
-
-
-Outgoing = JobEvent | CheckpointDeclared
 
 
 class StopReason(StrEnum):
@@ -309,105 +301,17 @@ def _describe_exit(code: int | None, tail: Iterable[str]) -> str:
     return f"the trainer exited with code {code}" + (f": {last}" if last else "")
 
 
-# -- ports ---------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class StagedCheckpoint:
-    """A stored checkpoint fetched to a local file."""
-
-    path: Path
-    epoch: int | None
-
-
-class Stager(Protocol):
-    """Fetches datasets and checkpoints from storage."""
-
-    async def stage_dataset(self, dataset: DatasetRef) -> Path:
-        """A local directory holding the extracted dataset version."""
-        ...
-
-    async def stage_checkpoint(self, job_id: str, kind: str, destination: Path) -> StagedCheckpoint | None:
-        """The job's stored checkpoint of `kind` copied to `destination`, or None if there is none."""
-        ...
-
-
-@dataclass(frozen=True)
-class LaunchSpec:
-    """Everything needed to start a trainer process."""
-
-    argv: list[str]
-    cwd: Path
-    env: dict[str, str]
-
-
-class TrainerHandle(Protocol):
-    """A running trainer process group."""
-
-    pid: int
-
-    def lines(self) -> AsyncIterator[tuple[str, str]]:
-        """(`sdk`|`stdout`|`stderr`, line) until every stream is closed."""
-        ...
-
-    async def wait(self) -> int:
-        """The exit status once the process ends (negative: killed by that signal)."""
-        ...
-
-    async def stop(self, *, grace: float) -> int:
-        """SIGTERM the group, SIGKILL it after `grace`, reap; no member of the group survives."""
-        ...
-
-
-class TrainerLauncher(Protocol):
-    """Starts trainers."""
-
-    async def launch(self, spec: LaunchSpec) -> TrainerHandle:
-        """Start the process described by `spec`."""
-        ...
-
-
-class EventSink(Protocol):
-    """Ordered, retrying publication; `emit` never blocks the trainer."""
-
-    def emit(self, item: Outgoing) -> None:
-        """Queue an event (or a checkpoint to stage, then announce)."""
-        ...
-
-    async def drain(self) -> None:
-        """Wait until everything emitted so far is acknowledged by the broker."""
-        ...
-
-    async def close(self) -> None:
-        """Stop the publisher task."""
-        ...
-
-
-class CancellationLedger(Protocol):
-    """The durable record of cancel requests (KV `job_cancellations`)."""
-
-    async def cancelled_attempt(self, job_id: str) -> int | None:
-        """The attempt a cancel was recorded for, or None."""
-        ...
-
-
-class TerminalLedger(Protocol):
-    """The durable record of finished jobs (KV `job_terminal`), written by the API."""
-
-    async def terminal_attempt(self, job_id: str) -> int | None:
-        """The attempt at which the job reached a terminal status, or None."""
-        ...
-
-
 # -- holding jobs -------------------------------------------------------------------------------
 
 
 @dataclass
 class RunControl:
-    """Stop requests for one held job; the first reason wins."""
+    """Stop requests for one held delivery of a job; the first reason wins."""
 
     job_id: str
     command_attempt: int
+    # Which delivery of the command this is (1 for the first): a stop for a lost delivery reaches it alone.
+    delivered: int = 1
     reason: StopReason | None = None
     _event: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -425,43 +329,63 @@ class RunControl:
 
 
 class HeldJobs:
-    """The jobs this runner holds right now, so cancel requests and shutdown can reach them."""
+    """The jobs this runner holds right now, so cancel requests and shutdown can reach them.
+
+    A job is normally held once. It is held twice only when JetStream redelivered its command while an
+    earlier delivery was still winding down here (this runner lost the broker for longer than the ack
+    wait, then got the command back): the newer delivery is the live one, so holding it stops the older.
+    Every delivery stays reachable until released, and once `stop_all` ran (shutdown) a delivery held
+    after it is stopped at once: a command claimed as the runner stopped must not run to its end.
+    """
 
     def __init__(self) -> None:
-        self._controls: dict[str, RunControl] = {}
+        self._controls: dict[str, list[RunControl]] = {}
+        self._stopped: StopReason | None = None
 
-    def hold(self, cmd: StartTraining) -> RunControl:
+    def hold(self, cmd: StartTraining, *, delivered: int = 1) -> RunControl:
         """Register a claimed command (before checking the ledger, so no cancel falls in between)."""
-        control = RunControl(job_id=cmd.job_id, command_attempt=cmd.attempt)
-        self._controls[cmd.job_id] = control
+        control = RunControl(job_id=cmd.job_id, command_attempt=cmd.attempt, delivered=delivered)
+        held = self._controls.setdefault(cmd.job_id, [])
+        for older in held:
+            if older.command_attempt + older.delivered < cmd.attempt + delivered:
+                log.warning("job redelivered while an earlier delivery was still held here: stopping that one",
+                            extra={"job_id": cmd.job_id, "delivery": older.delivered, "redelivery": delivered})
+                older.request_stop(StopReason.BROKER_LOST)
+        held.append(control)
+        if self._stopped is not None:
+            control.request_stop(self._stopped)
         return control
 
     def release(self, control: RunControl) -> None:
-        """Forget a job once its attempt is over."""
-        if self._controls.get(control.job_id) is control:
-            del self._controls[control.job_id]
+        """Forget a delivery once its attempt is over."""
+        held = self._controls.get(control.job_id, [])
+        if any(entry is control for entry in held):
+            held[:] = [entry for entry in held if entry is not control]
+            if not held:
+                del self._controls[control.job_id]
 
     def request_cancel(self, job_id: str, attempt: int) -> bool:
         """Cancel a held job if the cancel is for this attempt or a newer one (older cancels are fenced)."""
-        control = self._controls.get(job_id)
-        if control is None or attempt < control.command_attempt:
-            return False
-        control.request_stop(StopReason.CANCEL)
-        return True
+        reached = [control for control in self._controls.get(job_id, []) if attempt >= control.command_attempt]
+        for control in reached:
+            control.request_stop(StopReason.CANCEL)
+        return bool(reached)
 
-    def request_stop(self, job_id: str, reason: StopReason) -> None:
-        """Stop one held job, if held."""
-        control = self._controls.get(job_id)
-        if control is not None:
-            control.request_stop(reason)
+    def request_stop(self, job_id: str, reason: StopReason, *, delivered: int | None = None) -> None:
+        """Stop one held job (only its delivery `delivered`, when given), if held."""
+        for control in self._controls.get(job_id, []):
+            if delivered is None or control.delivered == delivered:
+                control.request_stop(reason)
 
     def stop_all(self, reason: StopReason) -> None:
-        """Stop every held job (runner shutdown)."""
-        for control in list(self._controls.values()):
-            control.request_stop(reason)
+        """Stop every held job, and every job held from now on (runner shutdown)."""
+        self._stopped = reason
+        for held in list(self._controls.values()):
+            for control in held:
+                control.request_stop(reason)
 
     def __len__(self) -> int:
-        return len(self._controls)
+        return sum(len(held) for held in self._controls.values())
 
 
 class AttemptOutcome(StrEnum):
@@ -469,6 +393,14 @@ class AttemptOutcome(StrEnum):
 
     FINISHED = "finished"  # a terminal event is acknowledged: ack the command
     REQUEUE = "requeue"  # no terminal event: nak so another runner resumes the job
+    # No terminal event, and the delivery is no longer this runner's (the broker was lost, or the command was
+    # redelivered meanwhile): settle nothing, JetStream redelivers it (`HeldMessage.leave`).
+    LEFT = "left"
+
+
+def handed_back(reason: StopReason | None) -> AttemptOutcome:
+    """The outcome of an attempt stopped for `reason` without a terminal event."""
+    return AttemptOutcome.LEFT if reason is StopReason.BROKER_LOST else AttemptOutcome.REQUEUE
 
 
 def effective_attempt(cmd: StartTraining, *, delivered: int) -> int:
@@ -515,7 +447,7 @@ class TrainingAttempts:
         stager: Stager,
         launcher: TrainerLauncher,
         ledger: CancellationLedger,
-        new_sink: Any,
+        new_sink: Callable[[], EventSink],
         held: HeldJobs | None = None,
         terminal: TerminalLedger | None = None,
     ) -> None:
@@ -532,7 +464,7 @@ class TrainingAttempts:
         self, cmd: StartTraining, *, delivered: int, final_delivery: bool, gpus: list[str] | None = None
     ) -> AttemptOutcome:
         """Run one delivery of `cmd` to its end on `gpus` (none: cpu); a raised error means nak with backoff."""
-        control = self.held.hold(cmd)
+        control = self.held.hold(cmd, delivered=delivered)
         try:
             return await self._run_held(cmd, control=control, delivered=delivered, final_delivery=final_delivery,
                                         gpus=list(gpus or []))
@@ -611,7 +543,7 @@ class TrainingAttempts:
         terminal = events.terminal(TrainerExit(returncode=None, stopped_by=reason))
         if terminal is None:
             await sink.drain()
-            return AttemptOutcome.REQUEUE
+            return handed_back(reason)
         return await self._finish(sink, terminal)
 
     async def _train(
@@ -703,7 +635,7 @@ class TrainingAttempts:
             if terminal is None:
                 # Publish what the trainer saved on the way out (its last checkpoint), then hand the job back.
                 await sink.drain()
-                return AttemptOutcome.REQUEUE
+                return handed_back(stopped_by)
             return await self._finish(sink, terminal)
         finally:
             cadence.close()  # an attempt that ends in an error leaves no timer to stage into a closed sink

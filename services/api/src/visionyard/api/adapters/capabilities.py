@@ -6,7 +6,7 @@ import logging
 
 from pydantic import ValidationError
 
-from visionyard.shared import streams
+from visionyard.shared import streams, subjects
 from visionyard.shared.bus import Bus
 from visionyard.shared.manifest import TrainerManifest
 
@@ -25,8 +25,8 @@ class KvCapabilitySource:
         # The bucket's stream lists its subjects exactly; nats-py's `kv.keys()` can report an empty
         # bucket when its watcher's first consumer-info races the delivery of the existing entries.
         info = await self._bus.js.stream_info(f"KV_{streams.KV_CAPABILITIES}", subjects_filter=">")
-        prefix = f"$KV.{streams.KV_CAPABILITIES}."
-        keys = [subject[len(prefix):] for subject in (info.state.subjects or {}) if subject.startswith(prefix)]
+        keys = [key for subject in (info.state.subjects or {})
+                if (key := subjects.kv_key(streams.KV_CAPABILITIES, subject)) is not None]
         manifests: list[TrainerManifest] = []
         for key in sorted(keys):
             try:

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ValidationError
 from visionyard.api.errors import Unavailable
 from visionyard.shared import subjects
 from visionyard.shared.bus import Bus, PermanentError, TransientError
-from visionyard.shared.events import ListImagesReply, ListImagesRequest, ReadImageReply, ReadImageRequest
+from visionyard.shared.requests import ListImagesReply, ListImagesRequest, ReadImageReply, ReadImageRequest
 
 R = TypeVar("R", bound=BaseModel)
 

@@ -6,8 +6,10 @@ import asyncio
 import contextlib
 import json
 import logging
+from collections.abc import AsyncGenerator
 from typing import Any
 
+from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.errors import BadRequestError, KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KeyValue
 
@@ -16,6 +18,7 @@ from visionyard.api.scheduling.scheduler import Change, Initial, RecordConflict
 from visionyard.shared import streams, subjects
 from visionyard.shared.bus import Bus
 from visionyard.shared.scheduling import SUMMARY_KEY, AdmissionRecord, PositionShard, QueueRequest, QueueSummary
+from visionyard.shared.tasks import cancel_all
 
 log = logging.getLogger("visionyard.api.scheduling.kv")
 
@@ -52,7 +55,7 @@ class KvSchedulerStore:
             async for entry in watcher:
                 if entry is None:
                     break
-                entries.append(_change(kind, entry))  # type: ignore[arg-type]
+                entries.append(_change(kind, entry))
             initial[kind] = entries
             self._tasks.append(asyncio.create_task(self._follow(kind, watcher), name=f"sched-watch-{bucket}"))
         records: list[tuple[AdmissionRecord, int]] = []
@@ -94,9 +97,7 @@ class KvSchedulerStore:
 
     async def close(self) -> None:
         """Stop the watchers."""
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_all(self._tasks)
         for watcher in self._watchers:
             with contextlib.suppress(Exception):
                 await watcher.stop()
@@ -261,3 +262,24 @@ class KvQueueStatus:
         """A job's waiting request."""
         value = await self._get(streams.KV_SCHED_REQUESTS, job_id)
         return QueueRequest.model_validate_json(value) if value else None
+
+
+async def watch_position_shards(bus: Bus) -> AsyncGenerator[tuple[str, PositionShard], None]:
+    """Each write of a queue-position shard (`jobs.<n>` of `sched_status`), the current ones first.
+
+    Runs until closed or until the watch fails (the caller watches again); the watcher is stopped either way.
+    """
+    kv = await bus.kv(streams.KV_SCHED_STATUS)
+    watcher = await kv.watch("jobs.>")
+    try:
+        while True:
+            try:
+                entry = await watcher.updates(timeout=5.0)
+            except NatsTimeoutError:
+                continue
+            if entry is None or entry.operation is not None or not entry.value:
+                continue
+            yield entry.key, PositionShard.model_validate_json(entry.value)
+    finally:
+        with contextlib.suppress(Exception):
+            await watcher.stop()

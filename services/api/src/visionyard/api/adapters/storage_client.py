@@ -6,7 +6,7 @@ from pathlib import Path
 
 from visionyard.shared import subjects
 from visionyard.shared.bus import Bus
-from visionyard.shared.events import (
+from visionyard.shared.requests import (
     KeepUploadReply,
     KeepUploadRequest,
     PresignReply,

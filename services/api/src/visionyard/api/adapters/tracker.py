@@ -8,7 +8,7 @@ from typing import Any
 from visionyard.api.errors import Unavailable
 from visionyard.shared import subjects
 from visionyard.shared.bus import Bus, TransientError
-from visionyard.shared.events import TrackerQuery
+from visionyard.shared.requests import TrackerQuery
 
 
 class BusTrackerClient:

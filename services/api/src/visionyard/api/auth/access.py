@@ -6,6 +6,7 @@ from enum import IntEnum
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
+
 from visionyard.api.auth.principal import Principal
 from visionyard.api.db.models_access import ProjectMember
 from visionyard.api.errors import Forbidden, NotFound

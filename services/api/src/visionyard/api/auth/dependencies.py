@@ -6,6 +6,7 @@ from typing import Annotated
 
 from fastapi import Depends, Header, HTTPException, Request, WebSocket
 from starlette.concurrency import run_in_threadpool
+
 from visionyard.api.auth.principal import Principal
 from visionyard.api.auth.service import AuthService
 from visionyard.api.errors import Unauthorized

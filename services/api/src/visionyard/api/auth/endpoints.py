@@ -6,6 +6,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Form, HTTPException, Request
 from starlette.concurrency import run_in_threadpool
+
 from visionyard.api.auth import schemas
 from visionyard.api.auth.dependencies import CurrentPrincipal
 from visionyard.api.auth.service import AuthService

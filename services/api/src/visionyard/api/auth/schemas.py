@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
 from visionyard.api.auth.passwords import MIN_PASSWORD_LENGTH
 
 

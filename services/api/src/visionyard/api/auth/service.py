@@ -15,6 +15,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
+
 from visionyard.api.auth import passwords, schemas, tokens
 from visionyard.api.auth.access import role_in
 from visionyard.api.auth.principal import Principal
@@ -82,11 +83,11 @@ class AuthService:
                     with open(login_file, "w", encoding="utf-8",
                               opener=lambda name, flags: os.open(name, flags, 0o600)) as out:
                         json.dump({"email": email, "password": password}, out)
-                admin = User(email=email.strip().lower(), password_hash=passwords.hash_password(password),
+                first = User(email=email.strip().lower(), password_hash=passwords.hash_password(password),
                              full_name="Administrator", system_role="admin", is_active=True, token_version=1)
-                session.add(admin)
+                session.add(first)
                 session.flush()
-                log.info("created the first admin %s", admin.email)
+                log.info("created the first admin %s", first.email)
             admin = session.scalars(
                 select(User).where(User.system_role == "admin", User.is_active.is_(True)).order_by(User.id)
             ).first()

@@ -9,8 +9,8 @@ from pathlib import Path, PurePosixPath
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
-from pydantic import ValidationError
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
+from pydantic import ValidationError
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
@@ -207,11 +207,12 @@ async def upload_new_dataset(request: Request, service: Service, principal: Curr
         filename = await _receive_multipart(request, target, limit=settings.upload_max_bytes, fields=fields)
         project = fields.get("project_id") or None
         try:
-            body = schemas.CreateDatasetRequest(
-                name=(fields.get("name") or fields.get("dataset_name") or PurePosixPath(filename).stem or "dataset")[:256],
-                description=fields.get("description") or None, visibility=fields.get("visibility") or "private",
-                project_id=int(project) if project and project.isdigit() else None,
-            )
+            # Validated, not constructed: the form's strings are untrusted (visibility must be a known one).
+            body = schemas.CreateDatasetRequest.model_validate({
+                "name": (fields.get("name") or fields.get("dataset_name") or PurePosixPath(filename).stem or "dataset")[:256],
+                "description": fields.get("description") or None, "visibility": fields.get("visibility") or "private",
+                "project_id": int(project) if project and project.isdigit() else None,
+            })
         except ValidationError as error:
             problem = error.errors()[0]
             raise InvalidInput(".".join(str(part) for part in problem["loc"]) or "body", problem["msg"]) from None

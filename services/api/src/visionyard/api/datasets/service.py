@@ -10,11 +10,12 @@ from typing import Protocol
 
 from visionyard.api.auth.access import Role, project_filter, project_for_new_object, require_project_role
 from visionyard.api.auth.principal import Principal
-from visionyard.api.db.models import Dataset, utcnow
-from visionyard.api.db.repositories import DatasetRepository, OutboxRepository
-from visionyard.api.db.session import UnitOfWork
 from visionyard.api.datasets import schemas
+from visionyard.api.datasets.repository import DatasetRepository
+from visionyard.api.db.models import Dataset, utcnow
+from visionyard.api.db.session import UnitOfWork
 from visionyard.api.errors import Conflict, InvalidInput, NotFound
+from visionyard.api.outbox.repository import OutboxRepository
 from visionyard.shared.commands import IngestDataset
 
 # Where a dataset's files came from, in the original platform's terms: every Visionyard dataset is uploaded.
@@ -35,7 +36,7 @@ class ObjectStaging(Protocol):
 def to_response(dataset: Dataset) -> schemas.DatasetResponse:
     """The wire form of a dataset."""
     return schemas.DatasetResponse(
-        id=dataset.id, project_id=dataset.project_id, name=dataset.name,
+        id=dataset.id, project_id=int(dataset.project_id), name=dataset.name,
         # Never null, and `source` always there: the original frontend's dataset search lower-cases
         # description, format and source unguarded (DatasetPanel.tsx:118-123), and its table upper-cases
         # format. Format is "unknown" until an upload is ingested.

@@ -23,12 +23,12 @@ from visionyard.api.datasets import schemas
 from visionyard.api.datasets.splits import check_ratio, resolve_split
 from visionyard.api.db.models import Dataset, DatasetVersion, TrainingJob, utcnow
 from visionyard.api.db.models_datasets import DatasetSnapshot, DatasetSplit
-from visionyard.api.db.repositories import OutboxRepository
 from visionyard.api.db.session import UnitOfWork
 from visionyard.api.errors import Conflict, NotFound, TooLarge, Unavailable
 from visionyard.api.jobstate import ACTIVE
+from visionyard.api.outbox.repository import OutboxRepository
 from visionyard.shared.commands import DeleteDataset
-from visionyard.shared.events import ListImagesReply, ListImagesRequest, ReadImageReply, ReadImageRequest
+from visionyard.shared.requests import ListImagesReply, ListImagesRequest, ReadImageReply, ReadImageRequest
 
 ACTIVE_STATUSES = tuple(sorted(str(status) for status in ACTIVE))
 PAGE = 1000
@@ -201,10 +201,10 @@ class DatasetVersionService:
                 select(DatasetSnapshot).where(DatasetSnapshot.dataset_id == dataset_id)
                 .order_by(DatasetSnapshot.created_at.desc(), DatasetSnapshot.id.desc())
             ).all()
-            pins = dict(session.execute(
+            pins: dict[str, int] = {snapshot: count for snapshot, count in session.execute(
                 select(TrainingJob.dataset_snapshot_id, func.count()).where(TrainingJob.dataset_id == dataset_id)
                 .group_by(TrainingJob.dataset_snapshot_id)
-            ).all())
+            ).all()}
             versions = session.scalars(
                 select(DatasetVersion).where(DatasetVersion.dataset_id == dataset_id).order_by(DatasetVersion.id.desc())
             ).all()

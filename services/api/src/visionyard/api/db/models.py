@@ -193,6 +193,8 @@ class Checkpoint(Base):
     job_id: Mapped[str] = mapped_column(String(64), ForeignKey("training_jobs.id", ondelete="CASCADE"), index=True)
     kind: Mapped[str] = mapped_column(String(32))
     attempt: Mapped[int] = mapped_column(Integer)
+    # The seq (within `attempt`) of the staging behind the newest file of this kind: orders redeliveries.
+    seq: Mapped[int | None] = mapped_column(Integer, nullable=True)
     status: Mapped[str] = mapped_column(String(16), default="pending")
     staged_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
     uri: Mapped[str | None] = mapped_column(Text, nullable=True)
@@ -218,7 +220,6 @@ class OutboxMessage(Base):
 
 
 # Registers the dataset split/snapshot tables on `Base.metadata` (their module imports `Base` from here).
-from visionyard.api.db import models_datasets as _models_datasets  # noqa: E402,F401
-
 # Registers the users/projects/job-number tables (migration 0004_access).
 from visionyard.api.db import models_access as _models_access  # noqa: E402,F401
+from visionyard.api.db import models_datasets as _models_datasets  # noqa: E402,F401

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from sqlalchemy.orm import Session
+
 from visionyard.api.db.models_access import JobNumber
 
 

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
-
 
 # Execution option marking a read-only unit of work's connection (see `UnitOfWork.read`).
 READ_ONLY = "visionyard_read_only"
@@ -70,10 +69,16 @@ class UnitOfWork:
         if self._after_commit is not None:
             self._after_commit()
 
-    @contextmanager
-    def read(self) -> Iterator[Session]:
+    def read(self) -> AbstractContextManager[Session]:
         """A session for reads only (on SQLite it does not take the write lock)."""
-        bind = self._session_factory.kw.get("bind")
-        options = {"bind": bind.execution_options(**{READ_ONLY: True})} if bind is not None else {}
-        with self._session_factory(**options) as session:
-            yield session
+        return reading(self._session_factory)
+
+
+@contextmanager
+def reading(session_factory: sessionmaker[Session]) -> Iterator[Session]:
+    """A session of `session_factory` for reads only: on SQLite it begins deferred, so it neither waits for
+    the projector's write transactions nor holds the next one up (every read outside a unit of work)."""
+    bind = session_factory.kw.get("bind")
+    options = {"bind": bind.execution_options(**{READ_ONLY: True})} if bind is not None else {}
+    with session_factory(**options) as session:
+        yield session

@@ -36,6 +36,7 @@ from visionyard.api.deployments.keys import DeploymentKeys
 from visionyard.api.errors import Conflict, InvalidInput, NotFound, Unauthorized
 from visionyard.api.inference.schemas import CreateInferenceRequest, InputData, ResultRow
 from visionyard.api.inference.service import LONG_TASK_NAMES, InferenceService, ReceivedFile
+from visionyard.api.jobstate import JobStatus
 
 OPTIONS: dict[str, type[BaseModel]] = {
     "platform_endpoint": schemas.EndpointOptions,
@@ -90,7 +91,7 @@ class DeploymentService:
             export = session.get(ExportJob, str(request.export_job_id))
             if export is None:
                 raise NotFound(f"export_job_id: export {request.export_job_id} not found")
-            if export.status != "completed":
+            if export.status != JobStatus.COMPLETED:
                 raise Conflict(f"export_job_id: export {export.id} is not completed: status is {export.status}")
             pinned = _current_checkpoint_sha(session, export)
             if export.checkpoint_sha256 and pinned != export.checkpoint_sha256:
@@ -265,7 +266,7 @@ def _current_checkpoint_sha(session: Session, export: ExportJob) -> str | None:
 def _require_pinned_checkpoint(session: Session, row: Deployment) -> ExportJob:
     """The deployment's export, when the job still stores the very checkpoint the deployment serves."""
     export = session.get(ExportJob, row.export_job_id)
-    if export is None or export.status != "completed":
+    if export is None or export.status != JobStatus.COMPLETED:
         raise Conflict(f"deployment {row.id}: its export {row.export_job_id} is no longer completed")
     current = _current_checkpoint_sha(session, export)
     if current is None or current != row.checkpoint_sha256:

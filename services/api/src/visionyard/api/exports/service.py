@@ -12,16 +12,18 @@ from typing import Protocol
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
+from visionyard.api import jobstate
 from visionyard.api.db.models import Checkpoint, TrainingJob, utcnow
 from visionyard.api.db.models_deployments import Deployment
 from visionyard.api.db.models_exports import ExportJob, InferenceJob
-from visionyard.api.db.repositories import OutboxRepository
 from visionyard.api.db.numbers import next_job_id
 from visionyard.api.db.session import UnitOfWork
 from visionyard.api.errors import Conflict, InvalidInput, NotFound, Unavailable
 from visionyard.api.exports import schemas
+from visionyard.api.exports.projection import announce_export_status
+from visionyard.api.jobstate import JobAction, JobStatus
 from visionyard.api.models.service import TASK_ALIASES, CapabilitySource, task_matches
-from visionyard.api.ship_projector import announce_export_status
+from visionyard.api.outbox.repository import OutboxRepository
 from visionyard.shared import streams
 from visionyard.shared.commands import CheckpointRef, StartExport
 from visionyard.shared.manifest import TrainerManifest
@@ -66,28 +68,24 @@ def resolve_checkpoint(session: Session, job: TrainingJob, checkpoint_path: str 
     raise NotFound(f"{field}: training job {job.id} has no stored checkpoint {wanted!r} (stored: {known})")
 
 
-CANCELLABLE = ("pending", "running")
-
-
 def request_cancel(session: Session, row: ExportJob | InferenceJob, *, field: str, what: str) -> str:
     """Record a cancel for an export/inference job; pending → cancelled, running → cancelling; the old status.
 
     The durable record (KV `job_cancellations`, keyed by the job's id) reaches the runner holding the
     job, or the runner that claims its command later, which then publishes `cancelled`.
     """
-    if row.status not in CANCELLABLE:
+    target = jobstate.user_target(row.status, JobAction.CANCEL)
+    if target is None:
         raise Conflict(f"{field}: cannot cancel {what} {row.id}: status is {row.status}")
     old = row.status
     OutboxRepository(session).add_kv_put(
         bucket=streams.KV_CANCELLATIONS, key=row.id, value={"attempt": row.attempt},
         message_id=f"cancel-{row.id}-{row.attempt}",
     )
-    if old == "pending":
+    row.status = target.value
+    if target is JobStatus.CANCELLED:
         # No runner shows it started: it is cancelled now; a runner that already holds it confirms later.
-        row.status = "cancelled"
         row.completed_at = utcnow()
-    else:
-        row.status = "cancelling"
     return old
 
 
@@ -96,7 +94,7 @@ def completed_training_job(session: Session, training_job_id: str, *, field: str
     job = session.get(TrainingJob, training_job_id)
     if job is None:
         raise NotFound(f"{field}: training job {training_job_id} not found")
-    if job.status != "completed":
+    if job.status != JobStatus.COMPLETED:
         raise Conflict(f"{field}: training job {training_job_id} is not completed: status is {job.status}")
     return job
 
@@ -183,7 +181,7 @@ class ExportService:
                 export_format=request.export_format, checkpoint_kind=checkpoint.kind, checkpoint_path=checkpoint.uri,
                 checkpoint_sha256=checkpoint.sha256, export_config=request.export_config.model_dump(),
                 validation_config=request.validation_config.model_dump(),
-                version=version, is_default=request.set_as_default or not has_default, status="pending",
+                version=version, is_default=request.set_as_default or not has_default, status=JobStatus.PENDING.value,
                 exporter_done=False, attempt=1, created_at=utcnow(),
             )
             session.add(export)
@@ -226,7 +224,7 @@ class ExportService:
         """Remove a finished export from the list; an unfinished one must be cancelled first (409)."""
         with self._uow.transaction() as session:
             export = self._export(session, export_id)
-            if export.status not in ("completed", "failed", "cancelled"):
+            if not jobstate.is_terminal(export.status):
                 raise Conflict(f"export_job_id: export {export_id} is {export.status}; cancel it first")
             deployed = session.scalar(select(func.count()).select_from(Deployment)
                                       .where(Deployment.export_job_id == export.id)) or 0
@@ -240,7 +238,7 @@ class ExportService:
                 # Another completed export of the job becomes the default, newest first.
                 successor = session.scalars(
                     select(ExportJob).where(ExportJob.training_job_id == training_job_id,
-                                            ExportJob.status == "completed").order_by(ExportJob.version.desc())
+                                            ExportJob.status == JobStatus.COMPLETED.value).order_by(ExportJob.version.desc())
                 ).first()
                 if successor is not None:
                     successor.is_default = True
@@ -257,7 +255,7 @@ class ExportService:
     def _completed_package(self, export_id: str) -> ExportJob:
         with self._uow.read() as session:
             export = self._export(session, export_id)
-            if export.status != "completed" or not export.export_path:
+            if export.status != JobStatus.COMPLETED or not export.export_path:
                 raise Conflict(f"export_job_id: export {export_id} is not completed: status is {export.status}")
             session.expunge(export)
             return export

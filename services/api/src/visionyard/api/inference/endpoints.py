@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 from typing import Annotated, Any
 
+import starlette.datastructures
 from fastapi import APIRouter, Depends, Query, Request, UploadFile
 from starlette.concurrency import run_in_threadpool
 
@@ -31,8 +32,11 @@ def inference_service(request: Request) -> InferenceService:
 Service = Annotated[InferenceService, Depends(inference_service)]
 
 
-async def spool_upload(upload: UploadFile, path: Path, *, field: str, index: int = 0) -> ReceivedFile:
-    """Write an uploaded file to `path` in chunks, refusing one over the size limit (413 naming `field`)."""
+async def spool_upload(upload: starlette.datastructures.UploadFile, path: Path, *, field: str, index: int = 0) -> ReceivedFile:
+    """Write an uploaded file to `path` in chunks, refusing one over the size limit (413 naming `field`).
+
+    Starlette's upload class, not FastAPI's subclass: a form read by hand (deployments) yields the former.
+    """
     name = Path(upload.filename or f"image-{index}").name
     size = 0
     with path.open("wb") as sink:

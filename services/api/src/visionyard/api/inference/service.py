@@ -20,22 +20,23 @@ from typing import Any, Protocol
 from sqlalchemy import false, func, select
 from sqlalchemy.orm import Session
 
+from visionyard.api import jobstate
 from visionyard.api.db.models import TrainingJob, utcnow
 from visionyard.api.db.models_exports import InferenceJob, InferenceResult, InferenceUpload
-from visionyard.api.db.repositories import OutboxRepository
 from visionyard.api.db.numbers import next_job_id
 from visionyard.api.db.session import UnitOfWork
 from visionyard.api.errors import Conflict, GatewayTimeout, InvalidInput, NotFound, Unavailable, UpstreamFailed
 from visionyard.api.exports.service import completed_training_job, request_cancel, resolve_checkpoint
 from visionyard.api.inference import schemas
+from visionyard.api.jobstate import JobStatus
+from visionyard.api.outbox.repository import OutboxRepository
 from visionyard.shared.commands import CheckpointRef, DatasetRef, DeleteUploads, StartInference
-from visionyard.shared.events import KeepUploadReply
+from visionyard.shared.requests import KeepUploadReply
 
 MAX_IMAGES_PER_JOB = 10_000
 IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"BM", b"RIFF", b"II*\x00", b"MM\x00*")
 # Storage's own rule for a key segment; the original panel sends `crypto.randomUUID()`.
 SESSION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
-TERMINAL = ("completed", "failed", "cancelled")
 # The original panels' names of the task types.
 LONG_TASK_NAMES = {"classification": "image_classification", "detection": "object_detection",
                    "segmentation": "instance_segmentation", "pose": "pose_estimation"}
@@ -183,9 +184,9 @@ class InferenceService:
         """
         created = await asyncio.to_thread(self.create, request)
         job = await self._await_terminal(str(created.id), timeout=timeout)
-        if job.status == "failed":
+        if job.status == JobStatus.FAILED:
             raise UpstreamFailed(f"inference job {job.id} failed: {job.error_message}")
-        if job.status == "cancelled":
+        if job.status == JobStatus.CANCELLED:
             raise Conflict(f"inference job {job.id} was cancelled before it answered")
         page = await asyncio.to_thread(self.results, str(job.id), skip=0, limit=1)
         if not page.results:
@@ -200,7 +201,7 @@ class InferenceService:
         delay = 0.05
         while True:
             job = await asyncio.to_thread(self.get, inference_id)
-            if job.status in TERMINAL:
+            if jobstate.is_terminal(job.status):
                 return job
             if time.monotonic() >= deadline:
                 break
@@ -211,7 +212,7 @@ class InferenceService:
             await asyncio.to_thread(self.cancel, inference_id)
         except Conflict:  # it finished between the last look and the cancel: answer with it
             job = await asyncio.to_thread(self.get, inference_id)
-            if job.status in TERMINAL:
+            if jobstate.is_terminal(job.status):
                 return job
         raise GatewayTimeout(f"inference job {inference_id} was not answered within {timeout:g} s (no free runner, "
                              "or the runner is slow); it was cancelled")
@@ -248,7 +249,7 @@ class InferenceService:
                 id=next_job_id(session, "inference"), project_id=job.project_id, training_job_id=job.id,
                 checkpoint_kind=checkpoint.kind, checkpoint_path=checkpoint.uri,
                 inference_type=request.inference_type, input_data=data.model_dump(), task_type=job.task_type,
-                status="pending", attempt=1, created_at=utcnow(),
+                status=JobStatus.PENDING.value, attempt=1, created_at=utcnow(),
             )
             session.add(inference)
             OutboxRepository(session).add(StartInference(
@@ -289,11 +290,11 @@ class InferenceService:
             rows = session.scalars(select(InferenceJob).where(InferenceJob.training_job_id == training_job_id)
                                    .order_by(InferenceJob.created_at.desc())).all()
             jobs = [schemas.InferenceJobResponse.model_validate(row) for row in rows]
-        done = [job for job in jobs if job.status == "completed"]
+        done = [job for job in jobs if job.status == JobStatus.COMPLETED]
         images = sum(job.total_images or 0 for job in done)
         total_ms = sum(job.total_inference_time_ms or 0.0 for job in done)
         return schemas.InferenceListResponse(
-            training_job_id=training_job_id, total=len(jobs), completed=len(done), total_images=images,
+            training_job_id=int(training_job_id), total=len(jobs), completed=len(done), total_images=images,
             avg_inference_time_ms=round(total_ms / images, 3) if images else None, jobs=jobs,
         )
 
@@ -308,7 +309,7 @@ class InferenceService:
             rows = session.scalars(select(InferenceResult).where(InferenceResult.inference_job_id == inference_id)
                                    .order_by(InferenceResult.position).offset(skip).limit(limit)).all()
             return schemas.ResultsResponse(
-                inference_job_id=inference.id, training_job_id=inference.training_job_id, total_count=total,
+                inference_job_id=int(inference.id), training_job_id=int(inference.training_job_id), total_count=total,
                 skip=skip, limit=limit, avg_inference_time_ms=inference.avg_inference_time_ms,
                 results=[_result_row(row, inference.task_type) for row in rows],
             )

@@ -10,7 +10,7 @@ from typing import Any, Protocol
 
 from visionyard.api.errors import InvalidInput, NotFound
 from visionyard.shared.devices import DEVICE_KEY, GPU_COUNT_KEY, InvalidDeviceRequest, device_request
-from visionyard.shared.manifest import ModelInfo, TrainerManifest, config_fields
+from visionyard.shared.manifest import ConfigField, ModelInfo, TrainerManifest, config_fields
 
 # The frontend and the trainers name some task types differently; both spellings are accepted.
 TASK_ALIASES: dict[str, str] = {
@@ -194,7 +194,8 @@ def model_guide(manifests: list[TrainerManifest], *, framework: str, model_name:
     """
     manifest, model = find_model(manifests, framework=framework, model_name=model_name)
     extra = model.model_extra or {}
-    guide = extra.get("guide") if isinstance(extra.get("guide"), dict) else {}
+    declared_guide = extra.get("guide")
+    guide: dict[str, Any] = declared_guide if isinstance(declared_guide, dict) else {}
     parameters = model.parameters or {}
     summary = {
         "framework": manifest.framework,
@@ -259,7 +260,7 @@ def validate_advanced_config(
     Values outside a field's min/max or options, or of the wrong type, are errors; keys no trainer
     declares are warnings (a trainer may still read them). Without `framework` every trainer's fields count.
     """
-    fields: dict[str, Any] = {}
+    fields: dict[str, ConfigField] = {}
     for manifest in manifests:
         if framework and manifest.framework != framework:
             continue
@@ -272,19 +273,19 @@ def validate_advanced_config(
     except InvalidDeviceRequest as error:
         errors.append(str(error))
     for key, value in config.items():
-        field = fields.get(key)
+        declared = fields.get(key)
         if key in (DEVICE_KEY, GPU_COUNT_KEY):
             continue
-        if field is None:
+        if declared is None:
             warnings.append(f"{key}: not a declared option of {framework or 'any installed trainer'}")
             continue
-        problem = _field_problem(field, value)
+        problem = _field_problem(declared, value)
         if problem:
             errors.append(f"{key}: {problem}")
     return {"valid": not errors, "errors": errors, "warnings": errors + warnings, "suggestions": []}
 
 
-def _field_problem(field: Any, value: Any) -> str | None:
+def _field_problem(field: ConfigField, value: Any) -> str | None:
     if field.type == "bool":
         return None if isinstance(value, bool) else f"{value!r} is not true or false"
     if field.type in ("int", "float"):

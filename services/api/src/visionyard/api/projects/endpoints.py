@@ -6,6 +6,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
 from starlette.concurrency import run_in_threadpool
+
 from visionyard.api.auth import CurrentPrincipal
 from visionyard.api.projects import schemas
 from visionyard.api.projects.service import ProjectService

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import builtins  # `ProjectService.list` shadows the builtin in the class's later annotations
+
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
+
 from visionyard.api.auth.access import (
     Role,
     project_filter,
@@ -102,7 +105,7 @@ class ProjectService:
             session.delete(project)
             return schemas.DeletedResponse(message=f"project {project_id} deleted")
 
-    def experiments(self, principal: Principal, project_id: int) -> list[TrainingJobResponse]:
+    def experiments(self, principal: Principal, project_id: int) -> builtins.list[TrainingJobResponse]:
         """The project's training jobs, newest first."""
         with self._uow.read() as session:
             project, _ = _project(session, principal, project_id, Role.VIEWER)
@@ -113,13 +116,13 @@ class ProjectService:
             return [TrainingJobResponse.model_validate(row).model_copy(update={"project_name": project.name})
                     for row in rows]
 
-    def members(self, principal: Principal, project_id: int) -> list[schemas.MemberResponse]:
+    def members(self, principal: Principal, project_id: int) -> builtins.list[schemas.MemberResponse]:
         """Who is in the project."""
         with self._uow.read() as session:
             project, _ = _project(session, principal, project_id, Role.VIEWER)
             return _members(session, project)
 
-    def add_member(self, principal: Principal, project_id: int, request: schemas.AddMemberRequest) -> list[schemas.MemberResponse]:
+    def add_member(self, principal: Principal, project_id: int, request: schemas.AddMemberRequest) -> builtins.list[schemas.MemberResponse]:
         """Add an existing user with a role, or change an existing member's role (owners)."""
         with self._uow.transaction() as session:
             project, _ = _project(session, principal, project_id, Role.OWNER)

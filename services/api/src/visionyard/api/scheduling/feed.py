@@ -16,11 +16,10 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from nats.errors import TimeoutError as NatsTimeoutError
-
-from visionyard.shared import streams
+from visionyard.api.adapters.scheduling_kv import watch_position_shards
 from visionyard.shared.bus import Bus
 from visionyard.shared.scheduling import JobPosition, PositionShard, position_shard, priority_name
+from visionyard.shared.tasks import cancel_all
 
 log = logging.getLogger("visionyard.api.scheduling.feed")
 
@@ -83,27 +82,18 @@ class QueuePositionsFeed:
 
     async def _watch(self) -> None:
         while True:
-            watcher = None
+            updates = watch_position_shards(self._bus)
             try:
-                kv = await self._bus.kv(streams.KV_SCHED_STATUS)
-                watcher = await kv.watch("jobs.>")
-                while True:
-                    try:
-                        entry = await watcher.updates(timeout=5.0)
-                    except NatsTimeoutError:
-                        continue
-                    if entry is None or entry.operation is not None or not entry.value:
-                        continue
-                    self._on_shard(entry.key, PositionShard.model_validate_json(entry.value))
+                async for key, shard in updates:
+                    self._on_shard(key, shard)
             except asyncio.CancelledError:
                 raise
             except Exception as error:
                 log.warning("queue positions watch failed, watching again: %s", error)
                 await asyncio.sleep(1.0)
             finally:
-                if watcher is not None:
-                    with contextlib.suppress(Exception):
-                        await watcher.stop()
+                with contextlib.suppress(Exception):
+                    await updates.aclose()
 
     def _on_shard(self, key: str, shard: PositionShard) -> None:
         self._shards[key] = shard
@@ -114,7 +104,5 @@ class QueuePositionsFeed:
     async def close(self) -> None:
         """Stop following."""
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+            await cancel_all([self._task])
             self._task = None

@@ -16,10 +16,10 @@ import logging
 import os
 import socket
 import time
-
-from nats.aio.msg import Msg
+from typing import Any
 
 from visionyard.api.adapters.scheduling_kv import BusCommandSender, KvLeaseStore, KvSchedulerStore
+from visionyard.api.ports import Delivered
 from visionyard.api.scheduling.lease import Lease
 from visionyard.api.scheduling.scheduler import (
     PURGE_EVERY_SECONDS,
@@ -28,8 +28,10 @@ from visionyard.api.scheduling.scheduler import (
     RunnerEvent,
     Scheduler,
 )
-from visionyard.shared import streams
-from visionyard.shared.bus import Bus
+from visionyard.shared import streams, subjects
+from visionyard.shared.bus import Bus, TransientError
+from visionyard.shared.bus.broker import Batch, ServiceBroker, consumer_subscriber, feed
+from visionyard.shared.tasks import cancel_all
 
 log = logging.getLogger("visionyard.api.scheduling")
 
@@ -56,8 +58,35 @@ class SchedulerRuntime:
         self.scheduler_id = scheduler_id or default_scheduler_id()
         self.lease = Lease(KvLeaseStore(bus), holder=self.scheduler_id, ttl=lease_seconds)
         self._batch = batch
+        self.batch = batch
         self.current: Scheduler | None = None
         self.terms = 0
+        # The FastStream subscriber of the `api-scheduler` consumer (`subscribe`), fed during each term.
+        self._subscriber: Any = None
+        self._term: tuple[Scheduler, asyncio.Event, list[Exception]] | None = None
+
+    async def feed(self, bus: Bus, subscriber: Any, halt: asyncio.Event) -> None:
+        """The broker's `Feeder` of the scheduler subscriber: stand for the lease until `halt`; while leading,
+        hand the subscriber the `api-scheduler` consumer's events."""
+        self._subscriber = subscriber
+        await self.run(halt)
+
+    async def on_runner_events(self, batch: Batch) -> None:
+        """Runners' `started` and terminal events (`api-scheduler`): free and fill slots in the current term.
+
+        A failure ends the term: the book has moved on but KV may not have (a record left `admitted`), so the
+        events come back (nak'ed) to a scheduler that rebuilt its book from KV.
+        """
+        if self._term is None:
+            raise TransientError("no scheduler term is running")
+        scheduler, term_over, failed = self._term
+        events = [parsed for msg in batch.raw_message if (parsed := _runner_event(msg)) is not None]
+        try:
+            await scheduler.on_events(events)
+        except Exception as error:
+            failed.append(error)
+            term_over.set()
+            raise
 
     async def run(self, stop: asyncio.Event) -> None:
         """Stand for the lease and lead, term after term, until `stop`."""
@@ -102,8 +131,7 @@ class SchedulerRuntime:
                 done, _ = await asyncio.wait(loops, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 term_over.set()
-                for task in loops:
-                    task.cancel()
+                await cancel_all(loops)
                 results = await asyncio.gather(*loops, return_exceptions=True)
             for task, result in zip(loops, results, strict=True):
                 if task in done and isinstance(result, Exception):
@@ -118,24 +146,19 @@ class SchedulerRuntime:
             await scheduler.apply(await store.next_change())
 
     async def _consume_events(self, scheduler: Scheduler, term_over: asyncio.Event) -> None:
+        if self._subscriber is None:
+            raise RuntimeError("the scheduler runs as its broker's feeder: scheduling.handlers.subscribe")
         failed: list[Exception] = []
+        subscriber = self._subscriber
 
-        async def handle(messages: list[Msg]) -> None:
-            events = []
-            for msg in messages:
-                parsed = _runner_event(msg)
-                if parsed is not None:
-                    events.append(parsed)
-            try:
-                await scheduler.on_events(events)
-            except Exception as error:
-                # The book has moved on but KV may not have (a record left `admitted`): end the term, so the
-                # events come back (nak'ed) to a scheduler that rebuilt its book from KV.
-                failed.append(error)
-                term_over.set()
-                raise
+        async def hand_over(messages: list[Any]) -> None:
+            await subscriber.consume(messages)
 
-        await self._bus.consume_batches(streams.API_SCHEDULER, handle, stop=term_over, batch=self._batch)
+        self._term = (scheduler, term_over, failed)
+        try:
+            await self._bus.pull_loop(streams.API_SCHEDULER, hand_over, stop=term_over, batch=self._batch)
+        finally:
+            self._term = None
         if failed:
             raise failed[0]
 
@@ -173,8 +196,18 @@ class SchedulerRuntime:
                 purged_at = time.monotonic()
 
 
-def _runner_event(msg: Msg) -> RunnerEvent | None:
-    kind = msg.subject.rsplit(".", 1)[-1]
+def subscribe(broker: ServiceBroker, runtime: SchedulerRuntime) -> None:
+    """Declare the scheduler's subscriber on `broker`, fed by `runtime` while it holds the lease."""
+    router_subscriber = consumer_subscriber(
+        broker, streams.API_SCHEDULER, batched=True, batch=runtime.batch,
+        description="Runners' started and terminal events: free and fill slots (the lease holder only)",
+    )
+    router_subscriber(runtime.on_runner_events)
+    feed(broker, router_subscriber, runtime.feed)
+
+
+def _runner_event(msg: Delivered) -> RunnerEvent | None:
+    kind = subjects.job_event_kind(msg.subject)
     if kind not in ("started", "completed", "failed", "cancelled"):
         return None
     try:

@@ -118,7 +118,7 @@ class RunnerView:
     slots: int
     gpus: int
     free_gpus: int
-    ship_held: int
+    export_inference_held: int
     every: float
     seen_at: float
 
@@ -264,7 +264,7 @@ class QueueBook:
         """Free slots and GPUs of the live runners, minus what admitted jobs will take."""
         live = [runner for runner in self.runners.values() if runner.alive(now)]
         slots = sum(runner.slots for runner in live)
-        free_slots = slots - sum(runner.ship_held for runner in live) - len(self.admitted)
+        free_slots = slots - sum(runner.export_inference_held for runner in live) - len(self.admitted)
         advertised_free = sum(runner.free_gpus for runner in live)
         free_gpus = advertised_free - self._reserved_gpus
         largest_free = max((runner.free_gpus for runner in live), default=0)

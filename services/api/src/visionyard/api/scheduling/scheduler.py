@@ -179,7 +179,7 @@ def parse_runner(change: Change, *, now: float, initial: bool) -> RunnerView | N
             return None  # left behind by a runner killed long ago
         return RunnerView(runner_id=str(raw.get("runner_id", change.key)), slots=int(raw.get("slots", 0)),
                           gpus=len(raw.get("gpus") or []), free_gpus=len(raw.get("free_gpus") or []),
-                          ship_held=int(raw.get("ship_held", 0)), every=float(raw.get("advertise_seconds") or 5.0),
+                          export_inference_held=int(raw.get("export_inference_held", 0)), every=float(raw.get("advertise_seconds") or 5.0),
                           seen_at=now)
     except (ValueError, TypeError) as error:
         log.warning("unreadable runner advertisement %s: %s", change.key, error)

@@ -17,9 +17,9 @@ from visionyard.api import jobstate
 from visionyard.api.auth.access import Role, project_filter, require_project_role
 from visionyard.api.auth.principal import Principal
 from visionyard.api.db.models_access import Project
-from visionyard.api.db.repositories import OutboxRepository
 from visionyard.api.db.session import UnitOfWork
 from visionyard.api.errors import NotFound
+from visionyard.api.outbox.repository import OutboxRepository
 from visionyard.api.scheduling import schemas
 from visionyard.api.training.schemas import QueuePosition, TrainingJobResponse
 from visionyard.shared import streams

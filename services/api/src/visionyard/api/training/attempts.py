@@ -13,8 +13,9 @@ import uuid
 
 from visionyard.api.datasets.versions import split_for_version
 from visionyard.api.db.models import TrainingJob, utcnow
-from visionyard.api.db.repositories import JobRepository, OutboxRepository
 from visionyard.api.errors import Conflict, InvalidInput
+from visionyard.api.outbox.repository import OutboxRepository
+from visionyard.api.training.repository import JobRepository
 from visionyard.shared import streams, tracing
 from visionyard.shared.commands import CheckpointRef, DatasetRef, StartTraining, TrainingConfig
 from visionyard.shared.devices import device_request

@@ -17,10 +17,10 @@ from sqlalchemy.orm.exc import StaleDataError
 from visionyard.api import jobstate
 from visionyard.api.auth.access import Role, project_filter, project_for_new_object, require_project_role
 from visionyard.api.auth.principal import Principal
+from visionyard.api.datasets.repository import DatasetRepository
+from visionyard.api.db.models import TrainingJob, utcnow
 from visionyard.api.db.models_access import Project
 from visionyard.api.db.numbers import next_job_id
-from visionyard.api.db.models import TrainingJob, utcnow
-from visionyard.api.db.repositories import DatasetRepository, JobRepository, OutboxRepository
 from visionyard.api.db.session import UnitOfWork
 from visionyard.api.errors import Conflict, InvalidInput, NotFound
 from visionyard.api.jobstate import JobAction, JobStatus
@@ -30,7 +30,9 @@ from visionyard.api.models.service import (
     default_primary_metric,
     resolve_trainer,
 )
+from visionyard.api.outbox.repository import OutboxRepository
 from visionyard.api.training import attempts, schemas
+from visionyard.api.training.repository import JobRepository
 from visionyard.shared import streams
 from visionyard.shared.commands import CheckpointRef, TrainingConfig
 from visionyard.shared.devices import InvalidDeviceRequest, device_request
@@ -303,7 +305,7 @@ class TrainingService:
                 names.update(column for column in ("loss", "accuracy", "learning_rate") if getattr(row, column) is not None)
                 names.update((row.extra_metrics or {}).keys())
             return schemas.MetricSchemaResponse(
-                job_id=job.id, framework=job.framework, task_type=job.task_type, primary_metric=job.primary_metric,
+                job_id=int(job.id), framework=job.framework, task_type=job.task_type, primary_metric=job.primary_metric,
                 primary_metric_mode=job.primary_metric_mode, available_metrics=sorted(names), metric_count=count,
             )
 

@@ -52,9 +52,12 @@ def split_image_results(data: dict[str, Any] | None) -> tuple[dict[str, Any] | N
 def _rows(report: Any) -> list[dict[str, Any]]:
     if not isinstance(report, dict):
         raise ValueError("image_results must be an object of aligned arrays")
-    columns = [report.get(name) for name in ("images", "true", "predicted", "confidence")]
-    if not all(isinstance(column, list) for column in columns):
-        raise ValueError("image_results needs the arrays images, true, predicted and confidence")
+    columns: list[list[Any]] = []
+    for name in ("images", "true", "predicted", "confidence"):
+        column = report.get(name)
+        if not isinstance(column, list):
+            raise ValueError("image_results needs the arrays images, true, predicted and confidence")
+        columns.append(column)
     images, true, predicted, confidence = columns
     if not len(images) == len(true) == len(predicted) == len(confidence):
         raise ValueError("image_results' arrays differ in length")

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
 from visionyard.api.db.models import Checkpoint, TrainingJob, TrainingLog, TrainingMetric
 from visionyard.api.db.models_deployments import ValidationImageResult
@@ -130,11 +131,13 @@ class ValidationService:
             page = session.scalars(rows.order_by(ValidationImageResult.position).offset(skip).limit(limit)).all()
             data = report.data if report is not None and isinstance(report.data, dict) else {}
             names = list(data.get("class_names") or [])
-            counts = data.get(IMAGE_RESULTS) if isinstance(data.get(IMAGE_RESULTS), dict) else {}
+            declared_counts = data.get(IMAGE_RESULTS)
+            counts: dict[str, Any] = declared_counts if isinstance(declared_counts, dict) else {}
             reported = session.scalar(select(func.count()).select_from(ValidationImageResult).where(
                 ValidationImageResult.job_id == job.id, ValidationImageResult.epoch == epoch,
                 ValidationImageResult.attempt == attempt)) or 0
-            validated = counts.get("total") if isinstance(counts.get("total"), int) else reported
+            declared_total = counts.get("total")
+            validated = declared_total if isinstance(declared_total, int) else reported
             base = base_url.rstrip("/")
 
             def label(index: int) -> str:
@@ -169,7 +172,7 @@ class ValidationService:
                                filename=row.image_path)
 
     @staticmethod
-    def _validation_log(session: Any, job_id: str, epoch: int, attempt: int | None) -> TrainingLog | None:
+    def _validation_log(session: Session, job_id: str, epoch: int, attempt: int | None) -> TrainingLog | None:
         query = select(TrainingLog).where(TrainingLog.job_id == job_id, TrainingLog.event_type == VALIDATION_EVENT)
         if attempt is not None:
             query = query.where(TrainingLog.attempt == attempt)
@@ -183,7 +186,7 @@ def _wire_id(job_id: str) -> int | str:
     return int(job_id) if job_id.isdigit() else job_id
 
 
-def _job(session: Any, job_id: str) -> TrainingJob:
+def _job(session: Session, job_id: str) -> TrainingJob:
     job = session.get(TrainingJob, job_id)
     if job is None:
         raise NotFound(f"job_id: training job {job_id} not found")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from pathlib import Path
 
 from nats.js.errors import NotFoundError
@@ -30,7 +30,7 @@ class BusStagingArea:
         except PermanentError as error:  # the bus raises it for a sha256 mismatch
             raise StagedObjectCorrupt(str(error)) from error
 
-    async def read(self, name: str, *, sha256: str) -> AsyncIterator[bytes]:
+    async def read(self, name: str, *, sha256: str) -> AsyncGenerator[bytes, None]:
         """A staged object's bytes as they arrive; the bus checks the sha256 after the last chunk."""
         try:
             async with contextlib.aclosing(self.bus.read_object(name, sha256=sha256)) as chunks:
@@ -41,7 +41,7 @@ class BusStagingArea:
         except PermanentError as error:  # the bus raises it for a sha256 mismatch
             raise StagedObjectCorrupt(str(error)) from error
 
-    async def read_incoming(self, object_id: str, size: int) -> AsyncIterator[bytes]:
+    async def read_incoming(self, object_id: str, size: int) -> AsyncGenerator[bytes, None]:
         """An object's chunks as `put_file(..., object_id=)` stores them (see `Bus.read_incoming`)."""
         async with contextlib.aclosing(self.bus.read_incoming(object_id, size)) as chunks:
             async for chunk in chunks:

@@ -24,6 +24,6 @@ class JetStreamStartedEvents:
         if not raw.data:
             return None
         try:
-            return JobStarted.model_validate_json(raw.data)
+            return JobStarted.from_bytes(raw.data)
         except ValueError:  # an undecodable `started` is dead-lettered by the consumer; nothing to rebuild from
             return None

@@ -25,14 +25,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
-from mlflow.entities import Metric, Param, Run, RunStatus as MlflowRunStatus, RunTag, ViewType
+from mlflow.entities import Metric, Param, Run, RunTag, ViewType
+from mlflow.entities import RunStatus as MlflowRunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, RESOURCE_DOES_NOT_EXIST, ErrorCode
 from mlflow.tracking import MlflowClient
 from prometheus_client import Histogram
 
 from visionyard.shared.metrics import LATENCY_BUCKETS
-
 from visionyard.tracker.ports import LogBatch, MetricPoint, RunSnapshot, RunStatus, RunWrite
 from visionyard.tracker.service import TAG_JOB_ID, is_valid_job_id
 

@@ -6,15 +6,41 @@ import asyncio
 import json
 import logging
 
+from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
-from nats.js.errors import KeyNotFoundError
+from nats.js.errors import KeyNotFoundError, ServiceUnavailableError
 
-from visionyard.runner.service import HeldJobs
+from visionyard.runner.ports import CancelRequests
 from visionyard.shared import streams
 from visionyard.shared.bus import Bus
 from visionyard.shared.manifest import TrainerManifest, kv_safe_name
 
 log = logging.getLogger("visionyard.runner.kv")
+
+# How long a job's start waits out a JetStream that refuses reads (503 while a clustered bucket elects its
+# leader, seen at a cluster's start) before the attempt fails: each failed start spends a delivery, and every
+# delivery is a new attempt of the job.
+READ_RETRY_SECONDS = 10.0
+UNAVAILABLE = (ServiceUnavailableError, NoRespondersError, NatsTimeoutError)
+
+
+async def read_entry(bus: Bus, bucket: str, key: str, *, within: float = READ_RETRY_SECONDS) -> bytes | None:
+    """The value of `key` in `bucket` (None if there is none), retrying while JetStream is unavailable."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    delay = 0.1
+    while True:
+        try:
+            kv = await bus.kv(bucket)
+            return (await kv.get(key)).value
+        except KeyNotFoundError:
+            return None
+        except UNAVAILABLE as error:
+            if loop.time() + delay > deadline:
+                raise
+            log.info("%s unavailable (%s); reading %s again in %.1fs", bucket, type(error).__name__, key, delay)
+            await asyncio.sleep(delay)  # a back-off between tries, not a wait for readiness
+            delay = min(delay * 2, 1.0)
 
 
 def parse_cancel_attempt(value: bytes | None) -> int | None:
@@ -42,12 +68,7 @@ class KvCancellationLedger:
 
     async def cancelled_attempt(self, job_id: str) -> int | None:
         """The attempt recorded for `job_id`, or None."""
-        kv = await self._bus.kv(streams.KV_CANCELLATIONS)
-        try:
-            entry = await kv.get(job_id)
-        except KeyNotFoundError:
-            return None
-        return parse_cancel_attempt(entry.value)
+        return parse_cancel_attempt(await read_entry(self._bus, streams.KV_CANCELLATIONS, job_id))
 
 
 class KvTerminalLedger:
@@ -58,15 +79,10 @@ class KvTerminalLedger:
 
     async def terminal_attempt(self, job_id: str) -> int | None:
         """The attempt recorded for `job_id`, or None while the job is not finished."""
-        kv = await self._bus.kv(streams.KV_JOB_TERMINAL)
-        try:
-            entry = await kv.get(job_id)
-        except KeyNotFoundError:
-            return None
-        return parse_cancel_attempt(entry.value)
+        return parse_cancel_attempt(await read_entry(self._bus, streams.KV_JOB_TERMINAL, job_id))
 
 
-async def watch_cancellations(bus: Bus, held: HeldJobs, *, stop: asyncio.Event) -> None:
+async def watch_cancellations(bus: Bus, held: CancelRequests, *, stop: asyncio.Event) -> None:
     """Forward every cancellation entry to the held job it names, until `stop`; re-watch after errors."""
     while not stop.is_set():
         watcher = None

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from visionyard.shared import subjects
 from visionyard.shared.bus import Bus, PermanentError
-from visionyard.shared.events import StageObjectRequest, StageReply
+from visionyard.shared.requests import StageObjectRequest, StageReply
 
 
 class BusObjectStager:

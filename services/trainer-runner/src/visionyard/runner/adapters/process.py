@@ -10,7 +10,7 @@ import signal
 import sys
 from collections.abc import AsyncIterator
 
-from visionyard.runner.service import LaunchSpec
+from visionyard.runner.ports import LaunchSpec
 from visionyard.shared.deathsignal import death_signal_prefix
 from visionyard.shared.deathsignal import die_with_parent as _die_with_parent
 

@@ -3,21 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
-from visionyard.runner.service import CheckpointDeclared, Outgoing
+from visionyard.runner.ports import CheckpointDeclared, Outgoing
 from visionyard.shared import subjects
 from visionyard.shared.bus import Bus
-from visionyard.shared.events import (
-    INCOMING_CHECKPOINT_MIN_BYTES,
-    CheckpointIncoming,
-    CheckpointStaged,
-    JobEvent,
-    LogEmitted,
-)
+from visionyard.shared.events import CheckpointStaged, JobEvent, LogEmitted
+from visionyard.shared.requests import CheckpointIncoming
+from visionyard.shared.tasks import cancel_all
 
 log = logging.getLogger("visionyard.runner.publisher")
+
+# Below this size a checkpoint is copied after it is staged; from it up the runner announces it first
+# (`CheckpointIncoming`), so storage's copy overlaps the put instead of following it.
+INCOMING_CHECKPOINT_MIN_BYTES = 32 * 1024 * 1024
 
 
 class JetStreamEventPublisher:
@@ -44,9 +43,7 @@ class JetStreamEventPublisher:
 
     async def close(self) -> None:
         """Stop the publisher task (call after `drain`)."""
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
+        await cancel_all([self._task])
 
     async def _run(self) -> None:
         carried: Outgoing | None = None

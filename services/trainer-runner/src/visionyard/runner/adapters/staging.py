@@ -8,11 +8,11 @@ import shutil
 import zipfile
 from pathlib import Path, PurePosixPath
 
-from visionyard.runner.service import StagedCheckpoint
+from visionyard.runner.ports import StagedCheckpoint
 from visionyard.shared import subjects
 from visionyard.shared.bus import Bus, PermanentError, TransientError
 from visionyard.shared.commands import DatasetRef
-from visionyard.shared.events import StageReply, StageRequest
+from visionyard.shared.requests import StageReply, StageRequest
 
 log = logging.getLogger("visionyard.runner.staging")
 

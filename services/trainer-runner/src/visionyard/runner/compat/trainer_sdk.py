@@ -31,7 +31,7 @@ import time
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import IO, Any, Dict, List, Optional, Tuple
+from typing import IO, Any, Dict, List, Literal, Optional, Tuple
 
 __version__ = "2.0.0"
 
@@ -139,7 +139,7 @@ def _read_job() -> Dict[str, Any]:
 def _image_size(path: Path) -> Tuple[int, int]:
     """(width, height) of an image: Pillow when installed, else the PNG/GIF/BMP/JPEG header."""
     try:
-        from PIL import Image  # type: ignore[import-not-found]
+        from PIL import Image
 
         with Image.open(path) as image:
             return int(image.width), int(image.height)
@@ -175,7 +175,7 @@ def _image_size(path: Path) -> Tuple[int, int]:
 def _load_yaml(path: Path) -> Dict[str, Any]:
     text = path.read_text(encoding="utf-8")
     try:
-        import yaml  # type: ignore[import-untyped]
+        import yaml
 
         loaded = yaml.safe_load(text)
         return loaded if isinstance(loaded, dict) else {}
@@ -852,7 +852,7 @@ class TrainerSDK:
     def __enter__(self) -> TrainerSDK:
         return self
 
-    def __exit__(self, exc_type: Any, exc_val: Any, exc_tb: Any) -> bool:
+    def __exit__(self, exc_type: Any, exc_val: Any, exc_tb: Any) -> Literal[False]:
         self.close()
         return False
 

@@ -19,7 +19,12 @@ import torch
 
 from visionyard.shared.sdk import ENV_JOB_FILE, PredictInput, PredictJob, Reporter
 from visionyard.trainers.classifier.data import IMAGE_SUFFIXES, find_root
-from visionyard.trainers.classifier.inference_model import CheckpointError, ImageError, InferenceModel, load_inference_model
+from visionyard.trainers.classifier.inference_model import (
+    CheckpointError,
+    ImageError,
+    InferenceModel,
+    load_inference_model,
+)
 
 EXIT_USER_ERROR = 2
 PROGRESS_EVERY = 50

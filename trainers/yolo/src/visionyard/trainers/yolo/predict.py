@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from visionyard.shared.sdk import ENV_JOB_FILE, PredictInput, PredictJob, Reporter
-from visionyard.trainers.yolo.datasets import IMAGE_SUFFIXES, DatasetLayoutError, prepare_yolo_dataset
 from visionyard.trainers.yolo import offline
+from visionyard.trainers.yolo.datasets import IMAGE_SUFFIXES, DatasetLayoutError, prepare_yolo_dataset
 
 EXIT_USER_ERROR = 2
 PROGRESS_EVERY = 20

@@ -20,8 +20,13 @@ from types import FrameType
 from typing import Any
 
 from visionyard.shared.sdk import Reporter, TrainerJob, load_job
-from visionyard.trainers.yolo.datasets import DatasetLayoutError, PreparedYolo, prepare_imagefolder, prepare_yolo_dataset
 from visionyard.trainers.yolo import offline
+from visionyard.trainers.yolo.datasets import (
+    DatasetLayoutError,
+    PreparedYolo,
+    prepare_imagefolder,
+    prepare_yolo_dataset,
+)
 from visionyard.trainers.yolo.manifest import CONFIG_SCHEMA, MANIFEST, TASKS, ultralytics_task
 
 EXIT_USER_ERROR = 2
