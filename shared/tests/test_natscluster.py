@@ -4,6 +4,7 @@ losing the node that leads its stream (a leader election while it publishes and 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -49,6 +50,64 @@ async def test_topology_is_declared_at_three_replicas_and_later_buckets_follow(c
         # A bucket first used after the topology was declared is replicated like the rest.
         await bus.kv("made_later")
         assert (await bus.js.stream_info("KV_made_later")).config.num_replicas == 3
+    finally:
+        await bus.close()
+
+
+class _Heard(logging.Handler):
+    """Sets `event` (on `loop`) when a record's message contains `words`."""
+
+    def __init__(self, words: str, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(logging.WARNING)
+        self.words = words
+        self.loop = loop
+        self.event = asyncio.Event()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.words in record.getMessage():
+            self.messages.append(record.getMessage())
+            self.loop.call_soon_threadsafe(self.event.set)
+
+
+async def test_a_service_declaring_while_the_cluster_has_no_quorum_waits_for_it(cluster: NatsCluster) -> None:
+    # Two of three nodes gone: the one left has no JetStream meta leader and cannot answer a declaration
+    # (CI once saw a tracker exit on such an unanswered request while 13 processes started on 2 cores).
+    survivor, *others = cluster.nodes
+    for node in others:
+        node.stop()
+    heard = _Heard("JetStream did not answer declaring", asyncio.get_running_loop())
+    logging.getLogger("visionyard.bus").addHandler(heard)
+    bus = await Bus.connect(survivor.url, service="test")
+    try:
+        declaring = asyncio.create_task(bus.ensure_topology(replicas=3))
+        async with asyncio.timeout(60):
+            await heard.event.wait()
+        assert not declaring.done(), "the declaration should be waiting for the cluster"
+        for node in others:
+            await asyncio.to_thread(node.start)
+        async with asyncio.timeout(120):
+            await declaring
+        for spec in streams.STREAMS:
+            assert (await bus.js.stream_info(spec.name)).config.num_replicas == 3, spec.name
+        assert heard.messages[0].startswith(f"JetStream did not answer declaring stream {streams.STREAMS[0].name}")
+    finally:
+        logging.getLogger("visionyard.bus").removeHandler(heard)
+        await bus.close()
+
+
+async def test_a_declaration_gives_up_after_its_patience_naming_what_it_declared(
+    cluster: NatsCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    survivor, *others = cluster.nodes
+    for node in others:
+        node.stop()
+    monkeypatch.setenv("VISIONYARD_TOPOLOGY_DECLARE_PATIENCE", "3")
+    bus = await Bus.connect(survivor.url, service="test")
+    bus.js = bus.nc.jetstream(timeout=1.0)
+    try:
+        with pytest.raises(TimeoutError, match=f"declaring stream {streams.STREAMS[0].name} within 3s"):
+            await bus.ensure_topology(replicas=3)
     finally:
         await bus.close()
 

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Literal, TypedDict
 from urllib.parse import urlsplit
 
-from pydantic import SecretStr, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # Hosts a plaintext NATS connection may reach without leaving the machine.
@@ -108,3 +108,6 @@ class TopologySettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="VISIONYARD_TOPOLOGY_", extra="ignore")
 
     ack_waits: dict[str, float] = {}
+    # How long a service waits for JetStream to answer its declarations at start-up (a cluster electing
+    # its meta leader, a lost quorum coming back, a loaded machine) before it gives up and exits.
+    declare_patience: float = Field(default=120.0, gt=0)

@@ -46,6 +46,9 @@ class BusCore:
         # The replicas `ensure_topology` declared with: a KV bucket or the object store created later, on
         # first use, gets the same (on a cluster, an R1 bucket would die with its one node).
         self.replicas = 1
+        # How long a declaration waits for JetStream to answer (`Topology._answered`; `ensure_topology` sets it
+        # from `TopologySettings`).
+        self.declare_patience = 120.0
 
     @classmethod
     async def connect(cls, url: str, *, service: str, user: str | None = None, password: str | None = None,
