@@ -20,6 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js.errors import ServiceUnavailableError
 
 from visionyard.cli.datasets_digits import build_digits_imagefolder
 from visionyard.shared import streams, subjects
@@ -35,19 +38,25 @@ S3_KEY = "testing"
 # -- observing the stack ------------------------------------------------------------------------
 
 
+# What a fetch may raise while a service restarts or a NATS cluster elects a leader: not done yet.
+NOT_YET = (httpx.HTTPError, KeyError, ValueError, NatsTimeoutError, NoRespondersError, ServiceUnavailableError)
+
+
 def poll(fetch: Callable[[], Any], done: Callable[[Any], bool], *, timeout: float = 180.0, every: float = 0.25) -> Any:
-    """`fetch()` until `done(value)`; connection errors (a service being restarted) count as not done."""
+    """`fetch()` until `done(value)`; connection errors (a service being restarted, a NATS cluster electing a
+    leader) count as not done."""
     deadline = time.monotonic() + timeout
     value: Any = None
+    error: Exception | None = None
     while True:
         try:
             value = fetch()
             if done(value):
                 return value
-        except (httpx.HTTPError, KeyError, ValueError):
-            pass
+        except NOT_YET as caught:
+            error = caught
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s; last value: {value}")
+            raise AssertionError(f"timed out after {timeout}s; last value: {value}; last error: {error!r}")
         time.sleep(every)
 
 
@@ -79,15 +88,15 @@ def job_events_with_seq(nats_url: str, subject: str) -> list[tuple[int, dict[str
 
 
 async def _read_subject(url: str, subject: str) -> list[tuple[int, dict[str, Any]]]:
-    """Read the subject's stored events; a cluster that is electing a leader refuses reads (503): read again."""
-    from nats.errors import NoRespondersError
+    """Read the subject's stored events; a cluster that is electing a leader refuses reads (503) or leaves them
+    unanswered (creating the reading consumer timed out once right after a node loss): read again."""
     from nats.js.errors import APIError
 
     deadline = asyncio.get_running_loop().time() + 90.0
     while True:
         try:
             return await _read_subject_once(url, subject)
-        except (APIError, NoRespondersError):
+        except (APIError, NoRespondersError, NatsTimeoutError):
             if asyncio.get_running_loop().time() > deadline:
                 raise
             await asyncio.sleep(0.5)  # a retry interval, not a readiness wait
@@ -95,7 +104,6 @@ async def _read_subject(url: str, subject: str) -> list[tuple[int, dict[str, Any
 
 async def _read_subject_once(url: str, subject: str) -> list[tuple[int, dict[str, Any]]]:
     import nats
-    from nats.errors import TimeoutError as NatsTimeoutError
     from nats.js import api as js_api
 
     nc = await nats.connect(server_urls(url))
